@@ -1,0 +1,323 @@
+"""Model sources -> loaded components.
+
+A source is a hub id or a local diffusers folder. Which sources are used is decided in one place,
+`resolve_sources`, in this order: explicit arguments (CLI flags), environment variables, a named preset,
+the demo models shipped with the project, and finally the SDXL hub ids.
+
+Every component is loaded with `from_pretrained(..., use_safetensors=True)`, never remote code or pickles,
+and through one cache keyed by (folder, subfolder): the refiner reuses the base's `text_encoder_2` and VAE,
+and a UNet-only student reuses the base's encoders and VAE, with one copy of each in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers import SchedulerMixin
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+log = logging.getLogger(__name__)
+
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
+SDXL_TURBO = "stabilityai/sdxl-turbo"
+
+# Where the demo models trained by `distill` are shipped (see README "Demo models").
+DEMO_MODELS_DIR = Path(__file__).resolve().parent.parent / "demo_models"
+
+ENV_VARS = {"base": "SDXL_FAST_BASE", "refiner": "SDXL_FAST_REFINER", "fast": "SDXL_FAST_FAST"}
+NO_REFINER = ("", "none", "off")
+
+
+class ModelNotFoundError(RuntimeError):
+    """Weights are neither in a local folder, nor in the Hugging Face cache, nor reachable on the hub."""
+
+
+@dataclass(frozen=True)
+class ModelSources:
+    """Where each model comes from: a hub id or a local diffusers folder.
+
+    `fast` is either a UNet-only student folder (as written by `distill`), which borrows the base's text
+    encoders and VAE, or a complete few-step pipeline such as `stabilityai/sdxl-turbo`.
+    """
+
+    base: str
+    refiner: str | None
+    fast: str
+
+
+PRESETS = {
+    "sdxl": ModelSources(base=SDXL_BASE, refiner=SDXL_REFINER, fast=SDXL_TURBO),
+    "sdxl-no-refiner": ModelSources(base=SDXL_BASE, refiner=None, fast=SDXL_TURBO),
+    "demo": ModelSources(
+        base=str(DEMO_MODELS_DIR / "base"), refiner=str(DEMO_MODELS_DIR / "refiner"),
+        fast=str(DEMO_MODELS_DIR / "student"),
+    ),
+}
+
+
+def demo_models_available() -> bool:
+    return (DEMO_MODELS_DIR / "base" / "model_index.json").is_file()
+
+
+def resolve_sources(preset: str | None = None, base: str | None = None, refiner: str | None = None,
+                    fast: str | None = None) -> ModelSources:
+    """Pick every source: argument > env var > preset > shipped demo models > SDXL hub ids.
+
+    `refiner` may be "none" (or empty) to run the Quality path on the base alone.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
+    fallback = PRESETS[preset or ("demo" if demo_models_available() else "sdxl")]
+    chosen = {}
+    for name, arg in (("base", base), ("refiner", refiner), ("fast", fast)):
+        value = arg if arg is not None else os.environ.get(ENV_VARS[name])
+        chosen[name] = value if value is not None else getattr(fallback, name)
+    if chosen["refiner"] is not None and chosen["refiner"].strip().lower() in NO_REFINER:
+        chosen["refiner"] = None
+    return ModelSources(**chosen)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finding weights: local folder, Hugging Face cache, or a download that fails fast when offline.
+
+_REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+_WEIGHT_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect instead of huggingface_hub's retry loop, which takes a minute to give up."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _not_found(source: str, role: str, why: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"Could not load the {role} model from {source!r}: {why}.\n"
+        "Point at local diffusers folders instead: --base/--refiner/--fast on the command line, or the "
+        f"environment variables {', '.join(ENV_VARS.values())} (use --refiner none to skip the refiner); "
+        "`--preset demo` uses the small demo models shipped with sdxl-fast."
+    )
+
+
+def find_local_folder(source: str, role: str, subfolders: list[str] | None = None) -> Path:
+    """Return a local folder holding `source`: the folder itself, its HF cache snapshot, or a download."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if not _REPO_ID.match(source):
+        raise _not_found(source, role, "no such local folder, and it is not a hub id of the form owner/name")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    patterns = _WEIGHT_PATTERNS if not subfolders else [f"{sub}/{p}" for sub in subfolders for p in _WEIGHT_PATTERNS]
+    patterns.append("model_index.json")
+    try:
+        return Path(snapshot_download(source, allow_patterns=patterns, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise _not_found(source, role, "not in the Hugging Face cache and HF_HUB_OFFLINE is set")
+    if not _hub_reachable():
+        raise _not_found(source, role, "not in the Hugging Face cache, and the Hugging Face Hub is unreachable")
+    log.info("Downloading %s (%s) from the Hugging Face Hub", source, role)
+    return Path(snapshot_download(source, allow_patterns=patterns))
+
+
+def is_unet_only(folder: Path) -> bool:
+    """A `distill` student is a bare UNet folder; a full pipeline has model_index.json."""
+    if (folder / "model_index.json").is_file():
+        return False
+    config = folder / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("_class_name") == "UNet2DConditionModel"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loaded components.
+
+@dataclass
+class TextEncoders:
+    """SDXL's two CLIP encoders. `text_encoder` is None for a refiner-only family."""
+
+    tokenizer: CLIPTokenizer | None
+    text_encoder: CLIPTextModel | None
+    tokenizer_2: CLIPTokenizer
+    text_encoder_2: CLIPTextModelWithProjection
+
+
+@dataclass
+class QualityModels:
+    encoders: TextEncoders
+    vae: AutoencoderKL
+    base: UNet2DConditionModel
+    refiner: UNet2DConditionModel | None
+    scheduler: SchedulerMixin
+    force_zeros_for_empty_prompt: bool
+    names: dict[str, str]
+
+
+@dataclass
+class FastModels:
+    encoders: TextEncoders
+    vae: AutoencoderKL
+    student: UNet2DConditionModel
+    scheduler: SchedulerMixin  # only its noise schedule (alphas_cumprod) and prediction type are used
+    names: dict[str, str]
+
+
+@dataclass
+class Models:
+    """Everything `generate` needs; either path may be absent when only the other was loaded."""
+
+    device: torch.device
+    dtype: torch.dtype
+    quality: QualityModels | None = None
+    fast: FastModels | None = None
+    sources: ModelSources | None = None
+    offload_hooks: list = field(default_factory=list)
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on GPUs (SDXL's published weights are fp16; bf16 is a choice), fp32 on CPU where fp16 is slow."""
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def model_name(source: str) -> str:
+    """Short name for metadata: the hub repo name or the folder name."""
+    return Path(source.rstrip("/")).name
+
+
+class _Loader:
+    """Loads each (folder, subfolder) once and hands back the same object on later requests."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype, self.cache = device, dtype, {}
+
+    def get(self, cls, folder: Path, subfolder: str | None):
+        key = (str(folder.resolve()), subfolder)
+        if key not in self.cache:
+            kwargs = {"subfolder": subfolder} if subfolder else {}
+            if cls is CLIPTokenizer:
+                obj = cls.from_pretrained(folder, **kwargs)
+            else:
+                obj = cls.from_pretrained(folder, use_safetensors=True, torch_dtype=self.dtype, **kwargs)
+                obj = obj.to(self.device).eval().requires_grad_(False)
+            self.cache[key] = obj
+        return self.cache[key]
+
+    def encoders(self, folder: Path) -> TextEncoders:
+        has_first = (folder / "text_encoder").is_dir()
+        return TextEncoders(
+            tokenizer=self.get(CLIPTokenizer, folder, "tokenizer") if has_first else None,
+            text_encoder=self.get(CLIPTextModel, folder, "text_encoder") if has_first else None,
+            tokenizer_2=self.get(CLIPTokenizer, folder, "tokenizer_2"),
+            text_encoder_2=self.get(CLIPTextModelWithProjection, folder, "text_encoder_2"),
+        )
+
+    def scheduler(self, folder: Path):
+        from diffusers import EulerDiscreteScheduler
+
+        config = EulerDiscreteScheduler.load_config(folder, subfolder="scheduler")
+        # The Quality loop is Euler (the SDXL default); read only the noise schedule from the folder.
+        return EulerDiscreteScheduler.from_config(config)
+
+
+def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | None = None,
+         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+         cpu_offload: bool = False) -> Models:
+    """Load the models for the given paths ("quality", "fast") onto one device.
+
+    `sources` defaults to `resolve_sources()`. `dtype` may be a torch dtype or "fp32"/"fp16"/"bf16".
+    With `cpu_offload` each model sits in CPU memory and moves to the GPU only while it runs.
+    """
+    unknown = set(modes) - {"quality", "fast"}
+    if unknown or not modes:
+        raise ValueError(f"modes must be a non-empty subset of ('quality', 'fast'), got {modes!r}")
+    sources = sources or resolve_sources()
+    device = torch.device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}.")
+        dtype = DTYPES[dtype]
+    dtype = dtype or default_dtype(device)
+    load_device = torch.device("cpu") if cpu_offload else device
+    loader = _Loader(load_device, dtype)
+    models = Models(device=device, dtype=dtype, sources=sources)
+
+    need_base = "quality" in modes
+    fast_folder = None
+    if "fast" in modes:
+        fast_folder = find_local_folder(sources.fast, "fast", subfolders=None)
+        need_base = need_base or is_unet_only(fast_folder)
+    base_folder = find_local_folder(sources.base, "quality base") if need_base else None
+
+    if "quality" in modes:
+        refiner = None
+        if sources.refiner is not None:
+            refiner_folder = find_local_folder(sources.refiner, "refiner", subfolders=["unet", "scheduler"])
+            refiner = loader.get(UNet2DConditionModel, refiner_folder, "unet")
+        index = json.loads((base_folder / "model_index.json").read_text())
+        models.quality = QualityModels(
+            encoders=loader.encoders(base_folder),
+            vae=loader.get(AutoencoderKL, base_folder, "vae"),
+            base=loader.get(UNet2DConditionModel, base_folder, "unet"),
+            refiner=refiner,
+            scheduler=loader.scheduler(base_folder),
+            force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
+            names={"base": model_name(sources.base), "refiner": model_name(sources.refiner or "")},
+        )
+
+    if "fast" in modes:
+        if is_unet_only(fast_folder):
+            family, student = base_folder, loader.get(UNet2DConditionModel, fast_folder, None)
+        else:
+            family, student = fast_folder, loader.get(UNet2DConditionModel, fast_folder, "unet")
+        models.fast = FastModels(
+            encoders=loader.encoders(family), vae=loader.get(AutoencoderKL, family, "vae"), student=student,
+            scheduler=loader.scheduler(family), names={"fast": model_name(sources.fast)},
+        )
+
+    if cpu_offload:
+        models.offload_hooks = _enable_cpu_offload(loader, device)
+    return models
+
+
+def _enable_cpu_offload(loader: _Loader, device: torch.device) -> list:
+    """accelerate's hooks move each model to `device` for its forward pass and back to the CPU after the
+    next model starts, so only one large model occupies GPU memory at a time."""
+    from accelerate import cpu_offload_with_hook
+
+    if device.type == "cpu":
+        log.info("cpu_offload has no effect when running on the CPU")
+        return []
+    hooks, previous = [], None
+    for obj in loader.cache.values():
+        if isinstance(obj, torch.nn.Module):
+            _, previous = cpu_offload_with_hook(obj, device, prev_module_hook=previous)
+            hooks.append(previous)
+    return hooks

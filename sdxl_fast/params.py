@@ -1,0 +1,108 @@
+"""The generation parameters: one dataclass, its defaults, and the checks that turn bad input into clear errors."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, replace
+
+MODES = ("fast", "quality")
+DEFAULT_STEPS = {"quality": 50, "fast": 1}
+DEFAULT_SIDE = {"quality": 1024, "fast": 512}
+MAX_QUALITY_STEPS = 1000
+MAX_FAST_STEPS = 4
+MAX_SEED = 2**32 - 1  # the range other SDXL tools use, so seeds carry over between them
+MIN_SIDE, MAX_SIDE = 64, 4096
+MAX_IMAGES = 16
+
+
+def image_seed(seed: int, index: int) -> int:
+    """Image `index` of a batch uses seed + index, wrapped into the seed range."""
+    return (seed + index) % (MAX_SEED + 1)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything that decides the pixels. Sizes follow diffusers: (height, width); crops are (top, left).
+
+    Fields left as None take their mode's default in `resolved()`: 50 steps and 1024² for quality,
+    1 step and 512² for fast, a random seed, and micro-conditioning equal to the output size.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    mode: str = "fast"
+    steps: int | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    num_images: int = 1
+    # Quality path only.
+    guidance_scale: float = 5.0
+    use_refiner: bool = True
+    refiner_switch: float = 0.8  # fraction of the noise levels the base handles before the refiner takes over
+    # SDXL micro-conditioning.
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0  # refiner only
+    negative_aesthetic_score: float = 2.5  # refiner only
+
+    def resolved(self) -> "GenerationParams":
+        """Fill the mode-dependent defaults and validate; the result is fully explicit and reproducible."""
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        side = DEFAULT_SIDE[self.mode]
+        height = self.height if self.height is not None else side
+        width = self.width if self.width is not None else side
+        original = self.original_size or (height, width)
+        target = self.target_size or (height, width)
+        out = replace(
+            self,
+            steps=self.steps if self.steps is not None else DEFAULT_STEPS[self.mode],
+            seed=self.seed if self.seed is not None else random.randint(0, MAX_SEED),
+            width=width, height=height, original_size=tuple(original), target_size=tuple(target),
+            crops_coords_top_left=tuple(self.crops_coords_top_left),
+            negative_original_size=tuple(self.negative_original_size or original),
+            negative_crops_coords_top_left=tuple(self.negative_crops_coords_top_left or self.crops_coords_top_left),
+            negative_target_size=tuple(self.negative_target_size or target),
+        )
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise ValueError("prompt must be a string")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        max_steps = MAX_FAST_STEPS if self.mode == "fast" else MAX_QUALITY_STEPS
+        if self.steps is not None and not (isinstance(self.steps, int) and 1 <= self.steps <= max_steps):
+            raise ValueError(f"steps must be an integer from 1 to {max_steps} in {self.mode} mode, got {self.steps!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or value % 8 or not MIN_SIDE <= value <= MAX_SIDE:
+                raise ValueError(
+                    f"{name} must be a multiple of 8 between {MIN_SIDE} and {MAX_SIDE} pixels, got {value!r}")
+        if not (isinstance(self.num_images, int) and 1 <= self.num_images <= MAX_IMAGES):
+            raise ValueError(f"num_images must be from 1 to {MAX_IMAGES}, got {self.num_images!r}")
+        if not 0.0 <= self.guidance_scale <= 50.0:
+            raise ValueError(f"guidance_scale must be between 0 and 50, got {self.guidance_scale}")
+        if not 0.0 < self.refiner_switch <= 1.0:
+            raise ValueError(f"refiner_switch must be in (0, 1], got {self.refiner_switch}")
+        for name in ("original_size", "target_size", "negative_original_size", "negative_target_size",
+                     "crops_coords_top_left", "negative_crops_coords_top_left"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            smallest = 0 if "crops" in name else 1
+            if len(value) != 2 or not all(isinstance(v, int) and smallest <= v <= 16384 for v in value):
+                raise ValueError(f"{name} must be two integers from {smallest} to 16384, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

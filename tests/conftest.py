@@ -1,0 +1,35 @@
+"""The offline test bed: a tiny random-weight SDXL family saved as diffusers folders once per session."""
+
+import os
+
+import pytest
+import torch
+
+from sdxl_fast.loading import ENV_VARS, ModelSources, load
+from sdxl_fast.random_weights import save_random_family
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch, tmp_path_factory):
+    """No test may see the developer's model env vars or Hugging Face cache."""
+    for var in ENV_VARS.values():
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.getbasetemp() / "hf-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> dict:
+    """{"base", "refiner", "student", "turbo"} -> folder of a tiny SDXL-shaped model."""
+    return save_random_family(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sources(tiny_family) -> ModelSources:
+    return ModelSources(base=str(tiny_family["base"]), refiner=str(tiny_family["refiner"]),
+                        fast=str(tiny_family["student"]))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_sources):
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    return load(sources=tiny_sources, device="cpu", dtype=torch.float32)
