@@ -1,0 +1,140 @@
+"""Every knob of a distillation run, in one dataclass, read from a JSON or TOML file plus `--key value` overrides.
+
+Defaults follow the ADD paper (Sauer et al. 2023, "Adversarial Diffusion Distillation", arXiv 2311.17042)
+where it states them: N = 4 student timesteps (999, 749, 499, 249), λ = 2.5 for the distillation loss,
+R1 penalty γ = 1e-5, DINOv2 ViT-S/14 discriminator features at 224 px, hinge loss for D and -D for the student,
+c(t) = α_t ("exponential") weighting. The optimiser values (AdamW, lr 1e-5 student, 2e-5 discriminator
+heads, betas (0, 0.99)) are *our* defaults written from memory of common ADD/GAN practice, not quoted from
+the paper; check the paper's appendix before relying on them. Everything is a field, so nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    # --- models ---------------------------------------------------------------------------------------
+    teacher: str = "stabilityai/stable-diffusion-xl-base-1.0"  # SDXL base: hub id or local diffusers folder
+    output_dir: str = "runs/add-student"
+
+    # --- data -----------------------------------------------------------------------------------------
+    data: str = ""  # folder of images + .txt, a .jsonl manifest, or a .tar shard / folder of shards / glob
+    data_format: str = "auto"  # auto | folder | jsonl | webdataset
+    resolution: int = 512  # square training size in pixels (a multiple of 8)
+    random_crop: bool = True  # False: centre crop. The crop position goes into SDXL's micro-conditioning.
+    random_flip: bool = False
+    num_workers: int = 2
+    cache_dir: str = ""  # if set: text embeddings and VAE latents are computed once and read from here
+
+    # --- optimisation ---------------------------------------------------------------------------------
+    seed: int = 0
+    max_steps: int = 4000
+    batch_size: int = 4  # per process, per micro-step
+    gradient_accumulation_steps: int = 1
+    lr_student: float = 1e-5
+    lr_discriminator: float = 2e-5
+    adam_betas: tuple[float, float] = (0.0, 0.99)
+    weight_decay: float = 0.0
+    lr_warmup_steps: int = 0  # linear warm-up, then constant
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "no"  # no | fp16 | bf16 (the frozen teacher, VAE and encoders are held in this dtype)
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0  # 0 disables the EMA of the student weights
+    max_nan_steps: int = 5  # abort after this many non-finite losses in a row
+
+    # --- the ADD objective ----------------------------------------------------------------------------
+    student_timesteps: tuple[int, ...] = (999, 749, 499, 249)
+    lambda_distill: float = 2.5
+    r1_gamma: float = 1e-5
+    distill_weighting: str = "exponential"  # exponential (c(t) = α_t) | sds
+    distill_space: str = "pixel"  # pixel (decode both, as the paper prefers) | latent (low memory)
+    teacher_guidance: float = 7.5  # classifier-free guidance of the teacher's target (our default)
+    teacher_t_min: int = 20  # teacher timesteps are drawn uniformly from [min, max]
+    teacher_t_max: int = 979
+
+    # --- discriminator --------------------------------------------------------------------------------
+    disc_backbone: str = "vit_small_patch14_dinov2"  # a timm model name
+    disc_weights: str = "hub"  # hub (timm download) | path to a .safetensors/.pth state dict | random (tests only)
+    disc_backbone_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs (tests: depth, ...)
+    disc_image_size: int = 224
+    disc_blocks: tuple[int, ...] = (2, 5, 8, 11)  # backbone blocks whose tokens feed one head each
+    disc_head_channels: int = 64
+    disc_cond_dim: int = 64  # width of the projection-conditioning map
+
+    # --- logging, checkpoints, validation, export -----------------------------------------------------
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validate_every: int = 500  # 0 disables
+    validation_prompts: tuple[str, ...] = ("a photo of a red fox in the snow", "an astronaut riding a horse")
+    validation_seeds: tuple[int, ...] = (0,)
+    validation_steps: tuple[int, ...] = (1, 2, 4)
+    export_ema: bool = True  # export the EMA weights when ema_decay > 0
+
+    def validate(self) -> "TrainConfig":
+        checks = [
+            (self.data_format in ("auto", "folder", "jsonl", "webdataset"), "data_format"),
+            (self.resolution % 8 == 0 and self.resolution > 0, "resolution must be a positive multiple of 8"),
+            (self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision must be no, fp16 or bf16"),
+            (self.distill_weighting in ("exponential", "sds"), "distill_weighting must be exponential or sds"),
+            (self.distill_space in ("pixel", "latent"), "distill_space must be pixel or latent"),
+            (0 <= self.teacher_t_min <= self.teacher_t_max <= 999, "need 0 <= teacher_t_min <= teacher_t_max <= 999"),
+            (all(0 <= s <= 999 for s in self.student_timesteps) and self.student_timesteps, "student_timesteps"),
+            (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
+            (self.max_steps > 0 and self.batch_size > 0 and self.gradient_accumulation_steps > 0, "steps/batch"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise ValueError(f"Invalid config: {what}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, typing.Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(name: str, value, annotation):
+    """Turn a file value or a command-line string into the field's type."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name} expects true/false, got {value!r}")
+    if annotation in (int, float, str):
+        return annotation(value)
+    if origin is tuple:
+        item_type = typing.get_args(annotation)[0]
+        if isinstance(value, str):  # command line: "999,749,499,249" or a JSON list
+            value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        return tuple(item_type(v) for v in value)
+    if annotation is dict or origin is dict:
+        return json.loads(value) if isinstance(value, str) else dict(value)
+    raise TypeError(f"Unsupported config field type for {name}: {annotation}")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> TrainConfig:
+    """Config file (JSON or TOML) < command-line overrides < dataclass defaults for anything unset."""
+    values: dict = {}
+    if path:
+        text = Path(path).read_text()
+        values = tomllib.loads(text) if str(path).endswith(".toml") else json.loads(text)
+    values.update(overrides or {})
+    types = _field_types()
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ValueError(f"Unknown config keys: {', '.join(unknown)}. Known keys: {', '.join(types)}")
+    return TrainConfig(**{k: _coerce(k, v, types[k]) for k, v in values.items()}).validate()

@@ -1,0 +1,108 @@
+"""Each ADD loss against values computed by hand on small tensors."""
+
+import math
+
+import pytest
+import torch
+
+from distill import losses
+from distill.config import TrainConfig, load_config
+
+
+def test_hinge_d_loss_by_hand():
+    real = torch.tensor([[2.0, 0.5], [-1.0, 1.0]])  # relu(1 - x): 0, 0.5, 2, 0 -> mean 0.625
+    fake = torch.tensor([[-2.0, 0.0], [0.5, -0.5]])  # relu(1 + x): 0, 1, 1.5, 0.5 -> mean 0.75
+    assert losses.hinge_d_loss(real, fake).item() == pytest.approx(0.625 + 0.75)
+
+
+def test_generator_adv_loss_is_minus_mean_logit():
+    fake = torch.tensor([[1.0, -3.0], [2.0, 4.0]])
+    assert losses.generator_adv_loss(fake).item() == pytest.approx(-1.0)
+
+
+def test_r1_is_squared_gradient_norm_of_real_inputs():
+    # D(x) = sum_j w_j x_j^2 per sample -> ∇ = 2 w x, ‖∇‖² = sum 4 w² x²
+    w = torch.tensor([1.0, 2.0, 3.0])
+    x = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 2.0]], requires_grad=True)
+    logits = (w * x.pow(2)).sum(1, keepdim=True)  # [B, 1]
+    r1 = losses.r1_penalty(logits, x)
+    by_hand = ((4 * (1 + 4 + 9)) + (4 * (0 + 4 * 1 + 9 * 4))) / 2  # (56 + 160) / 2
+    assert r1.item() == pytest.approx(by_hand)
+    # The graph is kept: the penalty can be minimised w.r.t. parameters of D.
+    assert r1.requires_grad
+
+
+def test_r1_gradient_reaches_discriminator_parameters():
+    w = torch.tensor([0.5, -1.0], requires_grad=True)
+    x = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    r1 = losses.r1_penalty((w * x).sum(1, keepdim=True), x)  # ∇_x = w -> ‖w‖² -> d/dw = 2w
+    r1.backward()
+    assert torch.allclose(w.grad, torch.tensor([1.0, -2.0]))
+
+
+def test_discriminator_loss_adds_half_gamma_r1():
+    real, fake = torch.zeros(1, 1), torch.zeros(1, 1)
+    assert losses.discriminator_loss(real, fake, torch.tensor(4.0), 0.5).item() == pytest.approx(2.0 + 1.0)
+
+
+def test_discriminator_accuracy():
+    real = torch.tensor([[1.0, -1.0, 2.0, 3.0]])
+    fake = torch.tensor([[-1.0, 1.0]])
+    assert losses.discriminator_accuracy(real, fake) == (0.75, 0.5)
+
+
+def test_distillation_weights_by_hand():
+    alphas_cumprod = torch.tensor([0.64, 0.36, 0.25])
+    t = torch.tensor([0, 2])
+    exp = losses.distillation_weight(t, alphas_cumprod, "exponential")
+    assert torch.allclose(exp, torch.tensor([0.8, 0.5]))
+    sds = losses.distillation_weight(t, alphas_cumprod, "sds")  # α σ / 2
+    assert torch.allclose(sds, torch.tensor([0.8 * 0.6 / 2, 0.5 * math.sqrt(0.75) / 2]))
+    with pytest.raises(ValueError):
+        losses.distillation_weight(t, alphas_cumprod, "nope")
+
+
+def test_sds_weighting_reproduces_the_sds_gradient():
+    """∂/∂x̂θ of c(t)·‖x̂θ - x̂ψ‖² equals σ_t²·(ε̂ - ε) when c is the SDS weighting (single element)."""
+    ab = torch.tensor([0.3])
+    alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+    x_student = torch.tensor([0.7], requires_grad=True)
+    eps, eps_hat = torch.tensor([0.2]), torch.tensor([-0.4])
+    x_t = alpha * x_student.detach() + sigma * eps
+    x_teacher = (x_t - sigma * eps_hat) / alpha
+    c = losses.distillation_weight(torch.tensor([0]), ab, "sds")
+    loss = c * (x_student - x_teacher).pow(2).sum()
+    loss.backward()
+    assert x_student.grad.item() == pytest.approx((sigma**2 * (eps_hat - eps)).item(), rel=1e-5)
+
+
+def test_distillation_loss_by_hand_and_stop_gradient():
+    student = torch.tensor([[1.0, 2.0], [0.0, 0.0]], requires_grad=True)
+    teacher = torch.tensor([[0.0, 0.0], [1.0, 3.0]], requires_grad=True)
+    weight = torch.tensor([0.5, 2.0])
+    loss = losses.distillation_loss(student, teacher, weight)
+    # sample 0: mean(1, 4) = 2.5 * 0.5 = 1.25; sample 1: mean(1, 9) = 5 * 2 = 10 -> mean 5.625
+    assert loss.item() == pytest.approx(5.625)
+    loss.backward()
+    assert teacher.grad is None  # sg(x̂ψ)
+    assert torch.allclose(student.grad, torch.tensor([[0.25, 0.5], [-1.0, -3.0]]))
+
+
+def test_student_loss_uses_lambda():
+    assert losses.student_loss(torch.tensor(1.0), torch.tensor(2.0), 2.5).item() == pytest.approx(6.0)
+
+
+def test_config_defaults_and_overrides(tmp_path):
+    cfg = TrainConfig()
+    assert cfg.lambda_distill == 2.5 and cfg.r1_gamma == 1e-5 and cfg.student_timesteps == (999, 749, 499, 249)
+    path = tmp_path / "c.json"
+    path.write_text('{"batch_size": 3, "student_timesteps": [999, 499]}')
+    cfg = load_config(path, {"lr_student": "2e-6", "random_crop": "false", "student_timesteps": "999,249"})
+    assert (cfg.batch_size, cfg.lr_student, cfg.random_crop, cfg.student_timesteps) == (3, 2e-6, False, (999, 249))
+    toml = tmp_path / "c.toml"
+    toml.write_text('batch_size = 2\ndisc_backbone_kwargs = { depth = 2 }\n')
+    assert load_config(toml).disc_backbone_kwargs == {"depth": 2}
+    with pytest.raises(ValueError, match="Unknown config keys"):
+        load_config(None, {"lr": "1"})
+    with pytest.raises(ValueError, match="distill_space"):
+        load_config(None, {"distill_space": "both"})
