@@ -1,0 +1,398 @@
+"""sdxl-fast web app: Quality (base + refiner) and Fast (few-step student) text-to-image in one Gradio page.
+
+    python app.py [--host 0.0.0.0] [--port 7860] [--share] [--preset demo | --base ... --refiner ... --fast ...]
+
+This file is UI and event wiring only; every model call goes through `sdxl_fast`. In Fast mode the image
+follows the prompt as it is typed: the live event uses trigger_mode="always_last", so the browser keeps at
+most one request pending and replaces it with the newest text instead of queueing one per keystroke.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import random
+import re
+import threading
+import time
+import warnings
+from collections import Counter
+
+import gradio as gr
+import torch
+
+import sdxl_fast
+from sdxl_fast.conditioning import SDXL_BUCKETS, bucket_label
+from sdxl_fast.decoding import latent_preview
+from sdxl_fast.params import MAX_SEED
+
+try:  # On a ZeroGPU Space, `spaces.GPU` attaches a GPU for the duration of each call.
+    import spaces
+
+    gpu = spaces.GPU(duration=120)
+except ImportError:  # Anywhere else the models already sit on their device.
+    def gpu(fn):
+        return fn
+
+log = logging.getLogger("sdxl_fast.app")
+
+FAST, QUALITY = "Fast", "Quality"
+QUALITY_MAX_STEPS = 100
+FAST_MAX_STEPS = 4
+MAX_IMAGES_UI = 4
+QUALITY_SIZES = [(bucket_label(w, h), f"{w}x{h}") for w, h in SDXL_BUCKETS]
+FAST_SIZES = [(bucket_label(512, 512) + " fast native", "512x512")] + QUALITY_SIZES
+DEFAULT_SIZE = {FAST: "512x512", QUALITY: "1024x1024"}
+EXAMPLES = [
+    "a red fox in fresh snow, golden hour, 85mm photo",
+    "an isometric cutaway of a tiny bakery, soft pastel colours",
+    "a lighthouse on a cliff during a storm, oil painting",
+    "portrait of an astronaut cat, studio lighting",
+]
+
+# How many generations actually started, per mode. The concurrency test reads it to check that typing
+# fast produces far fewer generations than keystrokes.
+generations = Counter()
+_generations_lock = threading.Lock()
+
+
+class Stopped(Exception):
+    """Raised from the step callback to abort a generation when the user presses Stop."""
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """"1024x768" (or "1024×768") -> (width, height); the range checks are sdxl_fast's."""
+    match = re.fullmatch(r"\s*(\d+)\s*[x×]\s*(\d+)\s*", str(size or ""))
+    if not match:
+        raise gr.Error(f"Size must look like 1024x1024 (width x height), got {size!r}.")
+    return int(match[1]), int(match[2])
+
+
+def _int(value, name: str):
+    """Gradio Numbers arrive as floats; only whole numbers are valid here."""
+    if value is None or value == "":
+        return None
+    if float(value) != int(float(value)):
+        raise gr.Error(f"{name} must be a whole number, got {value!r}.")
+    return int(float(value))
+
+
+def _pair(first, second, name: str):
+    """Two optional fields -> (first, second), or None (use sdxl_fast's default) when both are 0/empty."""
+    a, b = _int(first, name), _int(second, name)
+    return None if not a and not b else (a or 0, b or 0)
+
+
+class Studio:
+    """The loaded models (or why they could not be loaded) and the generation calls the UI makes."""
+
+    def __init__(self, models: sdxl_fast.Models | None, load_errors: dict[str, str] | None = None):
+        self.models = models
+        self.load_errors = load_errors or {}
+        self._stop_flags: dict[str, threading.Event] = {}
+
+    def unavailable(self, mode: str) -> str | None:
+        loaded = self.models is not None and getattr(self.models, mode) is not None
+        return None if loaded else self.load_errors.get(mode, f"The {mode} models are not loaded.")
+
+    def params(self, mode, prompt, negative, steps, seed, size, guidance, refiner_switch, num_images,
+               orig_w, orig_h, crop_top, crop_left, target_w, target_h, aesthetic, negative_aesthetic):
+        width, height = parse_size(size)
+        original = _pair(orig_h, orig_w, "Original size")
+        target = _pair(target_h, target_w, "Target size")
+        try:
+            return sdxl_fast.GenerationParams(
+                prompt=prompt or "", negative_prompt=negative or "", mode=mode, steps=_int(steps, "Steps"),
+                seed=_int(seed, "Seed"), width=width, height=height, num_images=_int(num_images, "Images") or 1,
+                guidance_scale=float(guidance), use_refiner=float(refiner_switch) < 1.0,
+                refiner_switch=float(refiner_switch), original_size=original, target_size=target,
+                crops_coords_top_left=(_int(crop_top, "Crop top") or 0, _int(crop_left, "Crop left") or 0),
+                aesthetic_score=float(aesthetic), negative_aesthetic_score=float(negative_aesthetic),
+            ).resolved()
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
+
+    def run(self, params: sdxl_fast.GenerationParams, callback=None) -> tuple[list, list[str]]:
+        """Generate; return (images, warning texts). Every failure becomes a gr.Error with a readable message,
+        so the UI shows it and the worker goes on to the next request."""
+        reason = self.unavailable(params.mode)
+        if reason:
+            raise gr.Error(reason)
+        with _generations_lock:
+            generations[params.mode] += 1
+        log.info("generation %d (%s): %d steps, %dx%d, seed %d, prompt %r", generations[params.mode],
+                 params.mode, params.steps, params.width, params.height, params.seed, params.prompt[:60])
+        # catch_warnings swaps process-wide state; it is safe because generations run one at a time
+        # (a single concurrency group for the models, see build_demo).
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", sdxl_fast.PromptTruncatedWarning)
+            try:
+                images = sdxl_fast.generate(self.models, params, callback)
+            except Stopped:
+                raise
+            except torch.cuda.OutOfMemoryError as e:
+                torch.cuda.empty_cache()
+                raise gr.Error("The GPU ran out of memory. Try a smaller size or fewer images.") from e
+            except FloatingPointError as e:
+                raise gr.Error(f"The image came out as NaN/inf and was discarded: {e}") from e
+            except ValueError as e:
+                raise gr.Error(str(e)) from e
+            except Exception as e:  # noqa: BLE001 - any failure must reach the user, not kill the worker
+                log.exception("generation failed")
+                raise gr.Error(f"Generation failed: {type(e).__name__}: {e}") from e
+        notes = [str(w.message) for w in caught if issubclass(w.category, sdxl_fast.PromptTruncatedWarning)]
+        return images, notes
+
+    # -- event handlers ---------------------------------------------------------------------------------
+
+    def generate_fast(self, prompt, steps, seed, randomize_seed, size, num_images,
+                      orig_w, orig_h, crop_top, crop_left, target_w, target_h):
+        """Fast mode (1-4 steps, no guidance). Returns the images (PNGs with their parameters) and the seed."""
+        if randomize_seed:
+            seed = random.randint(0, MAX_SEED)
+        params = self.params("fast", prompt, "", steps, seed, size, 0.0, 1.0, num_images,
+                             orig_w, orig_h, crop_top, crop_left, target_w, target_h, 6.0, 2.5)
+        images, notes = self.run(params)
+        for note in notes:
+            gr.Warning(note)
+        return [(im, im.info["parameters"]) for im in images], params.seed
+
+    def live_fast(self, mode, prompt, steps, seed, size, num_images,
+                  orig_w, orig_h, crop_top, crop_left, target_w, target_h):
+        """As-you-type generation: Fast mode only, and with the seed as shown, so the words change the
+        image and the noise does not."""
+        if mode != FAST or not (prompt or "").strip() or self.unavailable("fast"):
+            return gr.skip(), gr.skip()
+        return self.generate_fast(prompt, steps, seed, False, size, num_images,
+                                  orig_w, orig_h, crop_top, crop_left, target_w, target_h)
+
+    def generate_quality(self, prompt, negative_prompt, steps, seed, randomize_seed, size, guidance_scale,
+                         refiner_switch, num_images, orig_w, orig_h, crop_top, crop_left, target_w, target_h,
+                         aesthetic_score, negative_aesthetic_score, request: gr.Request,
+                         progress=gr.Progress()):
+        """Quality mode (base + refiner, guided). Streams previews while denoising, then the final PNGs."""
+        if randomize_seed:
+            seed = random.randint(0, MAX_SEED)
+        params = self.params("quality", prompt, negative_prompt, steps, seed, size, guidance_scale,
+                             refiner_switch, num_images, orig_w, orig_h, crop_top, crop_left, target_w,
+                             target_h, aesthetic_score, negative_aesthetic_score)
+        stop = self._stop_flag(request)
+        steps_done: queue.Queue = queue.Queue()
+        outcome: dict = {}
+
+        def on_step(step: sdxl_fast.Step):
+            if stop.is_set():
+                raise Stopped()
+            steps_done.put(step)
+
+        def work():
+            try:
+                outcome["result"] = self.run(params, on_step)
+            except BaseException as e:  # noqa: BLE001 - handed to the request thread below
+                outcome["error"] = e
+            finally:
+                steps_done.put(None)
+
+        # The model runs in a worker so this generator can stream previews while it denoises.
+        worker = threading.Thread(target=work, name="quality-generation", daemon=True)
+        started = time.monotonic()
+        progress((0, params.steps), desc="Starting", unit="steps")
+        worker.start()
+        try:
+            while (step := steps_done.get()) is not None:
+                while not steps_done.empty():  # skip previews we are already behind on
+                    newer = steps_done.get()
+                    if newer is None:
+                        steps_done.put(None)
+                        break
+                    step = newer
+                left = (time.monotonic() - started) / step.index * (step.total - step.index)
+                progress((step.index, step.total), desc=f"Step {step.index}/{step.total}, about {left:.0f} s left",
+                         unit="steps")
+                previews = latent_preview(step.denoised, size=(params.width // 2, params.height // 2))
+                yield [(im, f"step {step.index}/{step.total}") for im in previews], params.seed
+        finally:
+            stop.set()  # if the client went away or the event was cancelled, abort the worker too
+            worker.join()
+            self._stop_flags.pop(request.session_hash, None)
+        if isinstance(outcome.get("error"), Stopped):
+            gr.Info("Stopped.")
+            return
+        if "error" in outcome:
+            raise outcome["error"]
+        images, notes = outcome["result"]
+        for note in notes:
+            gr.Warning(note)
+        yield [(im, im.info["parameters"]) for im in images], params.seed
+
+    def _stop_flag(self, request: gr.Request) -> threading.Event:
+        flag = threading.Event()
+        self._stop_flags[request.session_hash] = flag
+        return flag
+
+    def request_stop(self, request: gr.Request):
+        flag = self._stop_flags.get(request.session_hash)
+        if flag is not None:
+            flag.set()
+
+
+def add_to_history(result, history: list):
+    """Put the newest results on top of this session's gallery, captions (the parameters) included."""
+    if not result:
+        return gr.skip(), gr.skip()
+    entries = [(item[0], item[1]) for item in result]
+    if history and history[0][1] == entries[0][1]:  # a live update that produced nothing new
+        return gr.skip(), gr.skip()
+    history = entries + list(history or [])
+    return history, history
+
+
+def on_mode_change(mode, size):
+    fast = mode == FAST
+    sizes = FAST_SIZES if fast else QUALITY_SIZES
+    if size not in {value for _, value in sizes}:
+        size = DEFAULT_SIZE[mode]
+    quality_only = gr.update(visible=not fast)
+    return (gr.update(visible=fast), quality_only, gr.update(choices=sizes, value=size), quality_only,
+            quality_only, quality_only, gr.update(visible=fast), quality_only, quality_only)
+
+
+def build_demo(studio: Studio, concurrency_limit: int = 1) -> gr.Blocks:
+    problems = [f"**{mode.title()} mode unavailable.** {why}" for mode, why in studio.load_errors.items()]
+    gpu_events = dict(concurrency_id="gpu", concurrency_limit=concurrency_limit)
+
+    with gr.Blocks(title="sdxl-fast") as demo:
+        gr.Markdown("# sdxl-fast\nSDXL text-to-image. **Fast** redraws as you type; **Quality** uses base + "
+                    "refiner with live previews.")
+        gr.Markdown("\n\n".join(problems).replace("\n", "  \n"), visible=bool(problems), elem_id="load-error")
+        with gr.Row():
+            with gr.Column(scale=2):
+                mode = gr.Radio([FAST, QUALITY], value=FAST, label="Mode", elem_id="mode")
+                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="Describe an image", elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", lines=1, visible=False, elem_id="negative")
+                steps_fast = gr.Slider(1, FAST_MAX_STEPS, value=1, step=1, label="Steps")
+                steps_quality = gr.Slider(1, QUALITY_MAX_STEPS, value=50, step=1, label="Steps", visible=False)
+                with gr.Row():
+                    seed = gr.Number(label="Seed", value=0, precision=0)
+                    randomize = gr.Checkbox(label="Randomize seed on Generate", value=True)
+                size = gr.Dropdown(FAST_SIZES, value=DEFAULT_SIZE[FAST], label="Size (width × height)",
+                                   allow_custom_value=True)
+                guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="Guidance scale", visible=False)
+                switch = gr.Slider(0.5, 1.0, value=0.8, step=0.05, visible=False,
+                                   label="Refiner switch point (share of the noise levels the base handles; 1 = no refiner)")
+                num_images = gr.Slider(1, MAX_IMAGES_UI, value=1, step=1, label="Number of images")
+                with gr.Accordion("Advanced: SDXL micro-conditioning (0 = same as the output size)", open=False):
+                    with gr.Row():
+                        orig_w = gr.Number(0, label="Original width", precision=0)
+                        orig_h = gr.Number(0, label="Original height", precision=0)
+                    with gr.Row():
+                        crop_top = gr.Number(0, label="Crop top", precision=0)
+                        crop_left = gr.Number(0, label="Crop left", precision=0)
+                    with gr.Row():
+                        target_w = gr.Number(0, label="Target width", precision=0)
+                        target_h = gr.Number(0, label="Target height", precision=0)
+                    with gr.Row(visible=False) as aesthetic_row:
+                        aesthetic = gr.Slider(0, 10, value=6.0, step=0.5, label="Aesthetic score (refiner)")
+                        negative_aesthetic = gr.Slider(0, 10, value=2.5, step=0.5,
+                                                       label="Negative aesthetic score (refiner)")
+                with gr.Row():
+                    fast_button = gr.Button("Generate", variant="primary", elem_id="generate-fast")
+                    quality_button = gr.Button("Generate", variant="primary", visible=False,
+                                               elem_id="generate-quality")
+                    stop_button = gr.Button("Stop", variant="stop", visible=False, elem_id="stop")
+            with gr.Column(scale=3):
+                result = gr.Gallery(label="Result", format="png", columns=2, height=560, elem_id="result")
+                history = gr.Gallery(label="This session", format="png", columns=6, height=220,
+                                     elem_id="history")
+        gr.Examples(EXAMPLES, inputs=[prompt], label="Examples (click one)")
+        history_state = gr.State([])
+
+        micro = [orig_w, orig_h, crop_top, crop_left, target_w, target_h]
+        fast_inputs = [prompt, steps_fast, seed, randomize, size, num_images, *micro]
+        gr.on([prompt.change, steps_fast.release, seed.input, size.input, num_images.release, mode.input],
+              gpu(studio.live_fast), inputs=[mode, *fast_inputs[:3], *fast_inputs[4:]], outputs=[result, seed],
+              trigger_mode="always_last", show_progress="hidden", api_visibility="private", **gpu_events,
+              ).success(add_to_history, [result, history_state], [history, history_state], queue=False,
+                  api_visibility="private")
+        fast_button.click(gpu(studio.generate_fast), fast_inputs, [result, seed], api_name="generate_fast",
+                          **gpu_events).success(add_to_history, [result, history_state], [history, history_state],
+                                                queue=False, api_visibility="private")
+        quality_event = quality_button.click(
+            gpu(studio.generate_quality),
+            [prompt, negative, steps_quality, seed, randomize, size, guidance, switch, num_images, *micro,
+             aesthetic, negative_aesthetic],
+            [result, seed], api_name="generate_quality", **gpu_events)
+        quality_event.success(add_to_history, [result, history_state], [history, history_state], queue=False,
+                  api_visibility="private")
+        stop_button.click(studio.request_stop, None, None, cancels=[quality_event], queue=False,
+                          api_visibility="private")
+        # A fresh seed per visitor; live typing then keeps it fixed.
+        demo.load(lambda: random.randint(0, MAX_SEED), None, seed, queue=False, api_visibility="private")
+        mode.change(on_mode_change, [mode, size],
+                    [steps_fast, steps_quality, size, guidance, switch, negative, fast_button, quality_button,
+                     stop_button], queue=False, api_visibility="private")
+        # The aesthetic scores only feed the refiner, so they show with Quality too.
+        mode.change(lambda m: gr.update(visible=m == QUALITY), mode, aesthetic_row, queue=False,
+                    api_visibility="private")
+    return demo
+
+
+def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None, cpu_offload=False) -> Studio:
+    """Load both paths; when that fails, each path alone, so one missing model does not take down the other.
+    A path that cannot load is reported in the page and the log, never by crashing."""
+    try:
+        return Studio(sdxl_fast.load(sources=sources, device=device, dtype=dtype, cpu_offload=cpu_offload))
+    except Exception as e:  # noqa: BLE001
+        log.warning("Could not load all models (%s); trying each mode on its own", e)
+    models, errors = None, {}
+    for mode in ("fast", "quality"):
+        try:
+            loaded = sdxl_fast.load(modes=(mode,), sources=sources, device=device, dtype=dtype,
+                                    cpu_offload=cpu_offload)
+        except Exception as e:  # noqa: BLE001
+            errors[mode] = str(e)
+            log.error("%s mode unavailable: %s", mode.title(), e)
+            continue
+        if models is None:
+            models = loaded
+        else:
+            models.quality = loaded.quality
+    return Studio(models, errors)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default=None, help="interface to bind (default: $GRADIO_SERVER_NAME or 127.0.0.1; "
+                        "0.0.0.0 for the local network)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    parser.add_argument("--share", action="store_true", default=None, help="create a public gradio.live link")
+    parser.add_argument("--preset", choices=list(sdxl_fast.PRESETS), help="model family (default: best available)")
+    parser.add_argument("--base", help="quality base model: hub id or local diffusers folder")
+    parser.add_argument("--refiner", help="refiner model, or 'none' to skip it")
+    parser.add_argument("--fast", help="fast model: a distill student folder or a pipeline like stabilityai/sdxl-turbo")
+    parser.add_argument("--device", help="cuda, cuda:1, mps, cpu (default: best available)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPUs, fp32 on CPU")
+    parser.add_argument("--cpu-offload", action="store_true", help="keep models in CPU memory between uses")
+    parser.add_argument("--queue-size", type=int, default=20,
+                        help="requests that may wait; beyond this users are told the app is busy")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="generations run at once (one per GPU the models occupy)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        sources = sdxl_fast.resolve_sources(args.preset, args.base, args.refiner, args.fast)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    log.info("Model sources: %s", sources)
+    studio = load_studio(sources, args.device, args.dtype, args.cpu_offload)
+    demo = build_demo(studio, concurrency_limit=args.concurrency)
+    demo.queue(max_size=args.queue_size).launch(server_name=args.host, server_port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()
