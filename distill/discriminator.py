@@ -1,0 +1,188 @@
+"""The ADD discriminator: a frozen DINOv2 ViT feature network with one small trainable head per chosen block.
+
+Heads follow StyleGAN-T: the block's tokens [B, N, C] are treated as a 1-D sequence and go through a short
+stack of 1-D convolutions; the result is conditioned by projection (Miyato & Koyama 2018) on a map computed
+from the text embedding (pooled) and an image embedding, giving one logit per token.
+
+Only the heads train. The backbone is kept outside the heads module, so it is never handed to an optimiser
+or wrapped by DDP, and its parameters have requires_grad False: gradients flow *through* it to the images
+(for the student and for R1) but never *into* it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# DINOv2 was trained on ImageNet-normalised inputs.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FeatureNetworkError(RuntimeError):
+    """The discriminator's feature network weights could not be found."""
+
+
+def load_backbone(name: str, weights: str, image_size: int, **kwargs) -> nn.Module:
+    """A frozen timm ViT. `weights`: "hub" (timm's pretrained download), a local state-dict file
+    (.safetensors, or .pth/.bin read with weights_only), or "random" (tests and benchmarks only)."""
+    import timm
+
+    if weights == "random":
+        model = timm.create_model(name, pretrained=False, img_size=image_size, num_classes=0, **kwargs)
+    elif weights == "hub":
+        cached = _hub_cached_weights(name)
+        if cached is not None:  # already downloaded once: no network needed
+            return load_backbone(name, cached, image_size, **kwargs)
+        why = _hub_unavailable()
+        if why is None:
+            try:
+                model = timm.create_model(name, pretrained=True, img_size=image_size, num_classes=0, **kwargs)
+            except Exception as exc:  # network errors come in many types (OSError, HTTP, hub errors)
+                why = f"{type(exc).__name__}: {exc}"
+        if why is not None:
+            raise FeatureNetworkError(
+                f"Could not get the discriminator feature network {name!r} from the Hugging Face Hub ({why}). "
+                "Pass a local weights file with --disc_weights PATH (a timm state dict, .safetensors or .pth)."
+            )
+    else:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FeatureNetworkError(
+                f"Discriminator weights file {str(path)!r} does not exist. Use --disc_weights hub to download "
+                f"{name!r} with timm, or point at a local timm state dict (.safetensors or .pth)."
+            )
+        model = timm.create_model(name, pretrained=False, img_size=image_size, num_classes=0, **kwargs)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        # timm's own checkpoint filter maps DINOv2's original key names and resizes position embeddings.
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        model.load_state_dict(checkpoint_filter_fn(state, model), strict=False)
+    return model.eval().requires_grad_(False)
+
+
+def _hub_cached_weights(name: str) -> str | None:
+    """The timm checkpoint in the local Hugging Face cache, if it was downloaded before."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
+    if not repo:
+        return None
+    path = try_to_load_from_cache(repo, "model.safetensors")
+    return path if isinstance(path, str) else None
+
+
+def _hub_unavailable() -> str | None:
+    """Why a download cannot work, decided in seconds rather than after huggingface_hub's retries."""
+    import os
+
+    from sdxl_fast.loading import _hub_reachable  # the inference core's fast offline check
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+    if not _hub_reachable():
+        return "not in the Hugging Face cache, and the Hugging Face Hub is unreachable"
+    return None
+
+
+class DiscriminatorHead(nn.Module):
+    """tokens [B, N, C] + condition [B, E] -> logits [B, N]."""
+
+    def __init__(self, in_channels: int, channels: int, cond_dim: int, cond_in: int):
+        super().__init__()
+        self.inp = nn.Conv1d(in_channels, channels, kernel_size=1)
+        # A residual conv with a wide kernel mixes neighbouring tokens (StyleGAN-T uses kernel 9, circular).
+        self.mix = nn.Conv1d(channels, channels, kernel_size=9, padding=4, padding_mode="circular")
+        self.out = nn.Conv1d(channels, cond_dim, kernel_size=1)
+        self.cond = nn.Linear(cond_in, cond_dim)
+        self.cond_dim = cond_dim
+
+    def forward(self, tokens: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.inp(tokens.transpose(1, 2)), 0.2)  # [B, channels, N]
+        h = h + F.leaky_relu(self.mix(h), 0.2)
+        h = self.out(h)  # [B, cond_dim, N]
+        cmap = self.cond(condition)  # [B, cond_dim]
+        # Projection conditioning: logit_n = <h_n, cmap> / sqrt(cond_dim).
+        return torch.einsum("bcn,bc->bn", h, cmap) / self.cond_dim**0.5
+
+
+class DiscriminatorHeads(nn.Module):
+    """The trainable part: one head per feature block. Features: list of [B, N, C]; output [B, sum N]."""
+
+    def __init__(self, n_heads: int, feature_dim: int, channels: int, cond_dim: int, cond_in: int):
+        super().__init__()
+        self.heads = nn.ModuleList(DiscriminatorHead(feature_dim, channels, cond_dim, cond_in) for _ in range(n_heads))
+
+    def forward(self, features: list[torch.Tensor], condition: torch.Tensor) -> torch.Tensor:
+        return torch.cat([head(f, condition) for head, f in zip(self.heads, features)], dim=1)
+
+
+class FeatureNetwork(nn.Module):
+    """Frozen ViT: images in [-1, 1] at any size -> tokens of the chosen blocks, and a CLS image embedding."""
+
+    def __init__(self, backbone: nn.Module, blocks: tuple[int, ...], image_size: int):
+        super().__init__()
+        depth = len(backbone.blocks)
+        bad = [b for b in blocks if not 0 <= b < depth]
+        if bad:
+            raise ValueError(f"disc_blocks {bad} out of range for a backbone with {depth} blocks")
+        self.backbone, self.blocks, self.image_size = backbone, tuple(blocks), image_size
+        # R1 differentiates D's input gradient again (double backward), which PyTorch's fused SDPA kernels
+        # do not implement; timm's plain attention does. At 224 px (256 tokens) the cost is small.
+        for block in backbone.blocks:
+            if hasattr(block.attn, "fused_attn"):
+                block.attn.fused_attn = False
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.embed_dim
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bilinear",
+                          align_corners=False, antialias=True)
+        return ((x + 1) / 2 - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """-> (tokens of each chosen block [B, N, C] without the prefix (CLS) tokens, final CLS [B, C])."""
+        vit = self.backbone
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(self.preprocess(images)))))
+        prefix = getattr(vit, "num_prefix_tokens", 1)
+        features = []
+        for i, block in enumerate(vit.blocks):
+            x = block(x)
+            if i in self.blocks:
+                features.append(x[:, prefix:])
+        return features, vit.norm(x)[:, 0]
+
+    @torch.no_grad()
+    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The CLS embedding [B, C] of (real) images, used to condition the heads; no gradient."""
+        return self.forward(images)[1]
+
+
+def build_discriminator(cfg, text_dim: int) -> tuple[FeatureNetwork, DiscriminatorHeads]:
+    """(frozen feature network, trainable heads) from the config; heads are conditioned on
+    cat(pooled text embedding [text_dim], image embedding [feature dim])."""
+    backbone = load_backbone(cfg.disc_backbone, cfg.disc_weights, cfg.disc_image_size, **cfg.disc_backbone_kwargs)
+    features = FeatureNetwork(backbone, cfg.disc_blocks, cfg.disc_image_size)
+    heads = DiscriminatorHeads(len(cfg.disc_blocks), features.dim, cfg.disc_head_channels, cfg.disc_cond_dim,
+                               cond_in=text_dim + features.dim)
+    return features, heads
+
+
+def discriminate(features: FeatureNetwork, heads: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
+                 image_emb: torch.Tensor) -> torch.Tensor:
+    """D(images | text, image embedding) -> logits [B, K]."""
+    tokens, _ = features(images)
+    return heads(tokens, torch.cat([text_emb.float(), image_emb.float()], dim=1))
