@@ -1,0 +1,159 @@
+"""The app's named API endpoints, called with gradio_client against an in-process server on the tiny models."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from gradio_client.utils import Status
+from PIL import Image
+
+import app
+import sdxl_fast
+from test_app_helpers import running_app
+
+
+@pytest.fixture(scope="module")
+def served(tiny_models):
+    with running_app(tiny_models) as (url, studio):
+        yield url, studio
+
+
+@pytest.fixture
+def client(served):
+    return Client(served[0], verbose=False, download_files=True)
+
+
+def fast(client, prompt="a red fox", **kw):
+    args = dict(steps=1, seed=7, randomize_seed=False, size="512x512", num_images=1)
+    args.update(kw)
+    return client.predict(prompt=prompt, api_name="/generate_fast", **args)
+
+
+def quality(client, prompt="a red fox", **kw):
+    args = dict(negative_prompt="", steps=3, seed=7, randomize_seed=False, size="512x512", num_images=1)
+    args.update(kw)
+    return client.predict(prompt=prompt, api_name="/generate_quality", **args)
+
+
+def test_endpoints_are_listed_in_the_api_page(client):
+    assert {"/generate_fast", "/generate_quality"} <= set(client.view_api(print_info=False,
+                                                                          return_format="dict")["named_endpoints"])
+
+
+def test_fast_returns_pngs_of_the_requested_size_with_parameters(client):
+    gallery, seed = fast(client, size="768x1344", num_images=2, seed=11, steps=2)
+    assert seed == 11 and len(gallery) == 2
+    for i, item in enumerate(gallery):
+        image = Image.open(item["image"])
+        assert image.format == "PNG" and image.size == (768, 1344)
+        params, _ = sdxl_fast.parse_infotext(image.info["parameters"])
+        assert (params.prompt, params.mode, params.steps, params.seed) == ("a red fox", "fast", 2, 11 + i)
+
+
+def test_quality_returns_pngs_of_the_requested_size_with_parameters(client):
+    gallery, seed = quality(client, size="640x384", steps=4, guidance_scale=3.0, refiner_switch=0.5)
+    assert seed == 7 and len(gallery) == 1
+    image = Image.open(gallery[0]["image"])
+    assert image.size == (640, 384)
+    params, names = sdxl_fast.parse_infotext(image.info["parameters"])
+    assert (params.mode, params.steps, params.guidance_scale, params.refiner_switch) == ("quality", 4, 3.0, 0.5)
+    assert "refiner" in names
+
+
+def test_randomized_seed_is_returned_and_used(client):
+    gallery, seed = fast(client, randomize_seed=True)
+    assert sdxl_fast.parse_infotext(Image.open(gallery[0]["image"]).info["parameters"])[0].seed == seed
+
+
+@pytest.mark.parametrize("call, kwargs, message", [
+    (fast, dict(steps=5), "maximum value 4"),
+    (quality, dict(steps=101), "maximum value 100"),
+    (quality, dict(steps=0), "minimum value 1"),
+    (fast, dict(size="1004x1000"), "multiple of 8"),
+    (quality, dict(size="8192x1024"), "between 64 and 4096"),
+    (fast, dict(size="huge"), "Size must look like 1024x1024"),
+    (fast, dict(seed=-1), "seed must be an integer from 0 to 4294967295"),
+    (quality, dict(seed=2**32), "seed must be an integer from 0 to 4294967295"),
+    (fast, dict(crop_top=-8), "crops_coords_top_left"),
+])
+def test_bad_input_gets_a_clear_error_and_the_next_request_succeeds(client, call, kwargs, message):
+    with pytest.raises(AppError, match=message):
+        call(client, **kwargs)
+    gallery, _ = call(client)
+    assert Image.open(gallery[0]["image"]).size == (512, 512)
+
+
+def test_over_long_prompt_warns_and_still_generates(client):
+    job = client.submit(prompt="a red fox " * 60, steps=1, seed=1, randomize_seed=False, size="512x512",
+                        num_images=1, api_name="/generate_fast")
+    gallery, _ = job.result()
+    assert Image.open(gallery[0]["image"]).size == (512, 512)
+    logs = []
+    while not job.communicator.updates.empty():
+        update = job.communicator.updates.get_nowait()
+        if getattr(update, "log", None):
+            logs.append(update.log)
+    assert any(level == "warning" and "tokens" in text for text, level in logs), logs
+
+
+@pytest.mark.parametrize("failure, message", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "ran out of memory"),
+    (FloatingPointError("The VAE produced NaN/inf in fp32"), "NaN"),
+    (RuntimeError("something broke"), "something broke"),
+])
+def test_a_failing_generation_is_reported_and_the_server_keeps_serving(client, monkeypatch, failure, message):
+    real_generate = sdxl_fast.generate
+
+    def fail_once(*args, **kwargs):
+        monkeypatch.setattr(sdxl_fast, "generate", real_generate)
+        raise failure
+
+    monkeypatch.setattr(sdxl_fast, "generate", fail_once)
+    with pytest.raises(AppError, match=message):
+        quality(client)
+    gallery, _ = quality(client)
+    assert Image.open(gallery[0]["image"]).size == (512, 512)
+
+
+def test_a_full_queue_answers_busy_instead_of_hanging(tiny_models, monkeypatch):
+    release, running = threading.Event(), threading.Event()
+    real_run = app.Studio.run
+
+    def held_run(self, params, callback=None):  # hold the one worker so requests pile up in the queue
+        running.set()
+        assert release.wait(60)
+        return real_run(self, params, callback)
+
+    monkeypatch.setattr(app.Studio, "run", held_run)
+    with running_app(tiny_models, max_size=1) as (url, _):
+        client = Client(url, verbose=False)
+        first = client.submit(prompt="one", steps=1, seed=1, randomize_seed=False, size="512x512",
+                              num_images=1, api_name="/generate_fast")
+        assert running.wait(60)
+        second = client.submit(prompt="two", steps=1, seed=1, randomize_seed=False, size="512x512",
+                               num_images=1, api_name="/generate_fast")
+        for _ in range(1200):  # until the second request holds the queue's one place (bounded, ~60 s)
+            if not second.status().code < Status.IN_QUEUE:
+                break
+            threading.Event().wait(0.05)
+        assert second.status().code == Status.IN_QUEUE
+        with pytest.raises(Exception, match="Queue is full! Please try again"):
+            client.predict(prompt="three", steps=1, seed=1, randomize_seed=False, size="512x512", num_images=1,
+                           api_name="/generate_fast")
+        release.set()
+        assert len(first.result(timeout=120)[0]) == 1 and len(second.result(timeout=120)[0]) == 1
+
+
+def test_missing_models_give_a_readable_error(tiny_models):
+    why = "Could not load the fast model from 'nowhere': no such local folder."
+    models = sdxl_fast.Models(device=tiny_models.device, dtype=tiny_models.dtype, quality=tiny_models.quality)
+    with running_app(models, load_errors={"fast": why}) as (url, _):
+        client = Client(url, verbose=False)
+        with pytest.raises(AppError, match="no such local folder"):
+            fast(client)
+        gallery, _ = quality(client)  # the other mode still works
+        assert Image.open(gallery[0]["image"]).size == (512, 512)
