@@ -1,0 +1,94 @@
+"""The `sdxl-fast` command end to end on the saved tiny folders."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdxl_fast import parse_infotext, read_parameters
+from sdxl_fast.cli import main
+
+
+@pytest.fixture
+def tiny_env(monkeypatch, tiny_sources):
+    monkeypatch.setenv("SDXL_FAST_BASE", tiny_sources.base)
+    monkeypatch.setenv("SDXL_FAST_REFINER", tiny_sources.refiner)
+    monkeypatch.setenv("SDXL_FAST_FAST", tiny_sources.fast)
+
+
+@pytest.mark.parametrize("mode,extra", [
+    ("fast", ["--steps", "4"]),
+    ("quality", ["--steps", "6", "--cfg", "4", "-n", "dark", "--original-size", "512x256", "--crop", "8,16",
+                 "--aesthetic-score", "7"]),
+])
+def test_generate_writes_a_png_that_reproduces_itself(tiny_env, tmp_path, mode, extra, capsys):
+    out = tmp_path / f"{mode}.png"
+    args = ["generate", "a small house", "--mode", mode, "--seed", "5", "--size", "64x96", "-o", str(out), "-q"]
+    assert main(args + extra) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (64, 96)
+        first = np.asarray(image.convert("RGB"))
+    params, _ = parse_infotext(read_parameters(out))
+    assert (params.mode, params.seed, params.width, params.height) == (mode, 5, 64, 96)
+    if mode == "quality":
+        assert params.original_size == (256, 512) and params.crops_coords_top_left == (8, 16)
+        assert params.negative_prompt == "dark" and params.guidance_scale == 4.0 and params.aesthetic_score == 7.0
+
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(out), "-o", str(again), "-q"]) == 0
+    assert np.array_equal(first, np.asarray(Image.open(again).convert("RGB")))
+
+
+def test_several_images_get_numbered_names(tiny_env, tmp_path):
+    assert main(["generate", "dots", "--num-images", "2", "--seed", "9", "--size", "64", "-o",
+                 str(tmp_path / "dots.png"), "-q"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dots-1.png", "dots-2.png"]
+    assert parse_infotext(read_parameters(tmp_path / "dots-2.png"))[0].seed == 10
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--size", "100x64"], "multiple of 8"),
+    (["--steps", "-2"], "steps"),
+    (["--steps", "0"], "steps"),
+    (["--mode", "fast", "--steps", "5"], "1 to 4"),
+    (["--seed", str(2**32)], "seed"),
+    (["--preset", "nope"], "Unknown preset"),
+    (["-o", "out.jpg"], ".png"),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(tiny_env, tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "a cat", "--size", "64", "-q"] + args if "--size" not in args
+                else ["generate", "a cat", "-q"] + args) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_malformed_flags_exit_with_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "a cat", "--size", "big"])
+    assert exit_.value.code == 2 and "WIDTHxHEIGHT" in capsys.readouterr().err
+
+
+def test_a_10000_character_prompt_is_truncated_not_fatal(tiny_env, tmp_path):
+    out = tmp_path / "long.png"
+    with pytest.warns(UserWarning, match="tokens"):
+        assert main(["generate", "a castle " * 1250, "--size", "64", "-o", str(out), "-q"]) == 0
+    assert out.is_file()
+
+
+def test_console_script_and_missing_weights_message(tmp_path):
+    """The installed entry point, run as a user would, with no weights anywhere and no network."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDXL_FAST_")}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-m", "sdxl_fast", "generate", "a cat", "--preset", "sdxl",
+                             "-o", str(tmp_path / "x.png")], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1
+    assert "stabilityai/sdxl-turbo" in result.stderr and "--fast" in result.stderr
+    assert not (tmp_path / "x.png").exists()
+    help_text = subprocess.run([sys.executable, "-m", "sdxl_fast", "generate", "--help"], capture_output=True,
+                               text=True, timeout=120).stdout
+    assert "--from-png" in help_text and "examples:" in help_text

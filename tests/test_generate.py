@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+
+from sdxl_fast import GenerationParams, generate, parse_infotext
+
+
+def pixels(image):
+    return np.asarray(image)
+
+
+@pytest.mark.parametrize("mode,steps", [("fast", 2), ("quality", 6)])
+def test_same_inputs_and_seed_give_the_same_pixels(tiny_models, mode, steps):
+    params = GenerationParams("a lighthouse", negative_prompt="fog", mode=mode, steps=steps, seed=11,
+                              width=64, height=80)
+    a, b = generate(tiny_models, params)[0], generate(tiny_models, params)[0]
+    assert a.size == (64, 80)
+    assert np.array_equal(pixels(a), pixels(b))
+    other = generate(tiny_models, GenerationParams("a lighthouse", negative_prompt="fog", mode=mode, steps=steps,
+                                                   seed=12, width=64, height=80))[0]
+    assert not np.array_equal(pixels(a), pixels(other))
+
+
+@pytest.mark.parametrize("mode", ["fast", "quality"])
+def test_batch_image_i_is_the_single_image_of_seed_plus_i(tiny_models, mode):
+    params = GenerationParams("two birds", mode=mode, steps=3, seed=100, width=64, height=64, num_images=3)
+    batch = generate(tiny_models, params)
+    assert len(batch) == 3
+    single = generate(tiny_models, GenerationParams("two birds", mode=mode, steps=3, seed=102, width=64, height=64))[0]
+    # Same noise; only the kernels' batch-size-dependent float rounding may move a pixel by a level or two.
+    diff = np.abs(pixels(batch[2]).astype(int) - pixels(single).astype(int))
+    assert diff.max() <= 3 and diff.mean() < 0.05
+    assert [parse_infotext(im.info["parameters"])[0].seed for im in batch] == [100, 101, 102]
+
+
+def test_metadata_reproduces_the_image(tiny_models):
+    first = generate(tiny_models, GenerationParams("a tree", mode="quality", steps=5, width=64, height=64,
+                                                   crops_coords_top_left=(8, 0), guidance_scale=4.0))[0]
+    params, _ = parse_infotext(first.info["parameters"])
+    again = generate(tiny_models, params)[0]
+    assert np.array_equal(pixels(first), pixels(again))
+
+
+def test_progress_callback_sees_every_step_with_previewable_latents(tiny_models):
+    steps = []
+    generate(tiny_models, GenerationParams("a boat", mode="quality", steps=5, seed=1, width=64, height=64),
+             callback=steps.append)
+    assert [s.index for s in steps] == [1, 2, 3, 4, 5] and all(s.total == 5 for s in steps)
+    assert steps[0].denoised.shape == (1, 4, 8, 8)
+
+
+def test_raising_from_the_callback_stops_generation(tiny_models):
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop_after_two(step):
+        seen.append(step.index)
+        if step.index == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        generate(tiny_models, GenerationParams("a boat", mode="quality", steps=8, width=64, height=64),
+                 callback=stop_after_two)
+    assert seen == [1, 2]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("width", 100, "multiple of 8"), ("height", 30, "multiple of 8"), ("steps", -3, "steps"),
+    ("seed", 2**32, "seed"), ("seed", -1, "seed"), ("mode", "turbo", "mode"), ("num_images", 0, "num_images"),
+    ("refiner_switch", 1.5, "refiner_switch"), ("crops_coords_top_left", (-1, 0), "crops"),
+])
+def test_bad_parameters_are_clear_errors(tiny_models, field, value, message):
+    kwargs = dict(mode="quality", width=64, height=64)
+    kwargs[field] = value
+    params = GenerationParams("x", **kwargs)
+    with pytest.raises(ValueError, match=message):
+        generate(tiny_models, params)

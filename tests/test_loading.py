@@ -1,0 +1,85 @@
+import time
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from sdxl_fast import ModelNotFoundError, ModelSources, load, resolve_sources
+from sdxl_fast import loading
+
+
+def test_sources_resolve_argument_then_env_then_preset(monkeypatch):
+    monkeypatch.setattr(loading, "demo_models_available", lambda: False)
+    assert resolve_sources() == loading.PRESETS["sdxl"]
+    monkeypatch.setenv("SDXL_FAST_BASE", "/env/base")
+    monkeypatch.setenv("SDXL_FAST_REFINER", "none")
+    sources = resolve_sources(fast="/arg/fast")
+    assert sources == ModelSources(base="/env/base", refiner=None, fast="/arg/fast")
+    assert resolve_sources(base="/arg/base").base == "/arg/base"
+    assert resolve_sources(preset="sdxl-no-refiner", base=None).base == "/env/base"
+
+
+def test_shipped_demo_models_come_before_hub_ids(monkeypatch):
+    monkeypatch.setattr(loading, "demo_models_available", lambda: True)
+    assert resolve_sources() == loading.PRESETS["demo"]
+    assert resolve_sources(preset="sdxl") == loading.PRESETS["sdxl"]
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="Unknown preset 'sdxl-ultra'.*sdxl, sdxl-no-refiner, demo"):
+        resolve_sources(preset="sdxl-ultra")
+
+
+def test_refiner_and_student_share_the_base_encoders_and_vae(tiny_models):
+    q, f = tiny_models.quality, tiny_models.fast
+    assert f.vae is q.vae
+    assert f.encoders.text_encoder is q.encoders.text_encoder
+    assert f.encoders.text_encoder_2 is q.encoders.text_encoder_2
+    assert q.refiner is not q.base and f.student is not q.base
+    assert q.refiner.config.cross_attention_dim == q.encoders.text_encoder_2.config.hidden_size
+    assert not any(p.requires_grad for p in q.base.parameters())
+
+
+def test_a_full_few_step_pipeline_loads_as_the_fast_model(tiny_family):
+    sources = ModelSources(base="/nonexistent/base", refiner=None, fast=str(tiny_family["turbo"]))
+    models = load(modes=("fast",), sources=sources, device="cpu")
+    assert models.quality is None
+    assert isinstance(models.fast.student, UNet2DConditionModel)
+    assert models.fast.names == {"fast": "turbo"}
+    assert models.dtype == torch.float32
+
+
+def test_missing_weights_offline_fail_fast_with_a_clear_message(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # An unroutable endpoint: without our reachability check huggingface_hub would retry for a minute.
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")
+    sources = ModelSources(base="someone/no-such-sdxl", refiner=None, fast="someone/no-such-turbo")
+    start = time.monotonic()
+    with pytest.raises(ModelNotFoundError) as err:
+        load(modes=("quality",), sources=sources, device="cpu")
+    assert time.monotonic() - start < 20
+    message = str(err.value)
+    assert "someone/no-such-sdxl" in message and "unreachable" in message
+    assert "--base" in message and "SDXL_FAST_BASE" in message
+
+
+def test_missing_local_folder_is_named(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no such local folder"):
+        load(modes=("quality",), sources=ModelSources(str(tmp_path / "nope/x/y"), None, ""), device="cpu")
+
+
+def test_pickle_weights_are_refused(tiny_family, tmp_path):
+    """safetensors only: a UNet folder with nothing but a pickled .bin must not load."""
+    unet = UNet2DConditionModel.from_pretrained(tiny_family["student"])
+    unet.save_pretrained(tmp_path / "student", safe_serialization=False)
+    assert not list((tmp_path / "student").glob("*.safetensors"))
+    sources = ModelSources(str(tiny_family["base"]), None, str(tmp_path / "student"))
+    with pytest.raises(EnvironmentError):
+        load(modes=("fast",), sources=sources, device="cpu")
+
+
+def test_bad_mode_and_dtype_are_rejected(tiny_sources):
+    with pytest.raises(ValueError, match="modes"):
+        load(modes=("turbo",), sources=tiny_sources, device="cpu")
+    with pytest.raises(ValueError, match="dtype"):
+        load(sources=tiny_sources, device="cpu", dtype="fp8")

@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from sdxl_fast import PromptTruncatedWarning
+from sdxl_fast.prompts import encode_prompts
+
+
+def test_embeddings_use_both_encoders_penultimate_layer(tiny_models):
+    enc = tiny_models.quality.encoders
+    emb = encode_prompts(enc, ["a red fox", "a blue bird"], torch.device("cpu"))
+    assert emb.hidden_1.shape == (2, 77, 32) and emb.hidden_2.shape == (2, 77, 48)
+    assert emb.pooled.shape == (2, 40) and emb.base_context.shape == (2, 77, 80)
+    ids = enc.tokenizer_2(["a red fox"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    out = enc.text_encoder_2(ids, output_hidden_states=True)
+    torch.testing.assert_close(emb.hidden_2[:1], out.hidden_states[-2])
+    assert not torch.allclose(emb.hidden_2[:1], out.last_hidden_state)
+    torch.testing.assert_close(emb.pooled[:1], out.text_embeds)
+
+
+def test_a_10000_character_prompt_is_truncated_with_a_warning(tiny_models):
+    enc = tiny_models.quality.encoders
+    long_prompt = ("a very detailed castle on a hill " * 400)[:10_000]
+    with pytest.warns(PromptTruncatedWarning, match="77"):
+        long = encode_prompts(enc, [long_prompt], torch.device("cpu"))
+    first_77 = enc.tokenizer.decode(enc.tokenizer(long_prompt).input_ids[1:76])
+    short = encode_prompts(enc, [first_77], torch.device("cpu"))
+    torch.testing.assert_close(long.hidden_1, short.hidden_1)
