@@ -1,0 +1,81 @@
+"""`python app.py` as users start it: flags and GRADIO_* env vars, model env vars, and no weights at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+from PIL import Image
+
+from test_app_helpers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _get(url: str) -> bytes | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read()
+    except OSError:
+        return None
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """Start app.py with extra env and args; return (url, log path) once it serves its config."""
+    started = []
+
+    def start(args=(), env=None, port=None):
+        log = tmp_path / f"app-{len(started)}.log"
+        full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", **(env or {})}
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "app.py", *args], cwd=ROOT, env=full_env, stdout=out,
+                                    stderr=subprocess.STDOUT)
+        started.append(proc)
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(1200):  # up to ~5 minutes on a busy machine; leaves early when the app dies
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()}")
+            if _get(url + "config"):
+                return url, log
+            time.sleep(0.25)
+        pytest.fail(f"app.py did not come up:\n{log.read_text()}")
+
+    yield start
+    for proc in started:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_starts_on_models_from_env_vars_and_serves_the_api(launch, tiny_family):
+    port = free_port()
+    env = {"SDXL_FAST_BASE": str(tiny_family["base"]), "SDXL_FAST_REFINER": str(tiny_family["refiner"]),
+           "SDXL_FAST_FAST": str(tiny_family["student"]), "GRADIO_SERVER_NAME": "127.0.0.1",
+           "GRADIO_SERVER_PORT": str(port)}
+    url, _ = launch(["--device", "cpu", "--dtype", "fp32"], env, port)
+    gallery, seed = Client(url, verbose=False).predict(
+        prompt="a red fox", steps=1, seed=5, randomize_seed=False, size="512x512", num_images=1,
+        api_name="/generate_fast")
+    assert seed == 5 and Image.open(gallery[0]["image"]).size == (512, 512)
+
+
+def test_without_weights_it_starts_and_says_so_in_the_page_and_the_log(launch, tmp_path):
+    port = free_port()
+    missing = str(tmp_path / "no-such-model")
+    url, log = launch(["--host", "127.0.0.1", "--port", str(port), "--base", missing, "--refiner", "none",
+                       "--fast", missing], port=port)
+    page = json.dumps(json.loads(_get(url + "config")))
+    assert "Fast mode unavailable" in page and "Quality mode unavailable" in page
+    assert "no such local folder" in page
+    text = log.read_text()
+    assert "Fast mode unavailable" in text and "no such local folder" in text
