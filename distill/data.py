@@ -1,0 +1,236 @@
+"""Training data: image + caption records from a folder, a JSONL manifest or webdataset tar shards, turned into
+SDXL training samples with the real micro-conditioning (original size, crop coordinates, target size).
+
+Every format is indexed up front into a list of records, so the data set is map-style: shuffling is a seeded
+permutation per epoch and the "data position" of a run is just the number of batches drawn, which makes
+resuming exact. Unreadable images are skipped (logged, counted in the batch's "skipped"), never fatal.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sdxl_fast.conditioning import base_time_ids
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class Record:
+    """Where one image lives. For tar shards, `offset`/`size` locate the member's bytes inside `path`."""
+
+    path: str
+    caption: str
+    offset: int = -1
+    size: int = -1
+
+    def read_bytes(self) -> bytes:
+        with open(self.path, "rb") as f:
+            if self.offset < 0:
+                return f.read()
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Indexing the three formats.
+
+def detect_format(source: str) -> str:
+    path = Path(source)
+    if path.suffix == ".jsonl":
+        return "jsonl"
+    if path.suffix == ".tar" or any(ch in source for ch in "*?[") or (path.is_dir() and any(path.glob("*.tar"))):
+        return "webdataset"
+    if path.is_dir():
+        return "folder"
+    raise ValueError(f"Cannot tell the data format of {source!r}: expected a folder, a .jsonl or .tar shards")
+
+
+def index_folder(folder: str) -> list[Record]:
+    """Every image under `folder` (recursively, sorted); the caption is the same-name .txt ("" if none)."""
+    root = Path(folder)
+    records = []
+    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+        txt = image.with_suffix(".txt")
+        records.append(Record(str(image), txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""))
+    return records
+
+
+def index_jsonl(manifest: str) -> list[Record]:
+    """One JSON object per line with the image path ("image", "file_name" or "path"; relative to the manifest's
+    folder) and the caption ("text" or "caption")."""
+    base = Path(manifest).parent
+    records = []
+    for n, line in enumerate(Path(manifest).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        image = next((row[k] for k in ("image", "file_name", "path") if k in row), None)
+        if image is None:
+            raise ValueError(f"{manifest}:{n}: no image path (keys image, file_name or path)")
+        caption = next((row[k] for k in ("text", "caption") if k in row), "")
+        records.append(Record(str(base / image), str(caption)))
+    return records
+
+
+def _shards(source: str) -> list[str]:
+    path = Path(source)
+    if path.is_dir():
+        return sorted(str(p) for p in path.glob("*.tar"))
+    return sorted(glob.glob(source)) if any(ch in source for ch in "*?[") else [source]
+
+
+def index_webdataset(source: str) -> list[Record]:
+    """webdataset shards: samples are members sharing a key (path up to the first dot of the file name); the
+    image is the key's image member, the caption its .txt (or .json "caption"/"text"). Read by byte offset."""
+    records = []
+    for shard in _shards(source):
+        samples: dict[str, dict] = {}
+        with tarfile.open(shard, "r:") as tar:  # uncompressed shards only: byte offsets must be seekable
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, name = member.name.rpartition("/")
+                stem, _, ext = name.partition(".")
+                key = f"{folder}/{stem}" if folder else stem
+                sample = samples.setdefault(key, {})
+                ext = "." + ext.lower()
+                if ext in IMAGE_EXTENSIONS:
+                    sample["image"] = (member.offset_data, member.size)
+                elif ext == ".txt":
+                    sample["caption"] = tar.extractfile(member).read().decode("utf-8").strip()
+                elif ext == ".json" and "caption" not in sample:
+                    meta = json.loads(tar.extractfile(member).read())
+                    sample["caption"] = str(meta.get("caption", meta.get("text", "")))
+        for key in sorted(samples):
+            if "image" in samples[key]:
+                offset, size = samples[key]["image"]
+                records.append(Record(shard, samples[key].get("caption", ""), offset, size))
+    return records
+
+
+def index_records(source: str, data_format: str = "auto") -> list[Record]:
+    fmt = detect_format(source) if data_format == "auto" else data_format
+    records = {"folder": index_folder, "jsonl": index_jsonl, "webdataset": index_webdataset}[fmt](source)
+    if not records:
+        raise ValueError(f"No images found in {source!r} (format {fmt})")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Samples.
+
+def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> [3, H, W] float in [-1, 1]."""
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return data.view(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def preprocess(image: Image.Image, resolution: int, random_crop: bool, random_flip: bool,
+               generator: torch.Generator) -> tuple[torch.Tensor, list[float]]:
+    """Resize the short side to `resolution`, crop a square, record SDXL's micro-conditioning.
+
+    Returns (pixels [3, R, R] in [-1, 1], time_ids: original (h, w), crop (top, left), target (R, R)), the
+    same preprocessing SDXL itself was trained with (diffusers' train_text_to_image_sdxl does the same).
+    """
+    original = (image.height, image.width)
+    scale = resolution / min(image.width, image.height)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, Image.BICUBIC)
+    if random_crop:
+        top = int(torch.randint(0, image.height - resolution + 1, (1,), generator=generator))
+        left = int(torch.randint(0, image.width - resolution + 1, (1,), generator=generator))
+    else:
+        top, left = (image.height - resolution) // 2, (image.width - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and bool(torch.rand((), generator=generator) < 0.5):
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        left = size[0] - left - resolution  # where the crop sits in the flipped image
+    return _pil_to_tensor(image), base_time_ids(original, (top, left), (resolution, resolution))
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """records[i] -> {"pixels", "caption", "time_ids", "index"}, or None when the image cannot be read.
+
+    Random crops and flips use a generator seeded from (seed, epoch, index), so a sample is the same whichever
+    worker loads it and whether or not the run was resumed. Call `set_epoch` as epochs advance (the batch
+    sampler's items carry the epoch, so this happens automatically).
+    """
+
+    def __init__(self, records: list[Record], resolution: int, random_crop: bool = True, random_flip: bool = False,
+                 seed: int = 0):
+        self.records, self.resolution, self.seed = records, resolution, seed
+        self.random_crop, self.random_flip = random_crop, random_flip
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict | None:
+        epoch, index = key
+        record = self.records[index]
+        try:
+            image = Image.open(io.BytesIO(record.read_bytes()))
+            image.load()
+            image = image.convert("RGB")
+        except Exception as exc:  # PIL raises many types for corrupt files; none may stop training
+            log.warning("Skipping unreadable image %s (%s: %s)", record.path, type(exc).__name__, exc)
+            return None
+        generator = torch.Generator().manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)
+        pixels, time_ids = preprocess(image, self.resolution, self.random_crop, self.random_flip, generator)
+        return {"pixels": pixels, "caption": record.caption, "time_ids": torch.tensor(time_ids), "index": index}
+
+
+def collate(samples: list[dict | None]) -> dict:
+    """Stack the readable samples; "skipped" counts the unreadable ones (the batch may be smaller, or empty)."""
+    good = [s for s in samples if s is not None]
+    return {
+        "pixels": torch.stack([s["pixels"] for s in good]) if good else None,
+        "captions": [s["caption"] for s in good],
+        "time_ids": torch.stack([s["time_ids"] for s in good]) if good else None,
+        "indices": [s["index"] for s in good],
+        "skipped": len(samples) - len(good),
+    }
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Endless (epoch, index) batches for one process, starting at batch number `start`.
+
+    Each epoch is a permutation seeded by (seed, epoch); process `rank` of `world` takes every world-th index
+    of it, and the last incomplete batch is dropped so every process draws the same number of batches.
+    Batch number b is therefore a pure function of (seed, rank, world, b): that is the data position.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+        self.n, self.batch_size, self.seed, self.rank, self.world, self.start = n, batch_size, seed, rank, world, start
+        self.per_epoch = (n // world) // batch_size
+        if self.per_epoch == 0:
+            raise ValueError(f"{n} images are too few for batch size {batch_size} on {world} process(es)")
+
+    def __iter__(self):
+        b = self.start
+        while True:
+            epoch, pos = divmod(b, self.per_epoch)
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            mine = order[self.rank :: self.world][: self.per_epoch * self.batch_size]
+            for i in range(pos, self.per_epoch):
+                yield [(epoch, int(j)) for j in mine[i * self.batch_size : (i + 1) * self.batch_size]]
+            b = (epoch + 1) * self.per_epoch
+
+
+def make_loader(cfg, rank: int = 0, world: int = 1, start_batch: int = 0) -> torch.utils.data.DataLoader:
+    records = index_records(cfg.data, cfg.data_format)
+    dataset = ImageCaptionDataset(records, cfg.resolution, cfg.random_crop, cfg.random_flip, cfg.seed)
+    sampler = ResumableBatchSampler(len(records), cfg.batch_size, cfg.seed, rank, world, start_batch)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                       num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
