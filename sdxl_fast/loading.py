@@ -249,11 +249,12 @@ class _Loader:
 
 def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | None = None,
          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-         cpu_offload: bool = False) -> Models:
+         cpu_offload: bool = False, acceleration=None) -> Models:
     """Load the models for the given paths ("quality", "fast") onto one device.
 
     `sources` defaults to `resolve_sources()`. `dtype` may be a torch dtype or "fp32"/"fp16"/"bf16".
     With `cpu_offload` each model sits in CPU memory and moves to the GPU only while it runs.
+    `acceleration` (an `acceleration.Acceleration`) defaults to everything on a CUDA GPU, nothing on CPU.
     """
     unknown = set(modes) - {"quality", "fast"}
     if unknown or not modes:
@@ -304,6 +305,10 @@ def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | N
 
     if cpu_offload:
         models.offload_hooks = _enable_cpu_offload(loader, device)
+    else:
+        from .acceleration import Acceleration, apply
+
+        apply(models, acceleration if acceleration is not None else Acceleration.for_device(device))
     return models
 
 

@@ -114,6 +114,26 @@ def full_configs(reference_dir: str | Path) -> dict:
     )
 
 
+def build_random_components(configs: dict | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+                            device: str | torch.device = "cpu") -> dict:
+    """Random-weight SDXL components in memory: text_encoder(_2), tokenizer(_2), vae, unet, refiner_unet.
+    Building on the GPU (`device="cuda"`) makes full-size models in seconds instead of minutes."""
+    configs = configs or tiny_configs()
+    torch.manual_seed(seed)
+    with torch.device(device):
+        parts = dict(
+            text_encoder=CLIPTextModel(configs["text_encoder"]),
+            text_encoder_2=CLIPTextModelWithProjection(configs["text_encoder_2"]),
+            vae=AutoencoderKL(**configs["vae"]),
+            unet=UNet2DConditionModel(**configs["unet"]),
+            refiner_unet=UNet2DConditionModel(**configs["refiner_unet"]),
+        )
+    if dtype != torch.float32:
+        for model in parts.values():
+            model.to(dtype)
+    return dict(parts, tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(pad_token="!"))
+
+
 def save_random_family(out_dir: str | Path, configs: dict | None = None, seed: int = 0,
                        dtype: torch.dtype = torch.float32) -> dict[str, Path]:
     """Save base, refiner, UNet-only student and a Turbo-style full pipeline under `out_dir`.
@@ -121,16 +141,10 @@ def save_random_family(out_dir: str | Path, configs: dict | None = None, seed: i
     Returns {"base", "refiner", "student", "turbo"} -> folder. The student starts as a copy of the base
     UNet, as an ADD student does; the turbo folder is a complete few-step pipeline (like sdxl-turbo).
     """
-    configs = configs or tiny_configs()
     out = Path(out_dir)
-    torch.manual_seed(seed)
-    te1, te2 = CLIPTextModel(configs["text_encoder"]), CLIPTextModelWithProjection(configs["text_encoder_2"])
-    vae = AutoencoderKL(**configs["vae"])
-    unet, refiner_unet = UNet2DConditionModel(**configs["unet"]), UNet2DConditionModel(**configs["refiner_unet"])
-    if dtype != torch.float32:
-        for model in (te1, te2, vae, unet, refiner_unet):
-            model.to(dtype)
-    tok1, tok2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
+    c = build_random_components(configs, seed, dtype)
+    te1, te2, tok1, tok2 = c["text_encoder"], c["text_encoder_2"], c["tokenizer"], c["tokenizer_2"]
+    vae, unet, refiner_unet = c["vae"], c["unet"], c["refiner_unet"]
 
     paths = {name: out / name for name in ("base", "refiner", "student", "turbo")}
     StableDiffusionXLPipeline(

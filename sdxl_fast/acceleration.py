@@ -1,0 +1,88 @@
+"""GPU speed options, each with a CPU fallback.
+
+The defaults keep the numerics of the eager model (fused QKV and channels_last change only rounding);
+options that change numerics more, such as fp8 matmuls, are off unless asked for and labelled as such.
+`apply` returns one line per option saying what was done or why it was skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .loading import Models
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    channels_last: bool = True  # NHWC convolutions: the layout cuDNN's fastest fp16 kernels use
+    fuse_qkv: bool = True  # one matmul for Q, K, V instead of three (diffusers' fuse_qkv_projections)
+    compile: bool = True  # torch.compile the UNets and the VAE decoder (CUDA only)
+    compile_mode: str = "max-autotune"  # includes CUDA graphs: a whole UNet call is one graph launch
+    warmup: bool = True  # compile at start-up, so the first user does not pay for it
+
+    @classmethod
+    def none(cls) -> "Acceleration":
+        return cls(channels_last=False, fuse_qkv=False, compile=False, warmup=False)
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> "Acceleration":
+        """Everything on a CUDA GPU; nothing on CPU, where these options bring no measured gain."""
+        return cls() if torch.device(device).type == "cuda" else cls.none()
+
+
+def _unique_modules(models: Models) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+    """(UNets, VAEs) without duplicates: the fast path may share the base's VAE, or even its UNet."""
+    unets, vaes = {}, {}
+    if models.quality:
+        unets[id(models.quality.base)] = models.quality.base
+        if models.quality.refiner is not None:
+            unets[id(models.quality.refiner)] = models.quality.refiner
+        vaes[id(models.quality.vae)] = models.quality.vae
+    if models.fast:
+        unets[id(models.fast.student)] = models.fast.student
+        vaes[id(models.fast.vae)] = models.fast.vae
+    return list(unets.values()), list(vaes.values())
+
+
+def apply(models: Models, options: Acceleration) -> list[str]:
+    """Apply `options` to the loaded models in place; returns what was applied or skipped, and why."""
+    unets, vaes = _unique_modules(models)
+    notes = []
+    if options.channels_last:
+        for module in unets + vaes:
+            module.to(memory_format=torch.channels_last)
+        notes.append("channels_last: applied")
+    if options.fuse_qkv:
+        for module in unets + vaes:
+            module.fuse_qkv_projections()
+        notes.append("fuse_qkv: applied")
+    if options.compile:
+        if models.device.type != "cuda":
+            notes.append(f"compile: skipped on {models.device.type} (CUDA only: Inductor's CPU kernels are no "
+                         "faster than eager for these models, and compiling costs minutes)")
+        else:
+            for unet in unets:
+                unet.compile(mode=options.compile_mode, fullgraph=True)
+            for vae in vaes:
+                vae.decoder.compile(mode=options.compile_mode)
+            notes.append(f"compile: applied (mode={options.compile_mode})")
+    for note in notes:
+        log.info("acceleration %s", note)
+    return notes
+
+
+def warmup(models: Models, sizes: dict[str, tuple[int, int]]) -> None:
+    """Run each loaded path once per (width, height) so compilation and autotuning happen now."""
+    from .generate import generate
+    from .params import GenerationParams
+
+    for mode, (width, height) in sizes.items():
+        if getattr(models, mode) is None:
+            continue
+        steps = {"fast": 1, "quality": 2}[mode]
+        generate(models, GenerationParams("warm-up", mode=mode, steps=steps, seed=0, width=width, height=height))

@@ -1,0 +1,201 @@
+"""`sdxl-fast bench`: diffusers' default pipelines and ours on the same random weights, in one run.
+
+Timing depends on shapes, not weight values, so the models are random-weight SDXL built from the public
+configs (`--configs shared/reference/sdxl-configs`), or the tiny test shapes (`--tiny`, a CPU smoke run).
+Every workload is measured prompt string in -> PIL image out. Output error is our optimised path against our
+eager fp32 path, same seed, on the final latents: ||ours - eager|| / ||eager||.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import acceleration, random_weights
+from .generate import generate
+from .loading import FastModels, Models, QualityModels, TextEncoders
+from .params import GenerationParams
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    mode: str
+    steps: int
+    side: int
+    batch: int = 1
+
+
+def workloads(tiny: bool) -> list[Workload]:
+    fast_side, quality_side = (64, 64) if tiny else (512, 1024)
+    return [
+        Workload("fast 1-step", "fast", 1, fast_side),
+        Workload("fast 4-step", "fast", 4, fast_side),
+        Workload("fast 1-step batch 16", "fast", 1, fast_side, batch=16),
+        Workload("quality 50-step base+refiner CFG 5", "quality", 50, quality_side),
+    ]
+
+
+def build_models(components: dict, device: torch.device, dtype: torch.dtype) -> Models:
+    """Our Models over in-memory components; the student shares the base UNet's shape (and here its weights)."""
+    from diffusers import EulerDiscreteScheduler
+
+    c = {k: (v.to(device=device, dtype=dtype) if isinstance(v, torch.nn.Module) else v) for k, v in components.items()}
+    encoders = TextEncoders(c["tokenizer"], c["text_encoder"], c["tokenizer_2"], c["text_encoder_2"])
+    scheduler = EulerDiscreteScheduler.from_config(random_weights.SDXL_SCHEDULER)
+    names = {"base": "random-sdxl-base", "refiner": "random-sdxl-refiner", "fast": "random-sdxl-student"}
+    return Models(
+        device=device, dtype=dtype,
+        quality=QualityModels(encoders, c["vae"], c["unet"], c["refiner_unet"], scheduler, True, names),
+        fast=FastModels(encoders, c["vae"], c["unet"], scheduler, names),
+    )
+
+
+def diffusers_default(models: Models):
+    """diffusers' own pipelines on the same modules: the baseline users get without sdxl-fast."""
+    from diffusers import (EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline)
+
+    q, enc = models.quality, models.quality.encoders
+    common = dict(vae=q.vae, text_encoder_2=enc.text_encoder_2, tokenizer_2=enc.tokenizer_2)
+    base = StableDiffusionXLPipeline(text_encoder=enc.text_encoder, tokenizer=enc.tokenizer, unet=q.base,
+                                     scheduler=EulerDiscreteScheduler.from_config(random_weights.SDXL_SCHEDULER),
+                                     **common)
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        text_encoder=None, tokenizer=None, unet=q.refiner, requires_aesthetics_score=True,
+        scheduler=EulerDiscreteScheduler.from_config(random_weights.SDXL_SCHEDULER), **common)
+    turbo = StableDiffusionXLPipeline(
+        text_encoder=enc.text_encoder, tokenizer=enc.tokenizer, unet=models.fast.student,
+        scheduler=EulerAncestralDiscreteScheduler.from_config(random_weights.TURBO_SCHEDULER), **common)
+    for pipe in (base, refiner, turbo):
+        pipe.set_progress_bar_config(disable=True)
+
+    def run(w: Workload, prompt: str):
+        if w.mode == "fast":
+            return turbo(prompt, num_inference_steps=w.steps, guidance_scale=0.0, height=w.side, width=w.side,
+                         num_images_per_prompt=w.batch).images
+        latents = base(prompt, num_inference_steps=w.steps, denoising_end=0.8, guidance_scale=5.0, height=w.side,
+                       width=w.side, output_type="latent").images
+        return refiner(prompt, image=latents, num_inference_steps=w.steps, denoising_start=0.8,
+                       guidance_scale=5.0).images
+
+    return run
+
+
+def ours(models: Models):
+    def run(w: Workload, prompt: str, callback=None):
+        return generate(models, GenerationParams(prompt, mode=w.mode, steps=w.steps, seed=0, width=w.side,
+                                                 height=w.side, num_images=w.batch, guidance_scale=5.0),
+                        callback=callback)
+    return run
+
+
+def final_latents(run, w: Workload) -> torch.Tensor:
+    steps = []
+    run(w, "a photograph of an astronaut riding a horse", callback=steps.append)
+    return steps[-1].latents.float().cpu()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_calls(run, w: Workload, device: torch.device, repeats: int) -> dict:
+    """Median/min/max seconds of `repeats` calls after one untimed call, and the peak memory of those calls."""
+    prompt = "a photograph of an astronaut riding a horse"
+    run(w, prompt)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        run(w, f"{prompt}, take {i}")  # a new prompt each call: no cached text embeddings
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return dict(median=statistics.median(times), min=min(times), max=max(times), peak_gib=peak)
+
+
+def run_bench(configs: dict, device: torch.device, dtype: torch.dtype, repeats: int, tiny: bool,
+              options: acceleration.Acceleration) -> tuple[list[dict], list[str]]:
+    components = random_weights.build_random_components(configs, device=device)
+    reference = build_models(copy.deepcopy(components), device, torch.float32)  # eager fp32: the error baseline
+    models = build_models(components, device, dtype)
+    baseline = diffusers_default(models)
+    jobs = workloads(tiny)
+    default_times = {w.name: time_calls(baseline, w, device, repeats) for w in jobs}
+    eager_latents = {w.name: final_latents(ours(reference), w) for w in jobs}
+    del reference
+    notes = acceleration.apply(models, options)
+    rows = []
+    for w in jobs:
+        timing = time_calls(ours(models), w, device, repeats)
+        got = final_latents(ours(models), w)
+        want = eager_latents[w.name]
+        rows.append(dict(
+            workload=w.name, size=f"{w.side}²", batch=w.batch, ours=timing, default=default_times[w.name],
+            images_per_s=w.batch / timing["median"], speedup=default_times[w.name]["median"] / timing["median"],
+            rel_error=float((got - want).norm() / want.norm()),
+        ))
+    return rows, notes
+
+
+def markdown(rows: list[dict], notes: list[str], device: torch.device, command: str) -> str:
+    import diffusers
+    import transformers
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    lines = [
+        "# Benchmarks", "",
+        f"- device: {gpu}", f"- torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"transformers {transformers.__version__}, Python {platform.python_version()}",
+        f"- command: `{command}`", f"- acceleration: {'; '.join(notes) or 'none'}", "",
+        "| workload | size | batch | ours median (min–max) ms | diffusers default median ms | speed-up | "
+        "images/s | peak GiB | latent rel. error vs eager fp32 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        o, d = r["ours"], r["default"]
+        lines.append(
+            f"| {r['workload']} | {r['size']} | {r['batch']} | {o['median'] * 1e3:.1f} ({o['min'] * 1e3:.1f}–"
+            f"{o['max'] * 1e3:.1f}) | {d['median'] * 1e3:.1f} | {r['speedup']:.2f}× | {r['images_per_s']:.1f} | "
+            f"{o['peak_gib']:.2f} | {r['rel_error']:.2e} |")
+    return "\n".join(lines) + "\n"
+
+
+def add_parser(commands) -> None:
+    bench = commands.add_parser("bench", help="benchmark ours against diffusers' default pipelines",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shapes = bench.add_mutually_exclusive_group(required=True)
+    shapes.add_argument("--configs", type=Path, help="folder of the SDXL configs (base/, refiner/) for full size")
+    shapes.add_argument("--tiny", action="store_true", help="tiny test shapes: a quick CPU run of the harness")
+    bench.add_argument("--device", help="default: cuda when available")
+    bench.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
+    bench.add_argument("--repeats", type=int, default=10)
+    bench.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    bench.add_argument("-o", "--output", type=Path, default=Path("BENCHMARKS.md"), help="markdown table")
+
+
+def main(args: argparse.Namespace, command: str) -> int:
+    from .loading import DTYPES, default_device, default_dtype
+
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    configs = random_weights.tiny_configs() if args.tiny else random_weights.full_configs(args.configs)
+    options = acceleration.Acceleration.for_device(device)
+    if args.no_compile:
+        options = replace(options, compile=False, warmup=False)
+    rows, notes = run_bench(configs, device, dtype, args.repeats, args.tiny, options)
+    table = markdown(rows, notes, device, command)
+    args.output.write_text(table)
+    print(table)
+    return 0

@@ -1,0 +1,38 @@
+"""GPU options fall back cleanly on CPU, and the ones that also run on CPU keep the output faithful."""
+
+import numpy as np
+import torch
+
+from sdxl_fast import GenerationParams, generate, load
+from sdxl_fast.acceleration import Acceleration
+from sdxl_fast.cli import main
+
+
+def test_cpu_default_is_plain_eager():
+    assert Acceleration.for_device(torch.device("cpu")) == Acceleration.none()
+    assert Acceleration.for_device(torch.device("cuda")).compile
+
+
+def test_options_on_cpu_apply_or_skip_with_reason_and_stay_faithful(tiny_sources, tiny_models):
+    from sdxl_fast import acceleration
+
+    fast_models = load(modes=("fast",), sources=tiny_sources, device="cpu", acceleration=Acceleration.none())
+    notes = acceleration.apply(fast_models, Acceleration())  # everything asked for, on a CPU
+    assert notes[0] == "channels_last: applied" and notes[1] == "fuse_qkv: applied"
+    assert notes[2].startswith("compile: skipped on cpu")
+    assert fast_models.fast.student.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    params = GenerationParams("a tower", mode="fast", steps=2, seed=4, width=64, height=64)
+    fused = np.asarray(generate(fast_models, params)[0]).astype(int)
+    eager = np.asarray(generate(tiny_models, params)[0]).astype(int)
+    assert np.abs(fused - eager).max() <= 2  # same maths; the fused matmul only rounds differently
+
+
+def test_bench_harness_runs_and_writes_its_table(tmp_path, capsys):
+    out = tmp_path / "BENCH.md"
+    assert main(["bench", "--tiny", "--repeats", "1", "--device", "cpu", "-o", str(out)]) == 0
+    table = out.read_text()
+    for workload in ("fast 1-step", "fast 4-step", "fast 1-step batch 16", "quality 50-step base+refiner CFG 5"):
+        assert f"| {workload} |" in table
+    assert "sdxl-fast bench --tiny --repeats 1" in table and "torch 2.14.1" in table
+    rows = [line for line in table.splitlines() if line.startswith("| fast") or line.startswith("| quality")]
+    assert all(float(row.split("|")[-2]) == 0.0 for row in rows)  # no acceleration on CPU: eager == eager
