@@ -1,0 +1,12 @@
+"""The demo models' data, probe classifier and evaluation (see docs/DEMO_MODELS.md).
+
+    from shapes import sample
+    image, caption, labels = sample(seed=7)   # 128x128 RGB, "a large red star at the top left on ...", {...}
+
+Modules: data (the generator and its held-out split), writer (image-folder output), probe (the classifier),
+frechet (Fréchet distance), evaluate (the sampler table).
+"""
+
+from .data import HELDOUT_START, heldout_seeds, parse_caption, sample
+
+__all__ = ["HELDOUT_START", "heldout_seeds", "parse_caption", "sample"]
