@@ -232,5 +232,8 @@ def make_loader(cfg, rank: int = 0, world: int = 1, start_batch: int = 0) -> tor
     records = index_records(cfg.data, cfg.data_format)
     dataset = ImageCaptionDataset(records, cfg.resolution, cfg.random_crop, cfg.random_flip, cfg.seed)
     sampler = ResumableBatchSampler(len(records), cfg.batch_size, cfg.seed, rank, world, start_batch)
+    # Its own generator: a DataLoader otherwise draws its worker base seed from the global RNG, which would make
+    # a resumed run's random stream differ from the uninterrupted run's.
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                       num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+                                       num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                                       generator=torch.Generator().manual_seed(cfg.seed))

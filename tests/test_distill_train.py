@@ -1,0 +1,119 @@
+"""The training job end to end on the tiny SDXL family and a tiny DINOv2-shaped ViT (CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
+
+import sdxl_fast
+from distill import losses
+from distill.checkpoints import list_checkpoints
+from distill.config import load_config
+from distill.testing import make_dataset, tiny_overrides
+from distill.train import NonFiniteLossError, train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    torch.set_num_threads(2)
+
+
+def _cli(args: list[str], timeout=300) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-m", "distill", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def _as_cli(overrides: dict) -> list[str]:
+    args = []
+    for key, value in overrides.items():
+        if isinstance(value, (dict, list, tuple)):
+            value = json.dumps(list(value) if isinstance(value, tuple) else value)
+        args += [f"--{key}", str(value)]
+    return args
+
+
+@pytest.mark.parametrize("fmt", ["folder", "jsonl", "webdataset"])
+def test_cli_trains_and_writes_a_student_the_fast_path_runs(tmp_path, tiny_family, fmt):
+    source = make_dataset(tmp_path / "data", fmt, n=4, corrupt=(1,))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"max_steps": 2, "gradient_accumulation_steps": 2}))
+    overrides = tiny_overrides(str(tiny_family["base"]), source, str(tmp_path / "run"))
+    if fmt == "folder":  # one format also runs validation and the latent-space, SDS-weighted variant
+        overrides.update(validate_every=2, distill_space="latent", distill_weighting="sds")
+    summary, stderr = _cli(["--config", str(config), *_as_cli(overrides)])
+
+    assert summary["step"] == 2 and summary["skipped_images"] >= 1
+    assert "Skipping unreadable image" in stderr
+    student_dir = Path(summary["student"])
+    assert (student_dir / "diffusion_pytorch_model.safetensors").is_file()
+    card = (student_dir / "README.md").read_text()
+    assert '"max_steps": 2' in card and str(tiny_family["base"]) in card
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))  # tensorboard logs
+
+    # Training changed the weights, and both loaders read them.
+    trained = UNet2DConditionModel.from_pretrained(student_dir)
+    teacher = UNet2DConditionModel.from_pretrained(tiny_family["base"], subfolder="unet")
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), teacher.state_dict().values()))
+    models = sdxl_fast.load(modes=("fast",), sources=sdxl_fast.ModelSources(
+        base=str(tiny_family["base"]), refiner=None, fast=str(student_dir)), device="cpu", dtype=torch.float32)
+    image = sdxl_fast.generate(models, sdxl_fast.GenerationParams("a fox", mode="fast", steps=2, width=64,
+                                                                  height=64, seed=0))[0]
+    assert image.size == (64, 64)
+    if fmt == "folder":
+        assert len(list((tmp_path / "run" / "validation").rglob("*.png"))) == 3  # 1/2/4 steps at step 2
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path, tiny_family):
+    source = make_dataset(tmp_path / "data", "folder", n=5, corrupt=(2,))
+    base = tiny_overrides(str(tiny_family["base"]), source, "")
+    base.update(ema_decay=0.9, random_crop=True, random_flip=True, checkpoint_every=2, keep_checkpoints=1)
+
+    straight = train(load_config(None, dict(base, output_dir=str(tmp_path / "straight"), max_steps=4)))
+    first = train(load_config(None, dict(base, output_dir=str(tmp_path / "resumed"), max_steps=2)))
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["checkpoint-00000002"]
+    resumed = train(load_config(None, dict(base, output_dir=str(tmp_path / "resumed"), max_steps=4)),
+                    resume="latest")
+
+    assert first["weight_digests"] != straight["weight_digests"]
+    assert resumed["weight_digests"] == straight["weight_digests"]  # raw student weights
+    assert resumed["skipped_images"] == straight["skipped_images"] > 0  # same data position
+    a = load_file(tmp_path / "straight" / "student" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "student" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # exported EMA weights too
+    # keep_checkpoints=1: only the newest remains, and no temp folder is left behind.
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["checkpoint-00000004"]
+
+
+def test_nan_loss_is_skipped_and_logged_then_aborts_when_repeated(tmp_path, tiny_family, monkeypatch, caplog):
+    source = make_dataset(tmp_path / "data", "folder", n=4)
+    real = losses.distillation_loss
+    calls = {"n": 0}
+
+    def nan_on_second_call(*args):
+        calls["n"] += 1
+        value = real(*args)
+        return value * float("nan") if calls["n"] == 2 else value
+
+    monkeypatch.setattr(losses, "distillation_loss", nan_on_second_call)
+    cfg = load_config(None, dict(tiny_overrides(str(tiny_family["base"]), source, str(tmp_path / "a")), max_steps=3))
+    with caplog.at_level("WARNING"):
+        summary = train(cfg)
+    assert summary["nan_steps"] == 1 and summary["step"] == 3
+    assert "non-finite loss" in caplog.text and "update skipped" in caplog.text
+
+    monkeypatch.setattr(losses, "distillation_loss", lambda *args: real(*args) * float("nan"))
+    cfg = load_config(None, dict(tiny_overrides(str(tiny_family["base"]), source, str(tmp_path / "b")),
+                                 max_steps=10, max_nan_steps=2))
+    with pytest.raises(NonFiniteLossError, match="2 steps in a row"):
+        train(cfg)
