@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from .train import train  # imported late: --help and --print_config need no torch start-up
 
     summary = train(cfg, resume=args.resume)
-    print(json.dumps(summary))
+    if summary["process_index"] == 0:
+        print(json.dumps(summary))
     return 0
 
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,20 @@ class TrainingState:
     skipped_images: int = 0  # unreadable images met so far
     nan_steps: int = 0  # steps skipped for a non-finite loss, in total
     nan_in_a_row: int = 0
+    # accelerate saves registered objects from the main process only, so each process's own data position
+    # and skip count are gathered into these lists before a save (`sync_ranks`) and picked out after a load.
+    rank_batches: list = field(default_factory=list)
+    rank_skipped: list = field(default_factory=list)
+
+    def sync_ranks(self, accelerator) -> None:
+        from accelerate.utils import gather_object
+
+        self.rank_batches = gather_object([self.batches])
+        self.rank_skipped = gather_object([self.skipped_images])
+
+    def select_rank(self, rank: int) -> None:
+        if self.rank_batches:
+            self.batches, self.skipped_images = self.rank_batches[rank], self.rank_skipped[rank]
 
     def state_dict(self) -> dict:
         return asdict(self)

@@ -125,6 +125,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     if resume:
         path = checkpoints.resolve_resume(out, resume)
         accelerator.load_state(str(path))  # weights, optimisers, RNG states, registered objects
+        state.select_rank(accelerator.process_index)
         log.info("Resumed from %s at step %d", path, state.step)
 
     # --- data -----------------------------------------------------------------------------------------
@@ -266,12 +267,14 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         if cfg.validate_every and state.step % cfg.validate_every == 0:
             validate(cfg, accelerator, raw_student, frozen, state.step, weight_dtype)
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            state.sync_ranks(accelerator)
             checkpoints.save_checkpoint(accelerator, out, state.step, cfg.to_dict(), cfg.keep_checkpoints)
     progress.close()
 
     # --- the result -----------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
     digests = gather_object([checkpoints.weights_digest(raw_student)])  # one per process: DDP keeps them equal
+    state.sync_ranks(accelerator)
     student_dir = out / "student"
     if accelerator.is_main_process:
         final = raw_student
@@ -285,8 +288,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     summary = {
-        "student": str(student_dir), "step": state.step, "skipped_images": state.skipped_images,
+        "student": str(student_dir), "step": state.step, "skipped_images": sum(state.rank_skipped),
         "nan_steps": state.nan_steps, "weight_digests": digests, "num_processes": accelerator.num_processes,
+        "process_index": accelerator.process_index,
         "images_per_s": sorted(images_per_s)[len(images_per_s) // 2] if images_per_s else 0.0,
         "peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if torch.cuda.is_available() else None,
     }
