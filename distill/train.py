@@ -220,7 +220,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         opt.zero_grad(set_to_none=True)
 
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc="distill", disable=not accelerator.is_local_main_process)
-    images_per_s = []
+    images_per_s, step_seconds = [], []
     while state.step < cfg.max_steps:
         started = time.perf_counter()
         student_ok = disc_ok = True
@@ -253,6 +253,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         # Logging: losses, learning rates, throughput, memory.
         elapsed = time.perf_counter() - started
         images_per_s.append(n_images * accelerator.num_processes / elapsed)
+        step_seconds.append(elapsed)
         metrics.update({"lr/student": sched_student.get_last_lr()[0], "lr/disc": sched_disc.get_last_lr()[0],
                         "images_per_s": images_per_s[-1], "skipped_images": state.skipped_images,
                         "nan_steps": state.nan_steps})
@@ -291,7 +292,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         "student": str(student_dir), "step": state.step, "skipped_images": sum(state.rank_skipped),
         "nan_steps": state.nan_steps, "weight_digests": digests, "num_processes": accelerator.num_processes,
         "process_index": accelerator.process_index,
+        # Medians, so the first steps (allocator warm-up, cuDNN autotuning) do not skew them.
         "images_per_s": sorted(images_per_s)[len(images_per_s) // 2] if images_per_s else 0.0,
+        "seconds_per_step": sorted(step_seconds)[len(step_seconds) // 2] if step_seconds else 0.0,
         "peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if torch.cuda.is_available() else None,
     }
     if accelerator.is_main_process:
