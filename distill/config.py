@@ -88,6 +88,8 @@ class TrainConfig:
             (0 <= self.teacher_t_min <= self.teacher_t_max <= 999, "need 0 <= teacher_t_min <= teacher_t_max <= 999"),
             (all(0 <= s <= 999 for s in self.student_timesteps) and self.student_timesteps, "student_timesteps"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
+            (not self.cache_dir or not (self.random_crop or self.random_flip),
+             "cache_dir needs random_crop and random_flip off (a cached sample is one fixed crop)"),
             (self.max_steps > 0 and self.batch_size > 0 and self.gradient_accumulation_steps > 0, "steps/batch"),
         ]
         for ok, what in checks:

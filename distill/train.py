@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 import sdxl_fast
 from sdxl_fast import sampling
 from sdxl_fast.loading import DTYPES, FastModels
-from sdxl_fast.prompts import encode_prompts
 
 from . import checkpoints, data, losses
+from .cache import EncodingCache
 from .config import TrainConfig
 from .discriminator import build_discriminator, discriminate
 from .export import export_student
@@ -147,16 +147,17 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         accelerator.init_trackers("distill", config={k: str(v) for k, v in cfg.to_dict().items()})
         (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     student_ts = torch.tensor(cfg.student_timesteps, device=device)
+    cache = EncodingCache(cfg.cache_dir or None)
 
     def micro_step(batch: dict) -> tuple[bool, bool, dict]:
         """Forward and backward for one micro-batch. Returns (student loss finite, D loss finite, metrics)."""
         # 1. Conditioning and real data through the frozen models.
         with torch.no_grad():
-            emb = encode_prompts(encoders, batch["captions"], device)
-            context, pooled = emb.base_context.float(), emb.pooled.float()  # [B, 77, D], [B, P]
+            # context [B, 77, D], pooled [B, P]; the VAE posterior of the [-1, 1] pixels, [B, 4, H/8, W/8]
+            context, pooled, mean, std = cache.encode(encoders, vae, batch["captions"], batch["pixels"],
+                                                      batch["indices"], device)
             time_ids = batch["time_ids"].to(device, torch.float32)  # [B, 6]
-            pixels = batch["pixels"].to(device, vae.dtype)  # [B, 3, H, W] in [-1, 1]
-            x0 = vae.encode(pixels).latent_dist.sample().float() * vae.config.scaling_factor  # [B, 4, H/8, W/8]
+            x0 = (mean + std * torch.randn_like(mean)) * vae.config.scaling_factor  # a posterior sample
             real_images = _decode(vae, x0)  # D sees decoded reals, as it sees decoded fakes
             image_emb = features.image_embedding(real_images)  # [B, C] conditions D on the real image
         b = x0.shape[0]
@@ -291,7 +292,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     summary = {
         "student": str(student_dir), "step": state.step, "skipped_images": sum(state.rank_skipped),
         "nan_steps": state.nan_steps, "weight_digests": digests, "num_processes": accelerator.num_processes,
-        "process_index": accelerator.process_index,
+        "process_index": accelerator.process_index, "cache_hits": cache.hits, "cache_misses": cache.misses,
         # Medians, so the first steps (allocator warm-up, cuDNN autotuning) do not skew them.
         "images_per_s": sorted(images_per_s)[len(images_per_s) // 2] if images_per_s else 0.0,
         "seconds_per_step": sorted(step_seconds)[len(step_seconds) // 2] if step_seconds else 0.0,

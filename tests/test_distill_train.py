@@ -117,3 +117,16 @@ def test_nan_loss_is_skipped_and_logged_then_aborts_when_repeated(tmp_path, tiny
                                  max_steps=10, max_nan_steps=2))
     with pytest.raises(NonFiniteLossError, match="2 steps in a row"):
         train(cfg)
+
+
+def test_encoding_cache_is_used_and_changes_nothing(tmp_path, tiny_family):
+    source = make_dataset(tmp_path / "data", "folder", n=4)
+    base = dict(tiny_overrides(str(tiny_family["base"]), source, ""), random_crop=False, max_steps=4)
+    plain = train(load_config(None, dict(base, output_dir=str(tmp_path / "plain"))))
+    cached = train(load_config(None, dict(base, output_dir=str(tmp_path / "cached"), cache_dir=str(tmp_path / "c"))))
+    # 4 images, batch 2: epoch 1 encodes and stores all four, epoch 2 reads them back.
+    assert (cached["cache_misses"], cached["cache_hits"]) == (4, 4)
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 4
+    assert cached["weight_digests"] == plain["weight_digests"]
+    with pytest.raises(ValueError, match="cache_dir needs random_crop"):
+        load_config(None, dict(base, cache_dir=str(tmp_path / "c"), random_crop=True))
