@@ -106,3 +106,12 @@ def test_config_defaults_and_overrides(tmp_path):
         load_config(None, {"lr": "1"})
     with pytest.raises(ValueError, match="distill_space"):
         load_config(None, {"distill_space": "both"})
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.*"))
+    assert configs
+    for path in configs:
+        load_config(path)
