@@ -30,6 +30,7 @@ class TrainConfig:
     resolution: int = 512  # square training size in pixels (a multiple of 8)
     random_crop: bool = True  # False: centre crop. The crop position goes into SDXL's micro-conditioning.
     random_flip: bool = False
+    bucketing: bool = False  # SDXL aspect-ratio buckets scaled to about resolution² pixels, instead of squares
     num_workers: int = 2
     cache_dir: str = ""  # if set: text embeddings and VAE latents are computed once and read from here
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from sdxl_fast.conditioning import base_time_ids
+from sdxl_fast.conditioning import SDXL_BUCKETS, base_time_ids
 
 log = logging.getLogger(__name__)
 
@@ -137,27 +137,49 @@ def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return data.view(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def preprocess(image: Image.Image, resolution: int, random_crop: bool, random_flip: bool,
+def preprocess(image: Image.Image, size: int | tuple[int, int], random_crop: bool, random_flip: bool,
                generator: torch.Generator) -> tuple[torch.Tensor, list[float]]:
-    """Resize the short side to `resolution`, crop a square, record SDXL's micro-conditioning.
+    """Resize to cover `size` (an int for a square, or (width, height) of a bucket), crop, record SDXL's
+    micro-conditioning.
 
-    Returns (pixels [3, R, R] in [-1, 1], time_ids: original (h, w), crop (top, left), target (R, R)), the
+    Returns (pixels [3, H, W] in [-1, 1], time_ids: original (h, w), crop (top, left), target (H, W)), the
     same preprocessing SDXL itself was trained with (diffusers' train_text_to_image_sdxl does the same).
     """
+    width, height = (size, size) if isinstance(size, int) else size
     original = (image.height, image.width)
-    scale = resolution / min(image.width, image.height)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    image = image.resize(size, Image.BICUBIC)
+    scale = max(width / image.width, height / image.height)
+    resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(resized, Image.BICUBIC)
     if random_crop:
-        top = int(torch.randint(0, image.height - resolution + 1, (1,), generator=generator))
-        left = int(torch.randint(0, image.width - resolution + 1, (1,), generator=generator))
+        top = int(torch.randint(0, image.height - height + 1, (1,), generator=generator))
+        left = int(torch.randint(0, image.width - width + 1, (1,), generator=generator))
     else:
-        top, left = (image.height - resolution) // 2, (image.width - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
+        top, left = (image.height - height) // 2, (image.width - width) // 2
+    image = image.crop((left, top, left + width, top + height))
     if random_flip and bool(torch.rand((), generator=generator) < 0.5):
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        left = size[0] - left - resolution  # where the crop sits in the flipped image
-    return _pil_to_tensor(image), base_time_ids(original, (top, left), (resolution, resolution))
+        left = resized[0] - left - width  # where the crop sits in the flipped image
+    return _pil_to_tensor(image), base_time_ids(original, (top, left), (height, width))
+
+
+def buckets_for(resolution: int) -> list[tuple[int, int]]:
+    """SDXL's aspect-ratio buckets (about 1024² pixels) scaled to about resolution² pixels, sides multiples of 64
+    (so latents stay divisible by 8), as (width, height)."""
+    scale = resolution / 1024
+    return sorted({(max(64, round(w * scale / 64) * 64), max(64, round(h * scale / 64) * 64)) for w, h in SDXL_BUCKETS})
+
+
+def nearest(buckets: list[tuple[int, int]], width: int, height: int) -> tuple[int, int]:
+    return min(buckets, key=lambda b: abs(b[0] / b[1] - width / height))
+
+
+def image_size(record: Record) -> tuple[int, int] | None:
+    """(width, height) from the image header only; None if it cannot be read (the sample is skipped later)."""
+    try:
+        with Image.open(io.BytesIO(record.read_bytes())) as image:
+            return image.size
+    except Exception:
+        return None
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
@@ -169,9 +191,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records: list[Record], resolution: int, random_crop: bool = True, random_flip: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, sizes: list[tuple[int, int]] | None = None):
         self.records, self.resolution, self.seed = records, resolution, seed
         self.random_crop, self.random_flip = random_crop, random_flip
+        self.sizes = sizes  # per record (width, height) of its bucket; None: all resolution² squares
 
     def __len__(self) -> int:
         return len(self.records)
@@ -187,7 +210,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             log.warning("Skipping unreadable image %s (%s: %s)", record.path, type(exc).__name__, exc)
             return None
         generator = torch.Generator().manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)
-        pixels, time_ids = preprocess(image, self.resolution, self.random_crop, self.random_flip, generator)
+        size = self.sizes[index] if self.sizes else self.resolution
+        pixels, time_ids = preprocess(image, size, self.random_crop, self.random_flip, generator)
         return {"pixels": pixels, "caption": record.caption, "time_ids": torch.tensor(time_ids), "index": index}
 
 
@@ -206,32 +230,58 @@ def collate(samples: list[dict | None]) -> dict:
 class ResumableBatchSampler(torch.utils.data.Sampler):
     """Endless (epoch, index) batches for one process, starting at batch number `start`.
 
-    Each epoch is a permutation seeded by (seed, epoch); process `rank` of `world` takes every world-th index
-    of it, and the last incomplete batch is dropped so every process draws the same number of batches.
-    Batch number b is therefore a pure function of (seed, rank, world, b): that is the data position.
+    Each epoch is a permutation seeded by (seed, epoch). Without buckets, process `rank` of `world` takes every
+    world-th index of it. With `groups` (a bucket id per index), the permutation is cut into same-bucket
+    batches, the batches are shuffled, and process `rank` takes every world-th batch. Incomplete batches are
+    dropped so every process draws the same number of batches per epoch. Batch number b is therefore a pure
+    function of (seed, rank, world, b): that is the data position.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0,
+                 groups: list[int] | None = None):
         self.n, self.batch_size, self.seed, self.rank, self.world, self.start = n, batch_size, seed, rank, world, start
-        self.per_epoch = (n // world) // batch_size
+        self.groups = groups
+        self.per_epoch = len(self._epoch_batches(0))
         if self.per_epoch == 0:
-            raise ValueError(f"{n} images are too few for batch size {batch_size} on {world} process(es)")
+            raise ValueError(f"{n} images are too few for batch size {batch_size} on {world} process(es)"
+                             + (" with aspect-ratio buckets" if groups else ""))
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        if self.groups is None:
+            count = (self.n // self.world) // self.batch_size  # the same on every process
+            mine = order[self.rank :: self.world]
+            return [mine[i * self.batch_size : (i + 1) * self.batch_size] for i in range(count)]
+        by_group: dict[int, list[int]] = {}
+        for i in order:
+            by_group.setdefault(self.groups[i], []).append(i)
+        batches = [members[k : k + self.batch_size] for _, members in sorted(by_group.items())
+                   for k in range(0, len(members) - self.batch_size + 1, self.batch_size)]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        per_rank = len(batches) // self.world
+        return batches[self.rank :: self.world][:per_rank]
 
     def __iter__(self):
         b = self.start
         while True:
             epoch, pos = divmod(b, self.per_epoch)
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-            mine = order[self.rank :: self.world][: self.per_epoch * self.batch_size]
-            for i in range(pos, self.per_epoch):
-                yield [(epoch, int(j)) for j in mine[i * self.batch_size : (i + 1) * self.batch_size]]
+            batches = self._epoch_batches(epoch)
+            for batch in batches[pos:]:
+                yield [(epoch, j) for j in batch]
             b = (epoch + 1) * self.per_epoch
 
 
 def make_loader(cfg, rank: int = 0, world: int = 1, start_batch: int = 0) -> torch.utils.data.DataLoader:
     records = index_records(cfg.data, cfg.data_format)
-    dataset = ImageCaptionDataset(records, cfg.resolution, cfg.random_crop, cfg.random_flip, cfg.seed)
-    sampler = ResumableBatchSampler(len(records), cfg.batch_size, cfg.seed, rank, world, start_batch)
+    sizes = groups = None
+    if cfg.bucketing:  # reads every image header once, at start-up
+        buckets = buckets_for(cfg.resolution)
+        square = nearest(buckets, 1, 1)
+        sizes = [nearest(buckets, *wh) if (wh := image_size(r)) else square for r in records]
+        groups = [buckets.index(size) for size in sizes]
+    dataset = ImageCaptionDataset(records, cfg.resolution, cfg.random_crop, cfg.random_flip, cfg.seed, sizes)
+    sampler = ResumableBatchSampler(len(records), cfg.batch_size, cfg.seed, rank, world, start_batch, groups)
     # Its own generator: a DataLoader otherwise draws its worker base seed from the global RNG, which would make
     # a resumed run's random stream differ from the uninterrupted run's.
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,

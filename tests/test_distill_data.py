@@ -56,3 +56,41 @@ def test_batch_sampler_is_a_function_of_position():
 def test_random_crop_is_reproducible_per_epoch_and_index(tmp_path):
     ds = data.ImageCaptionDataset(data.index_records(make_dataset(tmp_path, "folder", n=2)), 32, random_crop=True)
     assert torch.equal(ds[(3, 1)]["pixels"], ds[(3, 1)]["pixels"])
+
+
+def test_aspect_ratio_buckets(tmp_path):
+    from distill.config import TrainConfig
+
+    root = tmp_path / "mixed"
+    root.mkdir()
+    shapes = [(200, 100)] * 4 + [(100, 200)] * 4 + [(120, 120)] * 2  # wide, tall, square
+    for i, (w, h) in enumerate(shapes):
+        Image.new("RGB", (w, h), (i * 20, 0, 0)).save(root / f"{i:02d}.png")
+        (root / f"{i:02d}.txt").write_text(f"image {i}")
+    assert data.buckets_for(128) == [(64, 192), (64, 256), (128, 128), (128, 192), (192, 64), (192, 128), (256, 64)]
+    cfg = TrainConfig(data=str(root), resolution=128, batch_size=2, num_workers=0, bucketing=True)
+    loader = iter(data.make_loader(cfg))
+    seen = set()
+    for _ in range(8):  # two epochs of 4 batches (the two squares form one batch)
+        batch = next(loader)
+        _, _, h, w = batch["pixels"].shape
+        seen.add((w, h))
+        assert all(ids[4:].tolist() == [h, w] for ids in batch["time_ids"])  # target size = the bucket
+    assert seen == {(192, 128), (128, 192), (128, 128)}
+    # Per process: same number of same-bucket batches, disjoint, and resumable by position.
+    groups = [0] * 4 + [1] * 4 + [2] * 2
+    r0 = data.ResumableBatchSampler(10, 2, seed=3, rank=0, world=2, groups=groups)
+    r1 = data.ResumableBatchSampler(10, 2, seed=3, rank=1, world=2, groups=groups)
+    assert r0.per_epoch == r1.per_epoch == 2
+    it0, it1 = iter(r0), iter(r1)
+    b0, b1 = [next(it0) for _ in range(4)], [next(it1) for _ in range(4)]
+    for batch in b0 + b1:
+        assert len({groups[j] for _, j in batch}) == 1
+    assert not {j for _, j in b0[0] + b0[1]} & {j for _, j in b1[0] + b1[1]}
+    resumed = iter(data.ResumableBatchSampler(10, 2, seed=3, rank=0, world=2, start=3, groups=groups))
+    assert next(resumed) == b0[3]
+
+
+def test_uneven_split_gives_every_process_the_same_number_of_batches():
+    counts = [data.ResumableBatchSampler(5, 1, seed=0, rank=r, world=2).per_epoch for r in range(2)]
+    assert counts == [2, 2]

@@ -130,3 +130,22 @@ def test_encoding_cache_is_used_and_changes_nothing(tmp_path, tiny_family):
     assert cached["weight_digests"] == plain["weight_digests"]
     with pytest.raises(ValueError, match="cache_dir needs random_crop"):
         load_config(None, dict(base, cache_dir=str(tmp_path / "c"), random_crop=True))
+
+
+def test_aspect_ratio_bucketing_trains_on_non_square_latents(tmp_path, tiny_family, monkeypatch):
+    from PIL import Image
+
+    from distill import train as train_module
+
+    root = tmp_path / "mixed"
+    root.mkdir()
+    for i, (w, h) in enumerate([(200, 100)] * 2 + [(100, 200)] * 2):
+        Image.new("RGB", (w, h), (60 * i, 90, 30)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text("a shape")
+    seen = []
+    real_decode = train_module._decode
+    monkeypatch.setattr(train_module, "_decode", lambda vae, z: seen.append(tuple(z.shape[2:])) or real_decode(vae, z))
+    cfg = load_config(None, dict(tiny_overrides(str(tiny_family["base"]), str(root), str(tmp_path / "run")),
+                                 resolution=128, bucketing=True, max_steps=2))
+    assert train(cfg)["step"] == 2
+    assert set(seen) == {(16, 24), (24, 16)}  # latents of the 192x128 and 128x192 buckets
