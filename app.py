@@ -51,8 +51,8 @@ EXAMPLES = [
     "portrait of an astronaut cat, studio lighting",
 ]
 
-# How many generations actually started, per mode. The concurrency test reads it to check that typing
-# fast produces far fewer generations than keystrokes.
+# How many generations started, per mode, and how many Quality runs Stop aborted. Tests read it to check
+# that typing fast produces far fewer generations than keystrokes and that Stop really ends the work.
 generations = Counter()
 _generations_lock = threading.Lock()
 
@@ -189,6 +189,10 @@ class Studio:
         def work():
             try:
                 outcome["result"] = self.run(params, on_step)
+            except Stopped as e:
+                outcome["error"] = e
+                with _generations_lock:
+                    generations["stopped"] += 1
             except BaseException as e:  # noqa: BLE001 - handed to the request thread below
                 outcome["error"] = e
             finally:
@@ -237,15 +241,27 @@ class Studio:
             flag.set()
 
 
-def add_to_history(result, history: list):
-    """Put the newest results on top of this session's gallery, captions (the parameters) included."""
+def add_to_history(result, history: list, live: bool = False):
+    """Put the newest results on top of this session's gallery, captions (the parameters) included.
+
+    As-you-type results share one slot that each keystroke's image replaces, so typing a sentence adds one
+    entry, not one per letter. History entries are (path, caption, live)."""
     if not result:
         return gr.skip(), gr.skip()
-    entries = [(item[0], item[1]) for item in result]
-    if history and history[0][1] == entries[0][1]:  # a live update that produced nothing new
+    entries = [(item[0], item[1], live) for item in result]
+    history = list(history or [])
+    if history and history[0][1] == entries[0][1]:  # nothing new (a skipped live update)
         return gr.skip(), gr.skip()
-    history = entries + list(history or [])
-    return history, history
+    if live:
+        history = [entry for entry in history if not entry[2]]
+    else:
+        history = [(path, caption, False) for path, caption, _ in history]  # keep the last live image for good
+    history = entries + history
+    return [(path, caption) for path, caption, _ in history], history
+
+
+def add_live_to_history(result, history: list):
+    return add_to_history(result, history, live=True)
 
 
 def on_mode_change(mode, size):
@@ -272,9 +288,10 @@ def build_demo(studio: Studio, concurrency_limit: int = 1) -> gr.Blocks:
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="Describe an image", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", lines=1, visible=False, elem_id="negative")
                 steps_fast = gr.Slider(1, FAST_MAX_STEPS, value=1, step=1, label="Steps")
-                steps_quality = gr.Slider(1, QUALITY_MAX_STEPS, value=50, step=1, label="Steps", visible=False)
+                steps_quality = gr.Slider(1, QUALITY_MAX_STEPS, value=50, step=1, label="Steps", visible=False,
+                                          elem_id="steps-quality")
                 with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, precision=0)
+                    seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
                     randomize = gr.Checkbox(label="Randomize seed on Generate", value=True)
                 size = gr.Dropdown(FAST_SIZES, value=DEFAULT_SIZE[FAST], label="Size (width × height)",
                                    allow_custom_value=True)
@@ -302,8 +319,8 @@ def build_demo(studio: Studio, concurrency_limit: int = 1) -> gr.Blocks:
                                                elem_id="generate-quality")
                     stop_button = gr.Button("Stop", variant="stop", visible=False, elem_id="stop")
             with gr.Column(scale=3):
-                result = gr.Gallery(label="Result", format="png", columns=2, height=560, elem_id="result")
-                history = gr.Gallery(label="This session", format="png", columns=6, height=220,
+                result = gr.Gallery(label="Result", format="png", interactive=False, columns=2, height=560, elem_id="result")
+                history = gr.Gallery(label="This session", format="png", interactive=False, columns=6, height=220,
                                      elem_id="history")
         gr.Examples(EXAMPLES, inputs=[prompt], label="Examples (click one)")
         history_state = gr.State([])
@@ -313,7 +330,7 @@ def build_demo(studio: Studio, concurrency_limit: int = 1) -> gr.Blocks:
         gr.on([prompt.change, steps_fast.release, seed.input, size.input, num_images.release, mode.input],
               gpu(studio.live_fast), inputs=[mode, *fast_inputs[:3], *fast_inputs[4:]], outputs=[result, seed],
               trigger_mode="always_last", show_progress="hidden", api_visibility="private", **gpu_events,
-              ).success(add_to_history, [result, history_state], [history, history_state], queue=False,
+              ).success(add_live_to_history, [result, history_state], [history, history_state], queue=False,
                   api_visibility="private")
         fast_button.click(gpu(studio.generate_fast), fast_inputs, [result, seed], api_name="generate_fast",
                           **gpu_events).success(add_to_history, [result, history_state], [history, history_state],
