@@ -52,6 +52,13 @@ def page(browser, served):
     page.close()
 
 
+PROGRESS_TEXT = """() => {
+    const bar = document.querySelector('#result [role="progressbar"]');
+    const text = bar && bar.getAttribute('aria-valuetext');
+    return text && text.includes('Step') ? text : null;
+}"""
+
+
 def result_text(page) -> str:
     """The result gallery's text (its captions) with whitespace collapsed."""
     return " ".join(page.locator("#result").inner_text().split())
@@ -86,9 +93,9 @@ def test_fast_follows_typing_and_quality_shows_progress_then_the_image(page, ser
     steps.fill("6")
     steps.press("Tab")
     page.locator("#generate-quality").click()
-    bar = page.locator('#result [role="progressbar"][aria-valuetext*="Step"]')
-    bar.wait_for(state="attached")
-    assert "left" in bar.get_attribute("aria-valuetext")  # "Step i/6, about N s left"
+    # Read the bar in the same poll that finds it: it is gone as soon as the run ends.
+    progress = page.wait_for_function(PROGRESS_TEXT).json_value()
+    assert "/6, about" in progress and "s left" in progress, progress  # "Step i/6, about N s left: i / 6 steps"
     wait_for_result_text(page, "step ")  # a live preview of the denoising
     wait_for_result_text(page, "Mode: quality")
     assert "Steps: 6" in result_text(page)
