@@ -70,7 +70,8 @@ def launch(cfg: dict, num_processes: int = 1) -> tuple[dict | None, str, str]:
     else:
         cmd = [sys.executable, "-m", "distill"]
     cmd += _args(cfg)
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+               HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     line = shlex.join(cmd)
     if proc.returncode != 0:
