@@ -83,3 +83,17 @@ def test_bad_mode_and_dtype_are_rejected(tiny_sources):
         load(modes=("turbo",), sources=tiny_sources, device="cpu")
     with pytest.raises(ValueError, match="dtype"):
         load(sources=tiny_sources, device="cpu", dtype="fp8")
+
+
+def test_device_and_dtype_defaults():
+    assert loading.default_dtype(torch.device("cpu")) == torch.float32
+    assert loading.default_dtype(torch.device("cuda")) == torch.float16
+
+
+def test_cpu_offload_on_a_cpu_only_machine_still_generates(tiny_sources):
+    from sdxl_fast import GenerationParams, generate
+
+    models = load(modes=("fast",), sources=tiny_sources, device="cpu", cpu_offload=True)
+    assert models.offload_hooks == []  # nothing to offload to
+    image = generate(models, GenerationParams("a cat", mode="fast", seed=1, width=64, height=64))[0]
+    assert image.size == (64, 64)
