@@ -45,8 +45,13 @@ class NonFiniteLossError(RuntimeError):
 
 def _frozen_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype):
     """The teacher family through sdxl_fast's loader: encoders, VAE, base UNet, scheduler (all frozen)."""
+    from sdxl_fast.acceleration import Acceleration
+
     sources = sdxl_fast.ModelSources(base=cfg.teacher, refiner=None, fast="")
-    quality = sdxl_fast.load(modes=("quality",), sources=sources, device=device, dtype=weight_dtype).quality
+    # No inference acceleration: on CUDA sdxl_fast.load would fuse QKV (changing the UNet's parameter names,
+    # which the student copy inherits) and torch.compile with CUDA graphs, neither of which suits training.
+    quality = sdxl_fast.load(modes=("quality",), sources=sources, device=device, dtype=weight_dtype,
+                             acceleration=Acceleration.none()).quality
     if weight_dtype == torch.float16:
         quality.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
     return quality
