@@ -29,16 +29,31 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def build_models(reference: str, work: Path, full_size: bool) -> str:
-    """A random-weight SDXL family (full size from the public configs, or tiny) saved under `work`."""
-    from sdxl_fast.random_weights import full_configs, save_random_family
+    """A random-weight SDXL base pipeline folder (full size from the public configs, or tiny) under `work`.
 
+    Only the base is written (the teacher; the student is copied from it): the whole family is about 23 GB
+    at full size, which took 9 minutes on the first GPU machine tried, the base alone about 6.5 GB.
+    """
     import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    folder = work / ("sdxl-full" if full_size else "sdxl-tiny")
-    if not (folder / "base" / "model_index.json").is_file():
-        configs = full_configs(reference) if full_size else None
-        save_random_family(folder, configs=configs, dtype=torch.float16 if full_size else torch.float32)
-    return str(folder / "base")
+    from sdxl_fast.random_weights import SDXL_SCHEDULER, clip_tokenizer, full_configs, tiny_configs
+
+    folder = work / ("sdxl-full-base" if full_size else "sdxl-tiny-base")
+    if not (folder / "model_index.json").is_file():
+        configs = full_configs(reference) if full_size else tiny_configs()
+        dtype = torch.float16 if full_size else torch.float32
+        torch.manual_seed(0)
+        StableDiffusionXLPipeline(
+            vae=AutoencoderKL(**configs["vae"]).to(dtype),
+            text_encoder=CLIPTextModel(configs["text_encoder"]).to(dtype),
+            text_encoder_2=CLIPTextModelWithProjection(configs["text_encoder_2"]).to(dtype),
+            tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(pad_token="!"),
+            unet=UNet2DConditionModel(**configs["unet"]).to(dtype),
+            scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+        ).save_pretrained(folder, safe_serialization=True)
+    return str(folder)
 
 
 def run_config(teacher: str, data: str, output_dir: str, resolution: int, batch_size: int, steps: int,
