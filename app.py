@@ -23,6 +23,7 @@ import gradio as gr
 import torch
 
 import sdxl_fast
+from sdxl_fast.acceleration import warmup
 from sdxl_fast.conditioning import SDXL_BUCKETS, bucket_label
 from sdxl_fast.decoding import latent_preview
 from sdxl_fast.params import MAX_SEED
@@ -407,6 +408,11 @@ def main(argv=None) -> None:
         raise SystemExit(str(e)) from e
     log.info("Model sources: %s", sources)
     studio = load_studio(sources, args.device, args.dtype, args.cpu_offload)
+    if studio.models is not None and studio.models.device.type == "cuda":
+        # torch.compile and CUDA-graph capture happen on the first call of each shape: pay for it now, not
+        # with the first visitor's request.
+        log.info("Warming up the compiled models (first start takes a few minutes; later starts reuse the cache)")
+        warmup(studio.models, {"fast": (512, 512), "quality": (1024, 1024)})
     demo = build_demo(studio, concurrency_limit=args.concurrency)
     demo.queue(max_size=args.queue_size).launch(server_name=args.host, server_port=args.port, share=args.share)
 

@@ -85,11 +85,11 @@ def _hub_unavailable() -> str | None:
     """Why a download cannot work, decided in seconds rather than after huggingface_hub's retries."""
     import os
 
-    from sdxl_fast.loading import _hub_reachable  # the inference core's fast offline check
+    from sdxl_fast.loading import hub_reachable  # the inference core's fast offline check
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return "not in the Hugging Face cache and HF_HUB_OFFLINE is set"
-    if not _hub_reachable():
+    if not hub_reachable():
         return "not in the Hugging Face cache, and the Hugging Face Hub is unreachable"
     return None
 

@@ -94,7 +94,7 @@ _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 _WEIGHT_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """One TCP connect instead of huggingface_hub's retry loop, which takes a minute to give up."""
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
@@ -132,7 +132,7 @@ def find_local_folder(source: str, role: str, subfolders: list[str] | None = Non
         pass
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise _not_found(source, role, "not in the Hugging Face cache and HF_HUB_OFFLINE is set")
-    if not _hub_reachable():
+    if not hub_reachable():
         raise _not_found(source, role, "not in the Hugging Face cache, and the Hugging Face Hub is unreachable")
     log.info("Downloading %s (%s) from the Hugging Face Hub", source, role)
     return Path(snapshot_download(source, allow_patterns=patterns))
