@@ -24,6 +24,7 @@ import torch
 
 import sdxl_fast
 from sdxl_fast.acceleration import warmup
+from sdxl_fast.cli import add_model_arguments
 from sdxl_fast.conditioning import SDXL_BUCKETS, bucket_label
 from sdxl_fast.decoding import latent_preview
 from sdxl_fast.params import MAX_SEED
@@ -385,13 +386,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "0.0.0.0 for the local network)")
     parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--share", action="store_true", default=None, help="create a public gradio.live link")
-    parser.add_argument("--preset", choices=list(sdxl_fast.PRESETS), help="model family (default: best available)")
-    parser.add_argument("--base", help="quality base model: hub id or local diffusers folder")
-    parser.add_argument("--refiner", help="refiner model, or 'none' to skip it")
-    parser.add_argument("--fast", help="fast model: a distill student folder or a pipeline like stabilityai/sdxl-turbo")
-    parser.add_argument("--device", help="cuda, cuda:1, mps, cpu (default: best available)")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPUs, fp32 on CPU")
-    parser.add_argument("--cpu-offload", action="store_true", help="keep models in CPU memory between uses")
+    add_model_arguments(parser)
     parser.add_argument("--queue-size", type=int, default=20,
                         help="requests that may wait; beyond this users are told the app is busy")
     parser.add_argument("--concurrency", type=int, default=1,

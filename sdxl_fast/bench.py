@@ -186,10 +186,9 @@ def add_parser(commands) -> None:
 
 
 def main(args: argparse.Namespace, command: str) -> int:
-    from .loading import DTYPES, default_device, default_dtype
+    from .loading import pick_device_dtype
 
-    device = torch.device(args.device) if args.device else default_device()
-    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    device, dtype = pick_device_dtype(args.device, args.dtype)
     configs = random_weights.tiny_configs() if args.tiny else random_weights.full_configs(args.configs)
     options = acceleration.Acceleration.for_device(device)
     if args.no_compile:

@@ -55,6 +55,17 @@ def _pair(text: str) -> tuple[int, int]:
     return top, left
 
 
+def add_model_arguments(parser) -> None:
+    """Model sources and hardware flags, shared by `sdxl-fast generate` and `python app.py`."""
+    parser.add_argument("--preset", help="named model set: sdxl, sdxl-no-refiner, demo")
+    parser.add_argument("--base", help="SDXL base: hub id or local diffusers folder")
+    parser.add_argument("--refiner", help="refiner: hub id, local folder, or 'none'")
+    parser.add_argument("--fast", help="fast model: a distill student folder or a few-step pipeline")
+    parser.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--cpu-offload", action="store_true", help="keep models in CPU memory (small GPUs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdxl-fast", description="SDXL text-to-image: quality and fast paths.")
     parser.add_argument("--version", action="version", version=f"sdxl-fast {metadata.VERSION}")
@@ -95,13 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     micro.add_argument("--aesthetic-score", type=float, help="refiner's aesthetic score (default 6.0)")
     micro.add_argument("--negative-aesthetic-score", type=float, help="default 2.5")
     models = gen.add_argument_group("models and hardware")
-    models.add_argument("--preset", help="named model set: sdxl, sdxl-no-refiner, demo")
-    models.add_argument("--base", help="SDXL base: hub id or local diffusers folder")
-    models.add_argument("--refiner", help="refiner: hub id, local folder, or 'none'")
-    models.add_argument("--fast", help="fast model: a distill student folder or a few-step pipeline")
-    models.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
-    models.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
-    models.add_argument("--cpu-offload", action="store_true", help="keep models in CPU memory (small GPUs)")
+    add_model_arguments(models)
     models.add_argument("--compile", action="store_true",
                         help="torch.compile the models (CUDA): minutes once, then faster; worth it for many images")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -150,12 +155,11 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"sdxl-fast generate: error: {err}", file=sys.stderr)
         return 2
 
-    import torch
     from tqdm.auto import tqdm
 
     import sdxl_fast  # heavy imports (diffusers, transformers) only once the arguments are known to be good
     from sdxl_fast.acceleration import Acceleration
-    from sdxl_fast.loading import default_device
+    from sdxl_fast.loading import pick_device_dtype
 
     try:
         sources = sdxl_fast.resolve_sources(args.preset, args.base, args.refiner, args.fast)
@@ -163,7 +167,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"sdxl-fast generate: error: {err}", file=sys.stderr)
         return 2
     try:
-        device = torch.device(args.device) if args.device else default_device()
+        device, _ = pick_device_dtype(args.device)
         # A single CLI run would spend longer compiling than generating: compile only when asked.
         options = replace(Acceleration.for_device(device), compile=args.compile, warmup=False)
         models = sdxl_fast.load(modes=(params.mode,), sources=sources, device=device, dtype=args.dtype,

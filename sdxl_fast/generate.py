@@ -17,17 +17,14 @@ def _generators(seed: int, n: int) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(image_seed(seed, i)) for i in range(n)]
 
 
-def _unet_inputs(context_pos, context_neg, pooled_pos, pooled_neg, ids_neg, ids_pos, batch: int, guided: bool):
-    """Stack [negative; positive] rows for guided sampling, positive rows only otherwise."""
+def _batched(pos: sampling.UNetInputs, neg: sampling.UNetInputs | None, batch: int) -> sampling.UNetInputs:
+    """Repeat the one-prompt inputs to the batch; with a negative (guided sampling), stack [negative; positive]."""
     def rows(t: torch.Tensor) -> torch.Tensor:
         return t.expand(batch, *t.shape[1:])
 
-    if not guided:
-        return sampling.UNetInputs(rows(context_pos), rows(pooled_pos), rows(ids_pos))
-    return sampling.UNetInputs(
-        torch.cat([rows(context_neg), rows(context_pos)]), torch.cat([rows(pooled_neg), rows(pooled_pos)]),
-        torch.cat([rows(ids_neg), rows(ids_pos)]),
-    )
+    parts = [pos] if neg is None else [neg, pos]
+    return sampling.UNetInputs(*(torch.cat([rows(getattr(x, name)) for x in parts])
+                                 for name in ("context", "pooled", "time_ids")))
 
 
 def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, dict]:
@@ -42,13 +39,15 @@ def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tenso
     neg = prompts.encode_prompts(q.encoders, [p.negative_prompt], device)
     # SDXL base was trained with zeroed (not encoded) empty negatives; the refiner was not (model_index.json).
     base_neg = neg.zeros_like() if (q.force_zeros_for_empty_prompt and not p.negative_prompt) else neg
-    base_inputs = _unet_inputs(pos.base_context, base_neg.base_context, pos.pooled, base_neg.pooled,
-                               *conditioning.time_ids(p, refiner=False, device=device, dtype=dtype), batch, guided)
+    ids_neg, ids_pos = conditioning.time_ids(p, refiner=False, device=device, dtype=dtype)
+    base_inputs = _batched(sampling.UNetInputs(pos.base_context, pos.pooled, ids_pos),
+                           sampling.UNetInputs(base_neg.base_context, base_neg.pooled, ids_neg) if guided else None,
+                           batch)
     refiner_inputs = None
     if use_refiner:
-        refiner_inputs = _unet_inputs(pos.hidden_2, neg.hidden_2, pos.pooled, neg.pooled,
-                                      *conditioning.time_ids(p, refiner=True, device=device, dtype=dtype), batch,
-                                      guided)
+        ids_neg, ids_pos = conditioning.time_ids(p, refiner=True, device=device, dtype=dtype)
+        refiner_inputs = _batched(sampling.UNetInputs(pos.hidden_2, pos.pooled, ids_pos),
+                                  sampling.UNetInputs(neg.hidden_2, neg.pooled, ids_neg) if guided else None, batch)
 
     # A fresh scheduler per call: schedulers carry a step counter, and the app may run calls side by side.
     scheduler = EulerDiscreteScheduler.from_config(q.scheduler.config)
@@ -69,7 +68,7 @@ def _fast(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, 
     device, dtype, batch = models.device, models.dtype, p.num_images
     pos = prompts.encode_prompts(f.encoders, [p.prompt], device)
     _, ids_pos = conditioning.time_ids(p, refiner=False, device=device, dtype=dtype)
-    inputs = _unet_inputs(pos.base_context, None, pos.pooled, None, None, ids_pos, batch, guided=False)
+    inputs = _batched(sampling.UNetInputs(pos.base_context, pos.pooled, ids_pos), None, batch)
 
     generators = _generators(p.seed, batch)
     latent_shape = (f.student.config.in_channels, p.height // 8, p.width // 8)

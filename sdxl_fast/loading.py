@@ -187,7 +187,6 @@ class Models:
     dtype: torch.dtype
     quality: QualityModels | None = None
     fast: FastModels | None = None
-    sources: ModelSources | None = None
     offload_hooks: list = field(default_factory=list)
 
 
@@ -205,6 +204,18 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_device_dtype(device: str | torch.device | None = None,
+                      dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype to run on: the given ones (dtype as a torch dtype or "fp32"/"fp16"/"bf16"),
+    else the best available device and its default dtype."""
+    device = torch.device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}.")
+        dtype = DTYPES[dtype]
+    return device, dtype or default_dtype(device)
 
 
 def model_name(source: str) -> str:
@@ -260,15 +271,10 @@ def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | N
     if unknown or not modes:
         raise ValueError(f"modes must be a non-empty subset of ('quality', 'fast'), got {modes!r}")
     sources = sources or resolve_sources()
-    device = torch.device(device) if device is not None else default_device()
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"Unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}.")
-        dtype = DTYPES[dtype]
-    dtype = dtype or default_dtype(device)
+    device, dtype = pick_device_dtype(device, dtype)
     load_device = torch.device("cpu") if cpu_offload else device
     loader = _Loader(load_device, dtype)
-    models = Models(device=device, dtype=dtype, sources=sources)
+    models = Models(device=device, dtype=dtype)
 
     need_base = "quality" in modes
     fast_folder = None
