@@ -21,13 +21,15 @@ log = logging.getLogger(__name__)
 class Acceleration:
     channels_last: bool = True  # NHWC convolutions: the layout cuDNN's fastest fp16 kernels use
     fuse_qkv: bool = True  # one matmul for Q, K, V instead of three (diffusers' fuse_qkv_projections)
-    compile: bool = True  # torch.compile the UNets and the VAE decoder (CUDA only)
-    compile_mode: str = "max-autotune"  # includes CUDA graphs: a whole UNet call is one graph launch
-    warmup: bool = True  # compile at start-up, so the first user does not pay for it
+    cuda_graphs: bool = True  # replay recorded kernels: the whole Fast call, each Quality UNet step (CUDA only)
+    compile: bool = False  # torch.compile the UNets and the VAE decoder (CUDA only; minutes at start-up)
+    # No CUDA graphs inside torch.compile: ours record more than one module's call.
+    compile_mode: str = "max-autotune-no-cudagraphs"
+    warmup: bool = True  # record graphs (and compile) at start-up, so the first user does not pay for it
 
     @classmethod
     def none(cls) -> "Acceleration":
-        return cls(channels_last=False, fuse_qkv=False, compile=False, warmup=False)
+        return cls(channels_last=False, fuse_qkv=False, cuda_graphs=False, compile=False, warmup=False)
 
     @classmethod
     def for_device(cls, device: torch.device) -> "Acceleration":
@@ -71,6 +73,14 @@ def apply(models: Models, options: Acceleration) -> list[str]:
             for vae in vaes:
                 vae.decoder.compile(mode=options.compile_mode)
             notes.append(f"compile: applied (mode={options.compile_mode})")
+    if options.cuda_graphs:
+        if models.device.type != "cuda":
+            notes.append(f"cuda_graphs: skipped on {models.device.type} (CUDA only)")
+        else:
+            from .cuda_graphs import CudaGraphs
+
+            models.graphs = CudaGraphs()
+            notes.append("cuda_graphs: on (recorded on first use per shape)")
     for note in notes:
         log.info("acceleration %s", note)
     return notes

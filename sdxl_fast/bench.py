@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import platform
 import statistics
 import time
@@ -19,9 +20,12 @@ from pathlib import Path
 import torch
 
 from . import acceleration, random_weights
-from .generate import generate
+from .generate import generate, generate_tensors
 from .loading import FastModels, Models, QualityModels, TextEncoders
 from .params import GenerationParams
+
+
+PROMPT = "a photograph of an astronaut riding a horse"
 
 
 @dataclass(frozen=True)
@@ -90,17 +94,18 @@ def diffusers_default(models: Models):
 
 
 def ours(models: Models):
-    def run(w: Workload, prompt: str, callback=None):
-        return generate(models, GenerationParams(prompt, mode=w.mode, steps=w.steps, seed=0, width=w.side,
-                                                 height=w.side, num_images=w.batch, guidance_scale=5.0),
-                        callback=callback)
+    def run(w: Workload, prompt: str):
+        return generate(models, _params(w, prompt))
     return run
 
 
-def final_latents(run, w: Workload) -> torch.Tensor:
-    steps = []
-    run(w, "a photograph of an astronaut riding a horse", callback=steps.append)
-    return steps[-1].latents.float().cpu()
+def _params(w: Workload, prompt: str) -> GenerationParams:
+    return GenerationParams(prompt, mode=w.mode, steps=w.steps, seed=0, width=w.side, height=w.side,
+                            num_images=w.batch, guidance_scale=5.0)
+
+
+def final_latents(models: Models, w: Workload) -> torch.Tensor:
+    return generate_tensors(models, _params(w, PROMPT))[0].float().cpu()
 
 
 def _sync(device: torch.device) -> None:
@@ -109,43 +114,64 @@ def _sync(device: torch.device) -> None:
 
 
 def time_calls(run, w: Workload, device: torch.device, repeats: int) -> dict:
-    """Median/min/max seconds of `repeats` calls after one untimed call, and the peak memory of those calls."""
-    prompt = "a photograph of an astronaut riding a horse"
-    run(w, prompt)
+    """Median/min/max seconds of `repeats` calls after one untimed call (which records CUDA graphs), and the
+    peak memory of those calls, weights included."""
+    run(w, PROMPT)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        run(w, f"{prompt}, take {i}")  # a new prompt each call: no cached text embeddings
+        run(w, f"{PROMPT}, take {i}")  # a new prompt each call: the text encoders always run
         _sync(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return dict(median=statistics.median(times), min=min(times), max=max(times), peak_gib=peak)
 
 
+def _rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+def measure(models: Models, label: str, jobs: list[Workload], default_times: dict, fp32: dict, eager: dict,
+            device: torch.device, repeats: int, on_row=None) -> list[dict]:
+    rows = []
+    for w in jobs:
+        if models.graphs is not None:  # each workload's peak memory counts its own graphs only
+            from .cuda_graphs import CudaGraphs
+
+            models.graphs = CudaGraphs()
+            torch.cuda.empty_cache()
+        timing = time_calls(ours(models), w, device, repeats)
+        got = final_latents(models, w)
+        rows.append(dict(
+            workload=w.name, path=label, size=f"{w.side}²", batch=w.batch, ours=timing, default=default_times[w.name],
+            images_per_s=w.batch / timing["median"], speedup=default_times[w.name]["median"] / timing["median"],
+            error_fp32=_rel_error(got, fp32[w.name]), error_eager=_rel_error(got, eager[w.name]),
+        ))
+        if on_row:
+            on_row(rows[-1])
+    return rows
+
+
 def run_bench(configs: dict, device: torch.device, dtype: torch.dtype, repeats: int, tiny: bool,
-              options: acceleration.Acceleration) -> tuple[list[dict], list[str]]:
+              options: acceleration.Acceleration, compile_too: bool = False, on_row=None) -> tuple[list[dict], list[str]]:
     components = random_weights.build_random_components(configs, device=device)
     reference = build_models(copy.deepcopy(components), device, torch.float32)  # eager fp32: the error baseline
     models = build_models(components, device, dtype)
     baseline = diffusers_default(models)
     jobs = workloads(tiny)
     default_times = {w.name: time_calls(baseline, w, device, repeats) for w in jobs}
-    eager_latents = {w.name: final_latents(ours(reference), w) for w in jobs}
+    fp32 = {w.name: final_latents(reference, w) for w in jobs}
     del reference
+    eager = {w.name: final_latents(models, w) for w in jobs}  # our loop, same dtype, no options
     notes = acceleration.apply(models, options)
-    rows = []
-    for w in jobs:
-        timing = time_calls(ours(models), w, device, repeats)
-        got = final_latents(ours(models), w)
-        want = eager_latents[w.name]
-        rows.append(dict(
-            workload=w.name, size=f"{w.side}²", batch=w.batch, ours=timing, default=default_times[w.name],
-            images_per_s=w.batch / timing["median"], speedup=default_times[w.name]["median"] / timing["median"],
-            rel_error=float((got - want).norm() / want.norm()),
-        ))
+    rows = measure(models, "ours", jobs, default_times, fp32, eager, device, repeats, on_row)
+    if compile_too:
+        notes += acceleration.apply(models, acceleration.Acceleration(
+            channels_last=False, fuse_qkv=False, cuda_graphs=options.cuda_graphs, compile=True))
+        rows += measure(models, "ours + compile", jobs, default_times, fp32, eager, device, repeats, on_row)
     return rows, notes
 
 
@@ -159,16 +185,16 @@ def markdown(rows: list[dict], notes: list[str], device: torch.device, command: 
         f"- device: {gpu}", f"- torch {torch.__version__}, diffusers {diffusers.__version__}, "
         f"transformers {transformers.__version__}, Python {platform.python_version()}",
         f"- command: `{command}`", f"- acceleration: {'; '.join(notes) or 'none'}", "",
-        "| workload | size | batch | ours median (min–max) ms | diffusers default median ms | speed-up | "
-        "images/s | peak GiB | latent rel. error vs eager fp32 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| workload | path | size | batch | median (min–max) ms | diffusers default median ms | speed-up | "
+        "images/s | peak GiB | latent rel. error vs eager fp32 | vs our eager loop, same dtype |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         o, d = r["ours"], r["default"]
         lines.append(
-            f"| {r['workload']} | {r['size']} | {r['batch']} | {o['median'] * 1e3:.1f} ({o['min'] * 1e3:.1f}–"
-            f"{o['max'] * 1e3:.1f}) | {d['median'] * 1e3:.1f} | {r['speedup']:.2f}× | {r['images_per_s']:.1f} | "
-            f"{o['peak_gib']:.2f} | {r['rel_error']:.2e} |")
+            f"| {r['workload']} | {r['path']} | {r['size']} | {r['batch']} | {o['median'] * 1e3:.1f} "
+            f"({o['min'] * 1e3:.1f}–{o['max'] * 1e3:.1f}) | {d['median'] * 1e3:.1f} | {r['speedup']:.2f}× | "
+            f"{r['images_per_s']:.1f} | {o['peak_gib']:.2f} | {r['error_fp32']:.2e} | {r['error_eager']:.2e} |")
     return "\n".join(lines) + "\n"
 
 
@@ -181,7 +207,10 @@ def add_parser(commands) -> None:
     bench.add_argument("--device", help="default: cuda when available")
     bench.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
     bench.add_argument("--repeats", type=int, default=10)
-    bench.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    bench.add_argument("--no-graphs", action="store_true", help="measure without CUDA graphs")
+    bench.add_argument("--compile", action="store_true",
+                       help="then torch.compile the models too and measure again (minutes of compiling)")
+    bench.add_argument("--json", type=Path, help="also write the rows here, one JSON line per row as measured")
     bench.add_argument("-o", "--output", type=Path, default=Path("BENCHMARKS.md"), help="markdown table")
 
 
@@ -190,10 +219,17 @@ def main(args: argparse.Namespace, command: str) -> int:
 
     device, dtype = pick_device_dtype(args.device, args.dtype)
     configs = random_weights.tiny_configs() if args.tiny else random_weights.full_configs(args.configs)
-    options = acceleration.Acceleration.for_device(device)
-    if args.no_compile:
-        options = replace(options, compile=False, warmup=False)
-    rows, notes = run_bench(configs, device, dtype, args.repeats, args.tiny, options)
+    options = replace(acceleration.Acceleration.for_device(device), warmup=False)
+    if args.no_graphs:
+        options = replace(options, cuda_graphs=False)
+
+    def on_row(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with args.json.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    rows, notes = run_bench(configs, device, dtype, args.repeats, args.tiny, options, args.compile, on_row)
     table = markdown(rows, notes, device, command)
     args.output.write_text(table)
     print(table)

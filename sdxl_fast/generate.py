@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import torch
 from diffusers import EulerDiscreteScheduler
@@ -27,7 +28,26 @@ def _batched(pos: sampling.UNetInputs, neg: sampling.UNetInputs | None, batch: i
                                  for name in ("context", "pooled", "time_ids")))
 
 
-def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, dict]:
+def _encode(models: Models, encoders, prompt: str) -> prompts.PromptEmbeddings:
+    """Cached prompt embeddings; on a miss the encoders run through a CUDA graph when graphs are on."""
+    encode = None
+    if models.graphs is not None and encoders.text_encoder is not None:
+        def encode(ids_1, ids_2):
+            run = partial(prompts.encode_tokens, encoders)
+            return models.graphs.run(("text encoders", id(encoders)), run, ids_1, ids_2).clone()
+    return prompts.encode_prompt_cached(encoders, prompt, models.device, encode)
+
+
+def _unets(models: Models):
+    """The Quality UNets, each replayed from a CUDA graph per step when graphs are on."""
+    q = models.quality
+    if models.graphs is None:
+        return q.base, q.refiner
+    return (models.graphs.unet(q.base, "base"),
+            None if q.refiner is None else models.graphs.unet(q.refiner, "refiner"))
+
+
+def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, torch.Tensor, dict]:
     q = models.quality
     if q is None:
         raise RuntimeError("The quality models are not loaded; load them with sdxl_fast.load(modes=('quality',))")
@@ -35,8 +55,8 @@ def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tenso
     use_refiner = p.use_refiner and q.refiner is not None and p.refiner_switch < 1.0
     guided = p.guidance_scale > 1.0
 
-    pos = prompts.encode_prompts(q.encoders, [p.prompt], device)
-    neg = prompts.encode_prompts(q.encoders, [p.negative_prompt], device)
+    pos = _encode(models, q.encoders, p.prompt)
+    neg = _encode(models, q.encoders, p.negative_prompt)
     # SDXL base was trained with zeroed (not encoded) empty negatives; the refiner was not (model_index.json).
     base_neg = neg.zeros_like() if (q.force_zeros_for_empty_prompt and not p.negative_prompt) else neg
     ids_neg, ids_pos = conditioning.time_ids(p, refiner=False, device=device, dtype=dtype)
@@ -55,30 +75,60 @@ def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tenso
                                                     device=device)
     latent_shape = (q.base.config.in_channels, p.height // 8, p.width // 8)
     latents = sampling.randn(latent_shape, _generators(p.seed, batch), device, dtype) * scheduler.init_noise_sigma
-    latents = sampling.sample_quality(q.base, q.refiner, scheduler, latents, timesteps, switch, base_inputs,
+    base, refiner = _unets(models)
+    latents = sampling.sample_quality(base, refiner, scheduler, latents, timesteps, switch, base_inputs,
                                       refiner_inputs, p.guidance_scale, callback)
     names = dict(q.names) if use_refiner else {"base": q.names["base"]}
-    return decoding.decode(q.vae, latents), names
+    return latents, decoding.decode(q.vae, latents), names
 
 
-def _fast(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, dict]:
+def fast_call(f, alphas_cumprod: torch.Tensor, timesteps: list[int], context: torch.Tensor, pooled: torch.Tensor,
+              time_ids: torch.Tensor, noise: torch.Tensor, callback=None):
+    """The Fast path after the text encoders, as one function of tensors, so a CUDA graph can record it whole.
+
+    context [1, 77, D], pooled [1, P], time_ids [1, 6]; noise [steps, B, 4, h, w]: the start noise, then the
+    noise of each re-noising. Returns (latents [B, 4, h, w], uint8 images [B, H, W, 3], all-finite flag).
+    """
+    batch = noise.shape[1]
+    inputs = _batched(sampling.UNetInputs(context, pooled, time_ids), None, batch)
+    renoise = iter(noise[1:])
+    latents = sampling.sample_fast(f.student, alphas_cumprod, f.scheduler.config.prediction_type, noise[0],
+                                   timesteps, inputs, renoise=lambda: next(renoise), callback=callback)
+    pixels = f.vae.decode((latents / f.vae.config.scaling_factor).to(f.vae.dtype)).sample
+    return latents, decoding.to_uint8(pixels), torch.isfinite(pixels).all()
+
+
+def _fast(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, torch.Tensor, dict]:
     f = models.fast
     if f is None:
         raise RuntimeError("The fast models are not loaded; load them with sdxl_fast.load(modes=('fast',))")
     device, dtype, batch = models.device, models.dtype, p.num_images
-    pos = prompts.encode_prompts(f.encoders, [p.prompt], device)
+    timesteps = schedules.student_timesteps(p.steps)
+    pos = _encode(models, f.encoders, p.prompt)
     _, ids_pos = conditioning.time_ids(p, refiner=False, device=device, dtype=dtype)
-    inputs = _batched(sampling.UNetInputs(pos.base_context, pos.pooled, ids_pos), None, batch)
-
+    # All the call's noise up front, drawn per image in the order the loop uses it (start, then each
+    # re-noising), so image i is the same whatever the batch, graph or not.
     generators = _generators(p.seed, batch)
     latent_shape = (f.student.config.in_channels, p.height // 8, p.width // 8)
-    noise = sampling.randn(latent_shape, generators, device, dtype)
-    latents = sampling.sample_fast(
-        f.student, f.scheduler.alphas_cumprod, f.scheduler.config.prediction_type, noise,
-        schedules.student_timesteps(p.steps), inputs,
-        renoise=lambda: sampling.randn(latent_shape, generators, device, dtype), callback=callback,
-    )
-    return decoding.decode(f.vae, latents), dict(f.names)
+    noise = torch.stack([sampling.randn(latent_shape, generators, "cpu", dtype) for _ in timesteps]).to(device)
+    alphas_cumprod = f.scheduler.alphas_cumprod.to(device)
+    args = (pos.base_context, pos.pooled, ids_pos, noise)
+    if models.graphs is not None and callback is None:  # callbacks need the loop in Python
+        name = ("fast", id(f.student), id(f.vae), f.vae.dtype, tuple(timesteps))
+        latents, images, finite = models.graphs.run(name, partial(fast_call, f, alphas_cumprod, timesteps), *args)
+    else:
+        latents, images, finite = fast_call(f, alphas_cumprod, timesteps, *args, callback=callback)
+    if not finite:  # decode again the careful way (fp32 VAE fallback, or a clear error)
+        images = decoding.decode(f.vae, latents)
+    return latents, images, dict(f.names)
+
+
+def generate_tensors(models: Models, params: GenerationParams, callback: sampling.StepCallback | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """`generate` without the PIL step: (final latents [B, 4, h, w], uint8 images [B, H, W, 3] on the models'
+    device, model names). Benchmarks compare the latents; `generate` wraps the images."""
+    p = params.resolved()
+    return (_quality if p.mode == "quality" else _fast)(models, p, callback)
 
 
 def generate(models: Models, params: GenerationParams, callback: sampling.StepCallback | None = None) -> list[Image.Image]:
@@ -89,7 +139,7 @@ def generate(models: Models, params: GenerationParams, callback: sampling.StepCa
     denoising step; raising from it stops the generation.
     """
     p = params.resolved()
-    images, names = (_quality if p.mode == "quality" else _fast)(models, p, callback)
+    _, images, names = generate_tensors(models, p, callback)
     out = []
     for i, image in enumerate(decoding.to_pil(images)):
         image.info["parameters"] = metadata.infotext(replace(p, seed=image_seed(p.seed, i), num_images=1), names)

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import socket
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -157,6 +158,8 @@ class TextEncoders:
     text_encoder: CLIPTextModel | None
     tokenizer_2: CLIPTokenizer
     text_encoder_2: CLIPTextModelWithProjection
+    # prompt -> embeddings, filled by prompts.encode_prompt_cached
+    cache: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
 
 
 @dataclass
@@ -188,6 +191,7 @@ class Models:
     quality: QualityModels | None = None
     fast: FastModels | None = None
     offload_hooks: list = field(default_factory=list)
+    graphs: "CudaGraphs | None" = None  # set by acceleration.apply on CUDA (sdxl_fast.cuda_graphs)
 
 
 def default_device() -> torch.device:

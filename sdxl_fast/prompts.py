@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 
 from .loading import TextEncoders
+
+
+PROMPT_CACHE_SIZE = 64  # SDXL: 64 x 315 KB of fp16 embeddings
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -30,6 +35,10 @@ class PromptEmbeddings:
     def base_context(self) -> torch.Tensor:
         return torch.cat([self.hidden_1, self.hidden_2], dim=-1)
 
+    def clone(self) -> "PromptEmbeddings":
+        return PromptEmbeddings(None if self.hidden_1 is None else self.hidden_1.clone(), self.hidden_2.clone(),
+                                self.pooled.clone())
+
     def zeros_like(self) -> "PromptEmbeddings":
         return PromptEmbeddings(
             None if self.hidden_1 is None else torch.zeros_like(self.hidden_1),
@@ -37,27 +46,70 @@ class PromptEmbeddings:
         )
 
 
-def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
+def _tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, str | None]:
+    """Token ids [B, 77] on the CPU, and a warning text when a prompt was cut to fit."""
     max_len = tokenizer.model_max_length
     ids = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt").input_ids
     for prompt in prompts:
         n_tokens = len(tokenizer(prompt, truncation=False).input_ids)
         if n_tokens > max_len:
             kept = tokenizer.decode(ids[0, 1:-1], skip_special_tokens=True)
-            warnings.warn(
-                f"Prompt has {n_tokens} tokens; the text encoders read {max_len}, so only the start is used: "
-                f"{kept[:80]!r}...", PromptTruncatedWarning, stacklevel=3,
-            )
-            break
-    return ids.to(device)
+            return ids, (f"Prompt has {n_tokens} tokens; the text encoders read {max_len}, so only the start is "
+                         f"used: {kept[:80]!r}...")
+    return ids, None
+
+
+def _to(ids: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if ids is None else ids.to(device)
+
+
+def tokenize(encoders: TextEncoders, prompts: list[str]) -> tuple[torch.Tensor | None, torch.Tensor, str | None]:
+    """Prompts -> (ids for the first encoder or None, ids for the second, [B, 77] each on the CPU, and a
+    warning text when a prompt is longer than the encoders read)."""
+    ids_1 = None
+    if encoders.text_encoder is not None:
+        ids_1, _ = _tokenize(encoders.tokenizer, prompts)
+    ids_2, truncated = _tokenize(encoders.tokenizer_2, prompts)
+    return ids_1, ids_2, truncated
 
 
 @torch.no_grad()
-def encode_prompts(encoders: TextEncoders, prompts: list[str], device: torch.device) -> PromptEmbeddings:
-    """Encode a batch of prompts. SDXL uses each encoder's penultimate hidden state, not the last."""
+def encode_tokens(encoders: TextEncoders, ids_1: torch.Tensor | None, ids_2: torch.Tensor) -> PromptEmbeddings:
+    """Token ids on the encoders' device -> embeddings. SDXL uses each encoder's penultimate hidden state.
+    Pure tensor work with no host synchronisation, so it can be recorded in a CUDA graph."""
     hidden_1 = None
     if encoders.text_encoder is not None:
-        out_1 = encoders.text_encoder(_tokenize(encoders.tokenizer, prompts, device), output_hidden_states=True)
-        hidden_1 = out_1.hidden_states[-2]
-    out_2 = encoders.text_encoder_2(_tokenize(encoders.tokenizer_2, prompts, device), output_hidden_states=True)
+        hidden_1 = encoders.text_encoder(ids_1, output_hidden_states=True).hidden_states[-2]
+    out_2 = encoders.text_encoder_2(ids_2, output_hidden_states=True)
     return PromptEmbeddings(hidden_1=hidden_1, hidden_2=out_2.hidden_states[-2], pooled=out_2.text_embeds)
+
+
+def encode_prompts(encoders: TextEncoders, prompts: list[str], device: torch.device) -> PromptEmbeddings:
+    """Encode a batch of prompts; warns with PromptTruncatedWarning when one is cut to fit."""
+    ids_1, ids_2, truncated = tokenize(encoders, prompts)
+    if truncated:
+        warnings.warn(truncated, PromptTruncatedWarning, stacklevel=2)
+    return encode_tokens(encoders, _to(ids_1, device), ids_2.to(device))
+
+
+def encode_prompt_cached(encoders: TextEncoders, prompt: str, device: torch.device,
+                         encode: Callable | None = None) -> PromptEmbeddings:
+    """`encode_prompts` for one prompt, remembering the last PROMPT_CACHE_SIZE prompts per encoder pair.
+
+    Exact (the same tensors come back), and it takes the text encoders off the critical path when a prompt
+    repeats: a re-run with a new seed, the negative prompt of every Quality call, live typing that returns
+    to an earlier text. `encode(ids_1, ids_2)` runs on a miss (default: `encode_tokens` on `encoders`); it
+    must return tensors that it does not overwrite later.
+    """
+    cache, key = encoders.cache, (str(device), prompt)
+    if key not in cache:
+        ids_1, ids_2, truncated = tokenize(encoders, [prompt])
+        encode = encode or partial(encode_tokens, encoders)
+        cache[key] = (encode(_to(ids_1, device), ids_2.to(device)), truncated)
+        while len(cache) > PROMPT_CACHE_SIZE:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    embeddings, truncated = cache[key]
+    if truncated:
+        warnings.warn(truncated, PromptTruncatedWarning, stacklevel=2)
+    return embeddings

@@ -92,13 +92,17 @@ def sample_fast(student, alphas_cumprod: torch.Tensor, prediction_type: str, noi
                 timesteps: list[int], inputs: UNetInputs, renoise: Callable[[], torch.Tensor],
                 callback: StepCallback | None = None) -> torch.Tensor:
     """ADD sampling: the student maps x_t to a clean sample; between steps it is noised again to the next
-    student timestep with fresh noise from `renoise()`. The first input is pure noise, as in training."""
+    student timestep with fresh noise from `renoise()`. The first input is pure noise, as in training.
+
+    `alphas_cumprod` must be on the latents' device: then the loop copies nothing from the host and can be
+    recorded in a CUDA graph.
+    """
     x = noise
     for i, t in enumerate(timesteps):
-        t_tensor = torch.tensor(t, device=x.device)
-        x0 = predicted_x0(inputs(student, x, t_tensor), x, alphas_cumprod[t].to(x.device), prediction_type)
+        t_tensor = torch.full((), t, device=x.device, dtype=torch.long)
+        x0 = predicted_x0(inputs(student, x, t_tensor), x, alphas_cumprod[t], prediction_type)
         if i + 1 < len(timesteps):
-            x = add_noise(x0, renoise(), alphas_cumprod[timesteps[i + 1]].to(x.device))
+            x = add_noise(x0, renoise(), alphas_cumprod[timesteps[i + 1]])
         else:
             x = x0
         if callback is not None:

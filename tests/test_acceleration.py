@@ -10,16 +10,19 @@ from sdxl_fast.cli import main
 
 def test_cpu_default_is_plain_eager():
     assert Acceleration.for_device(torch.device("cpu")) == Acceleration.none()
-    assert Acceleration.for_device(torch.device("cuda")).compile
+    on_gpu = Acceleration.for_device(torch.device("cuda"))
+    assert on_gpu.cuda_graphs and on_gpu.channels_last and on_gpu.fuse_qkv and on_gpu.warmup
+    assert "cudagraphs" in on_gpu.compile_mode  # torch.compile must not record graphs inside ours
 
 
 def test_options_on_cpu_apply_or_skip_with_reason_and_stay_faithful(tiny_sources, tiny_models):
     from sdxl_fast import acceleration
 
     fast_models = load(modes=("fast",), sources=tiny_sources, device="cpu", acceleration=Acceleration.none())
-    notes = acceleration.apply(fast_models, Acceleration())  # everything asked for, on a CPU
+    notes = acceleration.apply(fast_models, Acceleration(compile=True))  # everything asked for, on a CPU
     assert notes[0] == "channels_last: applied" and notes[1] == "fuse_qkv: applied"
     assert notes[2].startswith("compile: skipped on cpu")
+    assert notes[3].startswith("cuda_graphs: skipped on cpu") and fast_models.graphs is None
     assert fast_models.fast.student.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     params = GenerationParams("a tower", mode="fast", steps=2, seed=4, width=64, height=64)
     fused = np.asarray(generate(fast_models, params)[0]).astype(int)
@@ -36,3 +39,4 @@ def test_bench_harness_runs_and_writes_its_table(tmp_path, capsys):
     assert "sdxl-fast bench --tiny --repeats 1" in table and "torch 2.14.1" in table
     rows = [line for line in table.splitlines() if line.startswith("| fast") or line.startswith("| quality")]
     assert all(float(row.split("|")[-2]) == 0.0 for row in rows)  # no acceleration on CPU: eager == eager
+    assert all(float(row.split("|")[-3]) < 1e-3 for row in rows)  # fp32 on CPU: the same as the fp32 reference

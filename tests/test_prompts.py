@@ -25,3 +25,29 @@ def test_a_10000_character_prompt_is_truncated_with_a_warning(tiny_models):
     first_77 = enc.tokenizer.decode(enc.tokenizer(long_prompt).input_ids[1:76])
     short = encode_prompts(enc, [first_77], torch.device("cpu"))
     torch.testing.assert_close(long.hidden_1, short.hidden_1)
+
+
+def test_cache_returns_the_same_embeddings_rewarns_and_forgets_the_oldest(tiny_models, monkeypatch):
+    from sdxl_fast import prompts
+
+    enc = tiny_models.quality.encoders
+    enc.cache.clear()
+    monkeypatch.setattr(prompts, "PROMPT_CACHE_SIZE", 2)
+    calls = []
+
+    def encode(ids_1, ids_2):
+        calls.append(1)
+        return prompts.encode_tokens(enc, ids_1, ids_2)
+
+    cpu = torch.device("cpu")
+    first = prompts.encode_prompt_cached(enc, "a red fox", cpu, encode)
+    torch.testing.assert_close(first.base_context, encode_prompts(enc, ["a red fox"], cpu).base_context)
+    assert prompts.encode_prompt_cached(enc, "a red fox", cpu, encode) is first and len(calls) == 1
+    long_prompt = "a castle on a hill " * 30
+    for _ in range(2):  # the warning comes on a cache hit too: the app shows it for every generation
+        with pytest.warns(PromptTruncatedWarning):
+            prompts.encode_prompt_cached(enc, long_prompt, cpu, encode)
+    prompts.encode_prompt_cached(enc, "a blue bird", cpu, encode)  # third prompt: "a red fox" is evicted
+    assert len(calls) == 3
+    assert prompts.encode_prompt_cached(enc, "a red fox", cpu, encode) is not first and len(calls) == 4
+    enc.cache.clear()
