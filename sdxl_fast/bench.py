@@ -156,12 +156,13 @@ def measure(models: Models, label: str, jobs: list[Workload], default_times: dic
 
 
 def run_bench(configs: dict, device: torch.device, dtype: torch.dtype, repeats: int, tiny: bool,
-              options: acceleration.Acceleration, compile_too: bool = False, on_row=None) -> tuple[list[dict], list[str]]:
+              options: acceleration.Acceleration, compile_too: bool = False, on_row=None,
+              only: list[str] | None = None) -> tuple[list[dict], list[str]]:
     components = random_weights.build_random_components(configs, device=device)
     reference = build_models(copy.deepcopy(components), device, torch.float32)  # eager fp32: the error baseline
     models = build_models(components, device, dtype)
     baseline = diffusers_default(models)
-    jobs = workloads(tiny)
+    jobs = [w for w in workloads(tiny) if not only or w.name in only]
     default_times = {w.name: time_calls(baseline, w, device, repeats) for w in jobs}
     fp32 = {w.name: final_latents(reference, w) for w in jobs}
     del reference
@@ -170,7 +171,8 @@ def run_bench(configs: dict, device: torch.device, dtype: torch.dtype, repeats: 
     rows = measure(models, "ours", jobs, default_times, fp32, eager, device, repeats, on_row)
     if compile_too:
         notes += acceleration.apply(models, acceleration.Acceleration(
-            channels_last=False, fuse_qkv=False, cuda_graphs=options.cuda_graphs, compile=True))
+            channels_last=False, fuse_qkv=False, cuda_graphs=options.cuda_graphs, compile=True,
+            compile_mode=options.compile_mode))
         rows += measure(models, "ours + compile", jobs, default_times, fp32, eager, device, repeats, on_row)
     return rows, notes
 
@@ -210,6 +212,10 @@ def add_parser(commands) -> None:
     bench.add_argument("--no-graphs", action="store_true", help="measure without CUDA graphs")
     bench.add_argument("--compile", action="store_true",
                        help="then torch.compile the models too and measure again (minutes of compiling)")
+    bench.add_argument("--compile-mode", default=acceleration.Acceleration.compile_mode,
+                       help="torch.compile mode for --compile (without CUDA graphs: ours are recorded around it)")
+    bench.add_argument("--only", action="append", metavar="WORKLOAD",
+                       help='measure only this workload (repeatable), e.g. --only "fast 1-step"')
     bench.add_argument("--json", type=Path, help="also write the rows here, one JSON line per row as measured")
     bench.add_argument("-o", "--output", type=Path, default=Path("BENCHMARKS.md"), help="markdown table")
 
@@ -220,6 +226,7 @@ def main(args: argparse.Namespace, command: str) -> int:
     device, dtype = pick_device_dtype(args.device, args.dtype)
     configs = random_weights.tiny_configs() if args.tiny else random_weights.full_configs(args.configs)
     options = replace(acceleration.Acceleration.for_device(device), warmup=False)
+    options = replace(options, compile_mode=args.compile_mode)
     if args.no_graphs:
         options = replace(options, cuda_graphs=False)
 
@@ -229,7 +236,7 @@ def main(args: argparse.Namespace, command: str) -> int:
             with args.json.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    rows, notes = run_bench(configs, device, dtype, args.repeats, args.tiny, options, args.compile, on_row)
+    rows, notes = run_bench(configs, device, dtype, args.repeats, args.tiny, options, args.compile, on_row, args.only)
     table = markdown(rows, notes, device, command)
     args.output.write_text(table)
     print(table)

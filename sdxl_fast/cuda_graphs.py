@@ -24,9 +24,14 @@ WARMUP_CALLS = 2  # eager calls before recording, so cuDNN/cuBLAS choose algorit
 
 
 class Graphed:
-    """`fn(*inputs)` recorded for the shapes and dtypes of `example_inputs` (tensors only)."""
+    """`fn(*inputs)` recorded for the shapes and dtypes of `example_inputs` (tensors only).
+
+    The graph reads `inputs` and whatever else fn touched at recording, at the same addresses: so fn must take
+    every per-call tensor as an input, and is kept alive here together with what it refers to.
+    """
 
     def __init__(self, fn: Callable, example_inputs: tuple[torch.Tensor, ...], pool=None):
+        self.fn = fn
         self.inputs = tuple(x.clone() for x in example_inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -82,12 +82,14 @@ def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tenso
     return latents, decoding.decode(q.vae, latents), names
 
 
-def fast_call(f, alphas_cumprod: torch.Tensor, timesteps: list[int], context: torch.Tensor, pooled: torch.Tensor,
+def fast_call(f, timesteps: list[int], alphas_cumprod: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
               time_ids: torch.Tensor, noise: torch.Tensor, callback=None):
     """The Fast path after the text encoders, as one function of tensors, so a CUDA graph can record it whole.
 
-    context [1, 77, D], pooled [1, P], time_ids [1, 6]; noise [steps, B, 4, h, w]: the start noise, then the
-    noise of each re-noising. Returns (latents [B, 4, h, w], uint8 images [B, H, W, 3], all-finite flag).
+    alphas_cumprod [1000]; context [1, 77, D], pooled [1, P], time_ids [1, 6]; noise [steps, B, 4, h, w]: the
+    start noise, then the noise of each re-noising. Every tensor is an argument, none is closed over: a
+    graph reads the memory it was recorded on, and a closed-over tensor of the first call is freed after it.
+    Returns (latents [B, 4, h, w], uint8 images [B, H, W, 3], all-finite flag).
     """
     batch = noise.shape[1]
     inputs = _batched(sampling.UNetInputs(context, pooled, time_ids), None, batch)
@@ -112,12 +114,12 @@ def _fast(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, 
     latent_shape = (f.student.config.in_channels, p.height // 8, p.width // 8)
     noise = torch.stack([sampling.randn(latent_shape, generators, "cpu", dtype) for _ in timesteps]).to(device)
     alphas_cumprod = f.scheduler.alphas_cumprod.to(device)
-    args = (pos.base_context, pos.pooled, ids_pos, noise)
+    args = (alphas_cumprod, pos.base_context, pos.pooled, ids_pos, noise)
     if models.graphs is not None and callback is None:  # callbacks need the loop in Python
         name = ("fast", id(f.student), id(f.vae), f.vae.dtype, tuple(timesteps))
-        latents, images, finite = models.graphs.run(name, partial(fast_call, f, alphas_cumprod, timesteps), *args)
+        latents, images, finite = models.graphs.run(name, partial(fast_call, f, timesteps), *args)
     else:
-        latents, images, finite = fast_call(f, alphas_cumprod, timesteps, *args, callback=callback)
+        latents, images, finite = fast_call(f, timesteps, *args, callback=callback)
     if not finite:  # decode again the careful way (fp32 VAE fallback, or a clear error)
         images = decoding.decode(f.vae, latents)
     return latents, images, dict(f.names)

@@ -19,6 +19,10 @@ class RecordedOnCPU:
     recorded: list = []
 
     def __init__(self, fn, example_inputs, pool=None):
+        # A real graph would keep reading a closed-over tensor's memory after the call that made it is gone
+        # (on the H200 this gave garbage from the second Fast call on): tensors must come in as inputs.
+        bound = [*getattr(fn, "args", ()), *getattr(fn, "keywords", {}).values()]
+        assert not any(isinstance(x, torch.Tensor) for x in bound), "a tensor is closed over, not an input"
         self.fn, self.inputs = fn, tuple(x.clone() for x in example_inputs)
         self.outputs = fn(*self.inputs)
         RecordedOnCPU.recorded.append(self)
