@@ -48,6 +48,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16 (the frozen teacher, VAE and encoders are held in this dtype)
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0  # 0 disables the EMA of the student weights
+    max_minutes: float = 0.0  # wall-clock budget of this run (0: none); on reaching it: checkpoint, export, stop
     max_nan_steps: int = 5  # abort after this many non-finite losses in a row
 
     # --- the ADD objective ----------------------------------------------------------------------------

@@ -57,6 +57,16 @@ def _frozen_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.d
     return quality
 
 
+def _tensorboard_available() -> bool:
+    """Logging to tensorboard is optional: without the package the run trains and logs to the console only."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        log.warning("tensorboard is not installed: no tensorboard logs, console logging only")
+        return False
+    return True
+
+
 def _warmup(steps: int):
     return lambda step: min(1.0, (step + 1) / steps) if steps > 0 else 1.0
 
@@ -94,7 +104,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     out = Path(cfg.output_dir)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        log_with="tensorboard" if _tensorboard_available() else None, project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     set_seed(cfg.seed, device_specific=True)  # each process draws its own noise and timesteps
@@ -227,7 +237,17 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
 
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc="distill", disable=not accelerator.is_local_main_process)
     images_per_s, step_seconds = [], []
+    # The wall-clock budget (max_minutes) counts from here; the run then checkpoints and exports as at max_steps.
+    deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
     while state.step < cfg.max_steps:
+        # Every process must stop at the same step (DDP), so the decision is reduced across processes.
+        if deadline < math.inf and accelerator.reduce(
+                torch.tensor(float(time.time() >= deadline), device=device), "max").item() > 0:
+            log.info("max_minutes (%.1f) reached at step %d: stopping", cfg.max_minutes, state.step)
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every:  # not just saved: save now
+                state.sync_ranks(accelerator)
+                checkpoints.save_checkpoint(accelerator, out, state.step, cfg.to_dict(), cfg.keep_checkpoints)
+            break
         started = time.perf_counter()
         student_ok = disc_ok = True
         metrics: dict = {}

@@ -1,4 +1,4 @@
-"""`python -m shapes write|train-probe|evaluate`; heavy imports happen inside each command."""
+"""`python -m shapes write|train-probe|evaluate|train-demo|export-demo|pretrain-vit`; heavy imports happen inside each command."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 def _write(args) -> int:
     from .writer import write_folder
 
-    paths = write_folder(args.out, args.count, start=args.start, size=args.size, metadata=not args.no_metadata)
+    paths = write_folder(args.out, args.count, start=args.start, size=args.size, metadata=not args.no_metadata,
+                         workers=args.workers)
     print(f"wrote {len(paths)} images with captions to {args.out}")
     return 0
 
@@ -58,6 +59,61 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _train_demo(args) -> int:
+    import time
+
+    import torch
+
+    from .demo_config import DemoTrainConfig
+    from .train_demo import run_stage
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    values = {k: v for k, v in vars(args).items() if k in DemoTrainConfig.__dataclass_fields__ and v is not None}
+    run_stage(DemoTrainConfig(**values), started=args.started)
+    return 0
+
+
+def _export_demo(args) -> int:
+    from .export_demo import export_demo
+
+    export_demo(args.work, args.out, parts=tuple(p for p in args.parts.split(",") if p), student=args.student,
+                max_mb=args.max_mb)
+    return 0
+
+
+def _pretrain_vit(args) -> int:
+    import torch
+
+    from .demo_config import PretrainConfig
+    from .feature_net import pretrain
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    values = {k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__ and v is not None}
+    pretrain(PretrainConfig(**values), command="python -m shapes " + " ".join(args.argv))
+    return 0
+
+
+def _add_dataclass_options(parser, cls, skip=()) -> None:
+    """One --option per dataclass field (underscores as dashes); unset options keep the dataclass default."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        opt = "--" + f.name.replace("_", "-")
+        if typing.get_origin(kind) is tuple:
+            parser.add_argument(opt, dest=f.name, type=lambda s: tuple(float(v) for v in s.split(",")),
+                                help=f"comma-separated (default {f.default})")
+        else:
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            parser.add_argument(opt, dest=f.name, type=base, help=f"(default {f.default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shapes", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--start", type=int, default=0, help="first seed (held-out seeds start at 1000000000)")
     w.add_argument("--size", type=int, default=128)
     w.add_argument("--no-metadata", action="store_true", help="skip metadata.jsonl")
+    w.add_argument("--workers", type=int, default=1, help="parallel processes drawing and writing images")
     w.set_defaults(run=_write)
 
     t = sub.add_parser("train-probe", help="train the probe classifier on real training-seed images")
@@ -94,13 +151,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="write the markdown table here")
     e.add_argument("--json", help="write the raw numbers here")
     e.set_defaults(run=_evaluate)
+
+    from .demo_config import STAGES, DemoTrainConfig, PretrainConfig
+
+    d = sub.add_parser("train-demo", help="train one stage of the demo family (see shapes/train_demo.py)")
+    d.add_argument("--stage", required=True, choices=STAGES)
+    _add_dataclass_options(d, DemoTrainConfig, skip=("stage",))
+    d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    d.set_defaults(run=_train_demo)
+
+    x = sub.add_parser("export-demo", help="fp16 diffusers folders base/refiner/student from a train-demo WORK dir")
+    x.add_argument("--work", default="runs/demo")
+    x.add_argument("--out", default="demo_models")
+    x.add_argument("--parts", default="base,refiner,student", help="comma-separated subset of base,refiner,student")
+    x.add_argument("--student", default="runs/demo/student/student", help="the UNet-only folder distill wrote")
+    x.add_argument("--max-mb", type=float, default=25.0, help="fail if the written folders exceed this")
+    x.set_defaults(run=_export_demo)
+
+    v = sub.add_parser("pretrain-vit", help="pretrain the discriminator's DINOv2-architecture ViT on shapes labels")
+    _add_dataclass_options(v, PretrainConfig)
+    v.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    v.set_defaults(run=_pretrain_vit)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    import time
+
+    started = time.time()  # train-demo's wall-clock budget counts from here
     args = build_parser().parse_args(argv)
-    args.argv = argv
+    args.argv, args.started = argv, started
     return args.run(args)
 
 
