@@ -177,6 +177,16 @@ def make_optimizer(cfg: DemoTrainConfig, model, folder: Path, state: dict):
     return opt
 
 
+def optimizer_step(opt, model, loss: torch.Tensor, max_grad_norm: float, state: dict) -> None:
+    """Backward, clip, step; the step counters live in `state`, which the checkpoint saves."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    opt.step()
+    state["step"] += 1
+    state["opt_steps"] += 1
+
+
 def set_lr(cfg: DemoTrainConfig, opt, state: dict) -> float:
     lr = cfg.lr * min(1.0, (state["opt_steps"] + 1) / max(1, cfg.warmup_steps))  # then constant (EMA anneals)
     for group in opt.param_groups:
@@ -301,12 +311,7 @@ def train_vae(cfg: DemoTrainConfig, started: float) -> dict:
         l1 = (rec - x).abs().mean()
         kl = posterior.kl().float().mean() / latent_numel  # per latent element
         loss = l1 + cfg.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.max_grad_norm)
-        opt.step()
-        state["step"] += 1
-        state["opt_steps"] += 1
+        optimizer_step(opt, vae, loss, cfg.max_grad_norm, state)
         log(state["step"], l1, lr, {"kl": kl})
         if budget.checkpoint_due():
             checkpoint(final=False)
@@ -409,12 +414,7 @@ def train_unet(cfg: DemoTrainConfig, started: float) -> dict:
             eps = unet(x_t, t, encoder_hidden_states=ctx,
                        added_cond_kwargs={"text_embeds": pool, "time_ids": time_ids}).sample
         loss = F.mse_loss(eps.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-        opt.step()
-        state["step"] += 1
-        state["opt_steps"] += 1
+        optimizer_step(opt, unet, loss, cfg.max_grad_norm, state)
         ema_update(ema, unet, state["step"], cfg.ema_decay)
         log(state["step"], loss, lr)
         if budget.checkpoint_due():
