@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 class Acceleration:
     channels_last: bool = True  # NHWC convolutions: the layout cuDNN's fastest fp16 kernels use
     fuse_qkv: bool = True  # one matmul for Q, K, V instead of three (diffusers' fuse_qkv_projections)
+    fp8: bool = False  # opt-in, changes numerics: fp8 matmuls in the UNets' transformer blocks (sdxl_fast.fp8)
     cuda_graphs: bool = True  # replay recorded kernels: the whole Fast call, each Quality UNet step (CUDA only)
     compile: bool = True  # torch.compile the UNets and the VAE decoder (CUDA only; minutes at start-up)
     # "default": measured 45 -> 17.5 ms for a Fast 1-step 512² call on an H200 (BENCHMARKS.md), compiling in
@@ -64,6 +65,15 @@ def apply(models: Models, options: Acceleration) -> list[str]:
         for module in unets + vaes:
             module.fuse_qkv_projections()
         notes.append("fuse_qkv: applied")
+    if options.fp8:
+        from . import fp8
+
+        why_not = fp8.supported(models.device)
+        if why_not:
+            notes.append(why_not)
+        else:
+            count = sum(fp8.convert_unet(unet) for unet in unets)
+            notes.append(f"fp8: {count} linear layers of the UNets' transformer blocks (opt-in; changes numerics)")
     if options.compile:
         if models.device.type != "cuda":
             notes.append(f"compile: skipped on {models.device.type} (CUDA only: Inductor's CPU kernels are no "

@@ -157,7 +157,7 @@ def measure(models: Models, label: str, jobs: list[Workload], default_times: dic
 
 def run_bench(configs: dict, device: torch.device, dtype: torch.dtype, repeats: int, tiny: bool,
               options: acceleration.Acceleration, compile_too: bool = False, on_row=None,
-              only: list[str] | None = None) -> tuple[list[dict], list[str]]:
+              only: list[str] | None = None, fp8: bool = False) -> tuple[list[dict], list[str]]:
     components = random_weights.build_random_components(configs, device=device)
     reference = build_models(copy.deepcopy(components), device, torch.float32)  # eager fp32: the error baseline
     models = build_models(components, device, dtype)
@@ -174,6 +174,11 @@ def run_bench(configs: dict, device: torch.device, dtype: torch.dtype, repeats: 
             channels_last=False, fuse_qkv=False, cuda_graphs=options.cuda_graphs, compile=True,
             compile_mode=options.compile_mode))
         rows += measure(models, "ours + compile", jobs, default_times, fp32, eager, device, repeats, on_row)
+    if fp8:
+        notes += acceleration.apply(models, acceleration.Acceleration(
+            channels_last=False, fuse_qkv=False, fp8=True, cuda_graphs=options.cuda_graphs, compile=False))
+        label = "ours + compile + fp8" if compile_too else "ours + fp8"
+        rows += measure(models, label, jobs, default_times, fp32, eager, device, repeats, on_row)
     return rows, notes
 
 
@@ -214,6 +219,8 @@ def add_parser(commands) -> None:
                        help="then torch.compile the models too and measure again (minutes of compiling)")
     bench.add_argument("--compile-mode", default=acceleration.Acceleration.compile_mode,
                        help="torch.compile mode for --compile (without CUDA graphs: ours are recorded around it)")
+    bench.add_argument("--fp8", action="store_true",
+                       help="then convert the UNets' transformer linears to fp8 (opt-in option) and measure again")
     bench.add_argument("--only", action="append", metavar="WORKLOAD",
                        help='measure only this workload (repeatable), e.g. --only "fast 1-step"')
     bench.add_argument("--json", type=Path, help="also write the rows here, one JSON line per row as measured")
@@ -237,7 +244,8 @@ def main(args: argparse.Namespace, command: str) -> int:
             with args.json.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    rows, notes = run_bench(configs, device, dtype, args.repeats, args.tiny, options, args.compile, on_row, args.only)
+    rows, notes = run_bench(configs, device, dtype, args.repeats, args.tiny, options, args.compile, on_row, args.only,
+                            args.fp8)
     table = markdown(rows, notes, device, command)
     args.output.write_text(table)
     print(table)

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(models)
     models.add_argument("--compile", action="store_true",
                         help="torch.compile the models (CUDA): minutes once, then faster; worth it for many images")
+    models.add_argument("--fp8", action="store_true",
+                        help="fp8 matmuls in the UNets (Ada/Hopper GPUs); opt-in: changes numerics, see BENCHMARKS.md")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     commands.add_parser("buckets", help="list SDXL's aspect-ratio size presets")
@@ -169,7 +171,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         device, _ = pick_device_dtype(args.device)
         # A single CLI run would spend longer compiling than generating: compile only when asked.
-        options = replace(Acceleration.for_device(device), compile=args.compile, warmup=False)
+        options = replace(Acceleration.for_device(device), compile=args.compile, fp8=args.fp8, warmup=False)
         models = sdxl_fast.load(modes=(params.mode,), sources=sources, device=device, dtype=args.dtype,
                                 cpu_offload=args.cpu_offload, acceleration=options)
     except sdxl_fast.ModelNotFoundError as err:
