@@ -8,7 +8,9 @@ options that change numerics more, such as fp8 matmuls, are off unless asked for
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -79,6 +81,9 @@ def apply(models: Models, options: Acceleration) -> list[str]:
             notes.append(f"compile: skipped on {models.device.type} (CUDA only: Inductor's CPU kernels are no "
                          "faster than eager for these models, and compiling costs minutes)")
         else:
+            # Inductor's compiled kernels persist here, so a restarted app compiles in seconds, not minutes
+            # (its default, /tmp, is wiped with many containers).
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "sdxl-fast" / "inductor"))
             for unet in unets:
                 unet.compile(mode=options.compile_mode, fullgraph=True)
             for vae in vaes:
