@@ -55,8 +55,21 @@ class TrainingState:
             setattr(self, key, value)
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor: an FSDP2 shard (DTensor) is all-gathered (a collective: every process must call this),
+    a plain tensor is returned as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 class EMA:
-    """Exponential moving average of the student's parameters, kept in fp32 on the parameters' device."""
+    """Exponential moving average of the student's parameters, kept in fp32 on the parameters' device.
+
+    Under FSDP the shadow is sharded like the parameters (each process averages its own shard);
+    `state_dict` / `full_shadow` gather whole tensors and `load_state_dict` re-shards them, so a checkpoint
+    holds the full EMA whatever the sharding.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -69,17 +82,29 @@ class EMA:
                 self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
 
     @torch.no_grad()
-    def copy_to(self, model: torch.nn.Module) -> None:
+    def full_shadow(self) -> dict:
+        """The shadow as whole tensors; under FSDP a collective (every process must call it)."""
+        return {name: _full(value) for name, value in self.shadow.items()}
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module, shadow: dict | None = None) -> None:
+        """Write the EMA into `model`, an unsharded module (pass `shadow=full_shadow()` when sharded)."""
+        shadow = self.shadow if shadow is None else shadow
         for name, p in model.named_parameters():
-            if name in self.shadow:
-                p.copy_(self.shadow[name].to(p.dtype))
+            if name in shadow:
+                p.copy_(shadow[name].to(p.device, p.dtype))
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
+        return {"decay": self.decay, "shadow": self.full_shadow()}  # accelerate calls this on every process
 
     def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         self.decay = state["decay"]
         for name, value in state["shadow"].items():
+            own = self.shadow[name]
+            if isinstance(own, DTensor):  # keep this process's shard of the whole tensor
+                value = distribute_tensor(value.to(own.device, own.dtype), own.device_mesh, own.placements)
             self.shadow[name].copy_(value)
 
 
@@ -133,9 +158,10 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, config: dict
 
 
 def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 over every parameter's bytes: equal digests mean bit-identical weights."""
+    """SHA-256 over every parameter's bytes: equal digests mean bit-identical weights. Under FSDP the digest is
+    of the whole (gathered) weights, and every process must call it."""
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(_full(p).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -1,4 +1,4 @@
-"""The ADD training loop, top to bottom, on accelerate (one process per GPU; DDP across GPUs and nodes).
+"""The ADD training loop, top to bottom, on accelerate (one process per GPU; DDP or FSDP2 across GPUs and nodes).
 
 One optimiser step = `gradient_accumulation_steps` micro-steps of:
   1. frozen models: captions -> text embeddings, images -> real latents x0 -> decoded real images
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 
 import sdxl_fast
@@ -131,8 +131,53 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     # Schedulers stay unprepared: accelerate would step them once per process, changing warm-up with world size.
     sched_student = torch.optim.lr_scheduler.LambdaLR(opt_student, _warmup(cfg.lr_warmup_steps))
     sched_disc = torch.optim.lr_scheduler.LambdaLR(opt_disc, _warmup(cfg.lr_warmup_steps))
-    student, heads, opt_student, opt_disc = accelerator.prepare(student, heads, opt_student, opt_disc)
+    # FSDP: the student and the heads are each sharded in place (fully_shard); the frozen models stay whole.
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise ValueError("distill supports FSDP version 2 (fully_shard) only: set fsdp_version: 2 "
+                         "(see configs/accelerate/fsdp.yaml)")
+    if fsdp and cfg.gradient_accumulation_steps > 1:  # fails inside FSDP2 (the heads' gradients under no_sync)
+        raise ValueError("gradient_accumulation_steps > 1 is not supported under FSDP yet: use more processes or "
+                         "a larger batch_size")
+    if fsdp:
+        # The heads were initialised under per-process seeds. DDP broadcasts rank 0's weights when it wraps them;
+        # FSDP2 would shard each process's own copy, so rank 0's are broadcast first. (The student is a copy of
+        # the teacher read from disk, the same on every process.)
+        for tensor in heads.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+    # One model per prepare call, as FSDP2 requires (the same order as before, so checkpoints keep their names).
+    student, opt_student = accelerator.prepare(student, opt_student)
+    if fsdp:  # accelerate keeps the student's wrap classes (the UNet's _no_split_modules), absent from the heads
+        accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = None
+    heads, opt_disc = accelerator.prepare(heads, opt_disc)
     raw_student, raw_heads = accelerator.unwrap_model(student), accelerator.unwrap_model(heads)
+    if fsdp:
+        # R1 differentiates D twice (create_graph): FSDP2 would free the gathered head weights after the first
+        # backward, which the second still needs. So the (small) heads stay gathered after forward and backward
+        # until an explicit `reshard()` (after the student's backward, and before the optimisers step).
+        raw_heads.set_reshard_after_forward(False)
+        raw_heads.set_reshard_after_backward(False)
+
+    def unsharded_student(use_ema: bool):
+        """The student (or its EMA) as a plain module on the main process, None elsewhere, for validation and
+        export. Every process must call it: under FSDP it gathers the shards into a copy on the main process."""
+        if not fsdp:
+            if not accelerator.is_main_process:
+                return None
+            if not use_ema:
+                return raw_student
+            final = copy.deepcopy(raw_student)
+            ema.copy_to(final)
+            return final
+        weights = accelerator.get_state_dict(student)  # whole tensors on the main process (collective)
+        shadow = ema.full_shadow() if use_ema else None  # collective
+        if not accelerator.is_main_process:
+            return None
+        final = copy.deepcopy(teacher).to(torch.float32)
+        final.load_state_dict(weights)
+        if use_ema:
+            ema.copy_to(final, shadow)
+        return final
 
     state = checkpoints.TrainingState()
     ema = checkpoints.EMA(raw_student, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -187,10 +232,17 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         student_x0 = sampling.predicted_x0(out_s, x_s, alpha_s, prediction_type)  # [B, 4, h, w]
         fake_images = _decode(vae, student_x0)  # gradients flow through the frozen decoder
 
-        # 3. Adversarial loss for the student; the heads are frozen for this pass (no DDP hooks, no grads).
-        raw_heads.requires_grad_(False)
-        l_adv = losses.generator_adv_loss(discriminate(features, raw_heads, fake_images, pooled, image_emb))
-        raw_heads.requires_grad_(True)
+        # 3. Adversarial loss for the student; the heads take no gradient from it. Under DDP the unwrapped heads
+        #    are frozen for this pass (no DDP hooks, no grads). FSDP2 fixes requires_grad when it shards, so there
+        #    the sharded heads run as usual and their gradients are put back as they were after the student's
+        #    backward (step 5).
+        if fsdp:
+            heads_grads = [None if p.grad is None else p.grad.clone() for p in heads.parameters()]
+            l_adv = losses.generator_adv_loss(discriminate(features, heads, fake_images, pooled, image_emb))
+        else:
+            raw_heads.requires_grad_(False)
+            l_adv = losses.generator_adv_loss(discriminate(features, raw_heads, fake_images, pooled, image_emb))
+            raw_heads.requires_grad_(True)
 
         # 4. Score distillation against the frozen teacher at a random teacher timestep t.
         t = torch.randint(cfg.teacher_t_min, cfg.teacher_t_max + 1, (b,), device=device)
@@ -210,6 +262,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         if not student_ok:
             return False, False, {"loss/student": l_student.item(), "loss/distill": l_distill.item()}
         accelerator.backward(l_student / cfg.gradient_accumulation_steps)
+        if fsdp:  # drop what L_adv left on the heads: the gathered weights' gradients, then the shards'
+            raw_heads.reshard()
+            for p, grad in zip(heads.parameters(), heads_grads):
+                p.grad = grad
 
         # 6. Discriminator on (real, detached fake) in one forward pass, with R1 on the real images.
         real = real_images.detach().requires_grad_(True)
@@ -258,6 +314,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             with accelerator.accumulate(student, heads), accelerator.autocast():
                 g_ok, d_ok, metrics = micro_step(batch)
             student_ok, disc_ok = student_ok and g_ok, disc_ok and d_ok
+        if fsdp:
+            raw_heads.reshard()  # the next forward gathers the updated shards
         optimizer_step(opt_student, sched_student, student.parameters(), student_ok)
         optimizer_step(opt_disc, sched_disc, heads.parameters(), disc_ok)
         state.step += 1
@@ -292,7 +350,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             log.info("step %d %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
         if cfg.validate_every and state.step % cfg.validate_every == 0:
-            validate(cfg, accelerator, raw_student, frozen, state.step, weight_dtype)
+            validate(cfg, accelerator, unsharded_student(use_ema=False), frozen, state.step, weight_dtype)
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
             state.sync_ranks(accelerator)
             checkpoints.save_checkpoint(accelerator, out, state.step, cfg.to_dict(), cfg.keep_checkpoints)
@@ -300,24 +358,23 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
 
     # --- the result -----------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
-    digests = gather_object([checkpoints.weights_digest(raw_student)])  # one per process: DDP keeps them equal
+    # One per process, of the whole weights: DDP keeps them equal, FSDP gathers the same shards on every process.
+    digests = gather_object([checkpoints.weights_digest(raw_student)])
     state.sync_ranks(accelerator)
     student_dir = out / "student"
+    use_ema = ema is not None and cfg.export_ema
+    final = unsharded_student(use_ema)  # the main process's copy; None elsewhere
     if accelerator.is_main_process:
-        final = raw_student
-        if ema is not None and cfg.export_ema:
-            final = copy.deepcopy(raw_student)
-            ema.copy_to(final)
-        export_student(final, student_dir, cfg.to_dict(), state.step, ema_used=final is not raw_student)
-        if cfg.validate_every and (final is not raw_student or state.step % cfg.validate_every):
-            validate(cfg, accelerator, final, frozen, state.step, weight_dtype,
-                     tag="-ema" if final is not raw_student else "")
+        export_student(final, student_dir, cfg.to_dict(), state.step, ema_used=use_ema)
+        if cfg.validate_every and (use_ema or state.step % cfg.validate_every):
+            validate(cfg, accelerator, final, frozen, state.step, weight_dtype, tag="-ema" if use_ema else "")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     summary = {
         "student": str(student_dir), "step": state.step, "skipped_images": sum(state.rank_skipped),
         "nan_steps": state.nan_steps, "weight_digests": digests, "num_processes": accelerator.num_processes,
-        "process_index": accelerator.process_index, "cache_hits": cache.hits, "cache_misses": cache.misses,
+        "process_index": accelerator.process_index, "distributed_type": str(accelerator.distributed_type.value),
+        "cache_hits": cache.hits, "cache_misses": cache.misses,
         # Medians, so the first steps (allocator warm-up, cuDNN autotuning) do not skew them.
         "images_per_s": sorted(images_per_s)[len(images_per_s) // 2] if images_per_s else 0.0,
         "seconds_per_step": sorted(step_seconds)[len(step_seconds) // 2] if step_seconds else 0.0,
