@@ -87,7 +87,6 @@ class GraphedUNet:
 
     def __init__(self, graphs: CudaGraphs, unet, name: str):
         self.graphs, self.unet, self.name = graphs, unet, name
-        self.config, self.dtype = unet.config, unet.dtype
 
     def _forward(self, latents, timestep, context, pooled, time_ids):
         added = {"text_embeds": pooled, "time_ids": time_ids}

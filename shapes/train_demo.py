@@ -110,18 +110,23 @@ def encode_captions(encoders, captions: list[str], device, batch: int = 1024):
     penultimate hidden states, pooled = text_encoder_2's projected end token).
 
     Returns (context [U, 77, 64] = cat(hidden_1, hidden_2), pooled [U, 32], index [N] into the U rows)."""
+    from sdxl_fast.loading import TextEncoders
+    from sdxl_fast.prompts import encode_tokens
+
     te1, te2, tok1, tok2 = encoders
+    text_encoders = TextEncoders(tok1, te1, tok2, te2)
     unique = sorted(set(captions))
     row = {c: i for i, c in enumerate(unique)}
     contexts, pooled = [], []
     for i in range(0, len(unique), batch):
         part = unique[i:i + batch]
+        # Captions are short: tokenised without sdxl_fast's per-prompt truncation check, which would double
+        # the tokenising of ~45k captions on the GPU machine's clock.
         ids = [tok(part, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(device)
                for tok in (tok1, tok2)]
-        h1 = te1(ids[0], output_hidden_states=True).hidden_states[-2]
-        out2 = te2(ids[1], output_hidden_states=True)
-        contexts.append(torch.cat([h1, out2.hidden_states[-2]], dim=-1).float())
-        pooled.append(out2.text_embeds.float())
+        embeddings = encode_tokens(text_encoders, *ids)
+        contexts.append(embeddings.base_context.float())
+        pooled.append(embeddings.pooled.float())
     index = torch.tensor([row[c] for c in captions], device=device)
     return torch.cat(contexts), torch.cat(pooled), index
 
