@@ -26,7 +26,7 @@ class Acceleration:
     fp8: bool = False  # opt-in, changes numerics: fp8 matmuls in the UNets' transformer blocks (sdxl_fast.fp8)
     cuda_graphs: bool = True  # replay recorded kernels: the whole Fast call, each Quality UNet step (CUDA only)
     compile: bool = True  # torch.compile the UNets and the VAE decoder (CUDA only; minutes at start-up)
-    # "default": measured 45 -> 17.5 ms for a Fast 1-step 512² call on an H200 (BENCHMARKS.md), compiling in
+    # "default": measured 46 -> 18 ms for a Fast 1-step 512² call on an H200 (BENCHMARKS.md), compiling in
     # about a minute. Never a mode with CUDA graphs inside torch.compile: ours record more than one module.
     compile_mode: str = "default"
     warmup: bool = True  # record graphs (and compile) at start-up, so the first user does not pay for it

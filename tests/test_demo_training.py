@@ -16,7 +16,8 @@ from shapes.cli import main as shapes_main
 
 ROOT = Path(__file__).resolve().parent.parent
 VIT = ROOT / "shapes" / "vit_weights" / "vit.safetensors"
-TINY = ["--pool-size", "12", "--workers", "1", "--batch-size", "2", "--log-every", "1", "--threads", "1"]
+TINY = ["--pool-size", "12", "--workers", "1", "--batch-size", "2", "--log-every", "1", "--threads", "1",
+        "--eval-images", "16"]
 
 
 def _state(work: Path, stage: str) -> dict:
