@@ -60,6 +60,9 @@ CELL_JITTER = 0.04
 # Object and background colours must differ by at least this RGB distance (red/orange, orange/yellow are closer).
 MIN_CONTRAST = 100.0
 COLOUR_JITTER = 14  # per channel, so "red" is a family of reds, never another colour's value
+# Every label an image has, with its classes; position is None for multi-object images.
+LABELS = {"shape": SHAPES, "colour": COLOUR_NAMES, "position": POSITIONS, "count": COUNTS, "size": tuple(SIZES),
+          "background": tuple(BACKGROUNDS), "texture": TEXTURES}
 
 
 def heldout_seeds(n: int) -> list[int]:

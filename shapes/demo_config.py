@@ -32,7 +32,8 @@ class DemoTrainConfig:
     ema_decay: float = 0.999  # UNets only
     # --- objectives ---
     kl_weight: float = 1e-4  # vae: weight of the per-element KL against N(0, 1)
-    eval_images: int = 256  # vae: held-out images for the final reconstruction error and probe accuracy
+    eval_images: int = 256  # vae: held-out images for the final reconstruction error and probe accuracy;
+    # encoders: held-out captions for the read-out accuracy
     caption_dropout: float = 0.1  # base/refiner: fraction of captions replaced by the "empty prompt"
     refiner_t_max: int = 199  # refiner: trains on t in 0 .. refiner_t_max (the quality path's last 20%)
     aesthetic_range: tuple[float, float] = (2.0, 7.0)  # refiner: the score carries no information in our
@@ -45,7 +46,7 @@ class DemoTrainConfig:
     # Batches sized for one H200, where these small models are launch-bound: a 4x larger batch cost ~20 % more
     # time per step in the first run (base: 10.7 steps/s at 256, 8.5 at 1024).
     STAGE_DEFAULTS = {"vae": dict(batch_size=256, lr=5e-4), "base": dict(batch_size=1024, lr=1e-3),
-                      "refiner": dict(batch_size=1024, lr=1e-3), "encoders": dict(batch_size=1, lr=0.0)}
+                      "refiner": dict(batch_size=1024, lr=1e-3), "encoders": dict(batch_size=256, lr=1e-3)}
 
     def __post_init__(self):
         if self.stage not in STAGES:

@@ -4,14 +4,14 @@ Sizes are set by the shipping budget (all five models in fp16 ≤ 25 MB, see doc
 
 | part | what | parameters |
 |---|---|---|
-| text_encoder | CLIPTextModel, hidden 32, 4 layers, frozen random init | ~1.6 M (1.58 M of it the 49408-token embedding) |
-| text_encoder_2 | CLIPTextModelWithProjection, hidden 32, 4 layers, projection 32, frozen random init | ~1.6 M |
+| text_encoder | CLIPTextModel, hidden 32, 4 layers, trained on caption labels, then frozen | ~1.6 M (1.58 M of it the 49408-token embedding) |
+| text_encoder_2 | CLIPTextModelWithProjection, hidden 32, 4 layers, projection 32, likewise | ~1.6 M |
 | vae | AutoencoderKL, 4 latent channels, 8x down (128² -> 16²) | ~0.6 M |
 | unet (base, student) | UNet2DConditionModel, SDXL layout (down: plain, attn, attn), text_time conditioning | ~2.6 M |
 | refiner_unet | same layout, narrower, context = text_encoder_2 only, 5 time ids | ~1.2 M |
 
-The text encoders stay at their random initialisation: a random CLIP still maps different captions to
-different token sequences, and the UNets learn to read them (cross-attention over every token).
+The text encoders are trained once on the captions' labels and then frozen (shapes/text_pretrain.py says
+why: at random init, UNets trained on their embeddings hardly followed colour words).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ LATENT_SIZE = RESOLUTION // 8
 TEXT_HIDDEN = 32  # each encoder's width; the base context is their concatenation (64)
 POOLED_DIM = 32  # text_encoder_2's projection: the pooled embedding both UNets read
 TIME_EMBED_DIM = 32  # sinusoidal width of each micro-conditioning id (SDXL: 256)
-ENCODER_SEED = 0  # the frozen encoders' random initialisation
+ENCODER_SEED = 0  # the text encoders' initialisation, before their label training
 
 
 def text_encoder_config(act: str) -> CLIPTextConfig:
@@ -86,7 +86,8 @@ def build_refiner_unet() -> UNet2DConditionModel:
 
 
 def build_text_encoders(seed: int = ENCODER_SEED) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
-    """The two frozen, randomly initialised encoders (SDXL: quick_gelu CLIP-L, gelu OpenCLIP-bigG)."""
+    """The two encoders at their random initialisation (SDXL: quick_gelu CLIP-L, gelu OpenCLIP-bigG), frozen;
+    the encoders stage trains them (shapes/text_pretrain.py)."""
     torch.manual_seed(seed)
     te1 = CLIPTextModel(text_encoder_config("quick_gelu"))
     te2 = CLIPTextModelWithProjection(text_encoder_config("gelu"))

@@ -30,13 +30,7 @@ from torch import nn
 
 from . import data
 from .demo_config import PretrainConfig
-from .probe import IGNORE
-
-# Every label a shapes image has; position is None (ignored) for multi-object images.
-LABELS = {
-    "shape": data.SHAPES, "colour": data.COLOUR_NAMES, "position": data.POSITIONS, "count": data.COUNTS,
-    "size": tuple(data.SIZES), "background": tuple(data.BACKGROUNDS), "texture": data.TEXTURES,
-}
+from .probe import IGNORE, label_targets
 
 
 def backbone_kwargs(cfg: PretrainConfig) -> dict:
@@ -65,9 +59,9 @@ class Classifier(nn.Module):
         backbone = build_backbone(cfg, for_training=True)
         self.features = FeatureNetwork(backbone, (cfg.depth - 1,), cfg.img_size)
         n_tokens = (cfg.img_size // 14) ** 2
-        self.heads = nn.ModuleDict({k: nn.Linear(backbone.embed_dim, len(v)) for k, v in LABELS.items()})
+        self.heads = nn.ModuleDict({k: nn.Linear(backbone.embed_dim, len(v)) for k, v in data.LABELS.items()})
         self.token_heads = nn.ModuleDict({k: nn.Linear(n_tokens * backbone.embed_dim, len(v))
-                                          for k, v in LABELS.items()})
+                                          for k, v in data.LABELS.items()})
 
     def forward(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """-> (CLS logits per label, patch-token logits per label)."""
@@ -75,11 +69,6 @@ class Classifier(nn.Module):
         flat = self.features.backbone.norm(tokens).flatten(1)
         return ({k: head(cls) for k, head in self.heads.items()},
                 {k: head(flat) for k, head in self.token_heads.items()})
-
-
-def targets(labels: list[dict]) -> dict[str, torch.Tensor]:
-    return {k: torch.tensor([classes.index(lab[k]) if lab.get(k) is not None else IGNORE for lab in labels])
-            for k, classes in LABELS.items()}
 
 
 def _draw(seeds, workers: int) -> tuple[torch.Tensor, list[dict]]:
@@ -95,8 +84,8 @@ def accuracy(model: Classifier, x_uint8: torch.Tensor, labels: list[dict], which
     """Held-out accuracy of the CLS heads (which=0) or the patch-token heads (which=1)."""
     model.eval()
     preds = [model(x_uint8[i:i + 128].float() / 127.5 - 1)[which] for i in range(0, len(x_uint8), 128)]
-    tgt, out, all_ok = targets(labels), {}, None
-    for k in LABELS:
+    tgt, out, all_ok = label_targets(labels, data.LABELS), {}, None
+    for k in data.LABELS:
         pred = torch.cat([p[k] for p in preds]).argmax(1)
         stated = tgt[k] != IGNORE
         ok = (pred == tgt[k]) | ~stated
@@ -112,7 +101,7 @@ def pretrain(cfg: PretrainConfig, command: str = "") -> dict:
     torch.manual_seed(cfg.seed)
     started = time.time()
     x, labels = _draw(range(cfg.train_images), cfg.workers)
-    y = targets(labels)
+    y = label_targets(labels, data.LABELS)
     print(f"drew {len(x)} training images in {time.time() - started:.0f} s", flush=True)
     model = Classifier(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -125,7 +114,7 @@ def pretrain(cfg: PretrainConfig, command: str = "") -> dict:
         idx = torch.randint(len(x), (cfg.batch_size,))
         cls_logits, token_logits = model(x[idx].float() / 127.5 - 1)
         loss = sum(F.cross_entropy(logits[k], y[k][idx], ignore_index=IGNORE)
-                   for logits in (cls_logits, token_logits) for k in LABELS)
+                   for logits in (cls_logits, token_logits) for k in data.LABELS)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -145,7 +134,7 @@ def pretrain(cfg: PretrainConfig, command: str = "") -> dict:
         "training": {"train_seeds": [0, cfg.train_images], "steps": cfg.steps, "batch_size": cfg.batch_size,
                      "lr": cfg.lr, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
                      "torch_threads": torch.get_num_threads(), "train_seconds": round(train_seconds, 1),
-                     "labels": {k: list(map(str, v)) for k, v in LABELS.items()}},
+                     "labels": {k: list(map(str, v)) for k, v in data.LABELS.items()}},
         "heldout_accuracy": {"n": cfg.eval_images, **{k: round(v, 4) for k, v in acc.items()}},
         "heldout_accuracy_patch_tokens": {"n": cfg.eval_images, **{k: round(v, 4) for k, v in token_acc.items()}},
     }

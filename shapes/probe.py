@@ -77,10 +77,10 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
 
 
-def label_targets(labels: list[dict]) -> dict[str, torch.Tensor]:
+def label_targets(labels: list[dict], heads: dict = HEADS) -> dict[str, torch.Tensor]:
     """Label dicts -> class-index tensors per head; an attribute a caption does not state becomes IGNORE."""
     out = {}
-    for name, classes in HEADS.items():
+    for name, classes in heads.items():
         out[name] = torch.tensor([classes.index(lab[name]) if lab.get(name) is not None else IGNORE
                                   for lab in labels])
     return out

@@ -2,8 +2,8 @@
 
 Stages, in order (the student comes after, from `python -m distill`, see docs/DEMO_MODELS.md):
 
-  encoders  the two frozen, randomly initialised CLIP text encoders, saved once so every stage and machine
-            uses the very same weights (seconds, CPU)
+  encoders  the two CLIP text encoders, trained on caption labels (shapes/text_pretrain.py), then saved once
+            and frozen, so every stage and machine uses the very same weights (minutes, CPU)
   vae       AutoencoderKL on pixels: L1 reconstruction + a mild KL pull towards N(0, 1); at the end the latent
             scaling factor (1 / std of the latents) is measured and stored
   base      SDXL-style base UNet: epsilon objective on VAE latents, t ~ U{0..999}, SDXL's noise schedule,
@@ -82,12 +82,32 @@ def load_weights(model, folder: Path, ema: bool = False) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Frozen text encoders and caption embeddings.
 
-def save_encoders(work: Path) -> Path:
-    folder = work / "encoders"
+def train_text_encoders(cfg: DemoTrainConfig, started: float) -> dict:
+    """Random init (seed 0), trained on caption labels (shapes/text_pretrain.py), saved once to WORK/encoders:
+    every later stage and machine must see the very same weights, so an existing folder is kept."""
+    from .text_pretrain import train_encoders
+
+    folder = Path(cfg.work) / "encoders"
+    if (folder / "text_encoder_2" / "config.json").is_file():
+        print(f"text encoders already in {folder}; kept (every stage must see the same weights)", flush=True)
+        return load_state(folder) or {}
+    device = pick_device(cfg)
     te1, te2 = demo_family.build_text_encoders()
-    te1.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    te2.save_pretrained(folder / "text_encoder_2", safe_serialization=True)
-    return folder
+    tok1, tok2 = demo_family.tokenizers()
+    state = train_encoders(
+        {"text_encoder": te1.to(device), "text_encoder_2": te2.to(device)},
+        {"text_encoder": tok1, "text_encoder_2": tok2}, steps=cfg.max_steps or 10**9, batch_size=cfg.batch_size,
+        lr=cfg.lr, seed=cfg.seed, pool_size=cfg.pool_size, eval_captions=cfg.eval_images,
+        deadline=started + 60 * cfg.minutes - cfg.reserve_seconds, log_every=cfg.log_every)
+    te1.cpu().save_pretrained(folder / "text_encoder", safe_serialization=True)
+    te2.cpu().save_pretrained(folder / "text_encoder_2", safe_serialization=True)
+    state["config"] = cfg.to_dict()
+    (folder / "state.json").write_text(json.dumps(state, indent=1))
+    worst = min(state["heldout_accuracy"].items(), key=lambda kv: kv[1])
+    print(f"encoders: {state['steps']} steps in {state['seconds']:.0f} s; held-out accuracy of the linear read-outs "
+          f"{min(state['heldout_accuracy'].values()):.3f} (worst: {worst[0]}) .. "
+          f"{max(state['heldout_accuracy'].values()):.3f}; saved to {folder}", flush=True)
+    return state
 
 
 def load_encoders(work: Path, device, dtype=torch.float32):
@@ -443,13 +463,7 @@ def train_unet(cfg: DemoTrainConfig, started: float) -> dict:
 def run_stage(cfg: DemoTrainConfig, started: float | None = None) -> dict:
     started = started if started is not None else time.time()
     if cfg.stage == "encoders":
-        folder = Path(cfg.work) / "encoders"
-        if (folder / "text_encoder_2" / "config.json").is_file():
-            print(f"text encoders already in {folder}; kept (every stage must see the same weights)", flush=True)
-        else:
-            folder = save_encoders(Path(cfg.work))
-            print(f"saved the frozen text encoders to {folder}", flush=True)
-        return {"folder": str(folder)}
+        return train_text_encoders(cfg, started)
     if cfg.stage == "vae":
         return train_vae(cfg, started)
     return train_unet(cfg, started)

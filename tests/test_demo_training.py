@@ -29,7 +29,7 @@ def work(tmp_path_factory):
     """A work dir with every stage trained a few steps, each run twice (the second resumes)."""
     torch.set_num_threads(1)
     w = tmp_path_factory.mktemp("demo")
-    shapes_main(["train-demo", "--stage", "encoders", "--work", str(w)])
+    shapes_main(["train-demo", "--stage", "encoders", "--work", str(w), "--max-steps", "2", *TINY])
     for stage in ("vae", "base", "refiner"):
         shapes_main(["train-demo", "--stage", stage, "--work", str(w), "--max-steps", "2", *TINY])
         w.joinpath(f"{stage}-first.json").write_text((w / stage / "state.json").read_text())
@@ -134,6 +134,20 @@ def test_shipped_vit_loads_into_the_discriminator_with_no_missing_keys():
         torch.testing.assert_close(loaded[key], value)
     # The features know the shapes labels (chance: colour 1/8, background 1/9).
     assert info["heldout_accuracy"]["colour"] > 0.8 and info["heldout_accuracy"]["background"] > 0.8
+
+
+def test_pretrain_vit_writes_a_backbone_distill_loads(tmp_path):
+    """`pretrain-vit` end to end at a few images and steps: accuracy per label, a loadable backbone."""
+    from shapes.data import LABELS
+    from shapes.demo_config import PretrainConfig
+    from shapes.feature_net import check_loads
+
+    out = tmp_path / "vit"
+    shapes_main(["pretrain-vit", "--out", str(out), "--train-images", "16", "--eval-images", "8", "--steps", "2",
+                 "--batch-size", "4", "--log-every", "1", "--threads", "1"])
+    info = json.loads((out / "vit.json").read_text())
+    assert set(LABELS) <= set(info["heldout_accuracy"])
+    assert check_loads(out / "vit.safetensors", PretrainConfig()) == []
 
 
 def test_demo_student_config_runs_with_distill(work, tmp_path):
