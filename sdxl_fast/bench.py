@@ -13,6 +13,7 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -158,27 +159,38 @@ def measure(models: Models, label: str, jobs: list[Workload], default_times: dic
 def run_bench(configs: dict, device: torch.device, dtype: torch.dtype, repeats: int, tiny: bool,
               options: acceleration.Acceleration, compile_too: bool = False, on_row=None,
               only: list[str] | None = None, fp8: bool = False) -> tuple[list[dict], list[str]]:
+    started = time.perf_counter()
+
+    def done(phase: str) -> None:  # GPU time is rationed: say where it goes
+        print(f"bench: {phase} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
     components = random_weights.build_random_components(configs, device=device)
     reference = build_models(copy.deepcopy(components), device, torch.float32)  # eager fp32: the error baseline
     models = build_models(components, device, dtype)
     baseline = diffusers_default(models)
     jobs = [w for w in workloads(tiny) if not only or w.name in only]
+    done("building the models")
     default_times = {w.name: time_calls(baseline, w, device, repeats) for w in jobs}
+    done("diffusers default timings")
     fp32 = {w.name: final_latents(reference, w) for w in jobs}
     del reference
     eager = {w.name: final_latents(models, w) for w in jobs}  # our loop, same dtype, no options
+    done("eager fp32 and fp16 reference latents")
     notes = acceleration.apply(models, options)
     rows = measure(models, "ours", jobs, default_times, fp32, eager, device, repeats, on_row)
+    done("ours")
     if compile_too:
         notes += acceleration.apply(models, acceleration.Acceleration(
             channels_last=False, fuse_qkv=False, cuda_graphs=options.cuda_graphs, compile=True,
             compile_mode=options.compile_mode))
         rows += measure(models, "ours + compile", jobs, default_times, fp32, eager, device, repeats, on_row)
+        done("ours + compile")
     if fp8:
         notes += acceleration.apply(models, acceleration.Acceleration(
             channels_last=False, fuse_qkv=False, fp8=True, cuda_graphs=options.cuda_graphs, compile=False))
         label = "ours + compile + fp8" if compile_too else "ours + fp8"
         rows += measure(models, label, jobs, default_times, fp32, eager, device, repeats, on_row)
+        done(label)
     return rows, notes
 
 
