@@ -4,8 +4,8 @@ Stages, in order (the student comes after, from `python -m distill`, see docs/DE
 
   encoders  the two CLIP text encoders, trained on caption labels (shapes/text_pretrain.py), then saved once
             and frozen, so every stage and machine uses the very same weights (minutes, CPU)
-  vae       AutoencoderKL on pixels: L1 reconstruction + a mild KL pull towards N(0, 1); at the end the latent
-            scaling factor (1 / std of the latents) is measured and stored
+  vae       AutoencoderKL on pixels: L1 + MSE reconstruction + a mild KL pull towards N(0, 1); at the end the
+            latent scaling factor (1 / std of the latents) and the probe's accuracy on reconstructions are stored
   base      SDXL-style base UNet: epsilon objective on VAE latents, t ~ U{0..999}, SDXL's noise schedule,
             caption dropout to zeroed embeddings (force_zeros_for_empty_prompt) for classifier-free guidance
   refiner   refiner UNet on the low-noise end only (t ~ U{0..refiner_t_max}), context = text_encoder_2's
@@ -103,10 +103,10 @@ def train_text_encoders(cfg: DemoTrainConfig, started: float) -> dict:
     te2.cpu().save_pretrained(folder / "text_encoder_2", safe_serialization=True)
     state["config"] = cfg.to_dict()
     (folder / "state.json").write_text(json.dumps(state, indent=1))
-    worst = min(state["heldout_accuracy"].items(), key=lambda kv: kv[1])
+    acc = state["heldout_accuracy"]
+    worst = min(acc, key=acc.get)
     print(f"encoders: {state['steps']} steps in {state['seconds']:.0f} s; held-out accuracy of the linear read-outs "
-          f"{min(state['heldout_accuracy'].values()):.3f} (worst: {worst[0]}) .. "
-          f"{max(state['heldout_accuracy'].values()):.3f}; saved to {folder}", flush=True)
+          f"{acc[worst]:.3f} (worst: {worst}) to {max(acc.values()):.3f}; saved to {folder}", flush=True)
     return state
 
 
@@ -294,10 +294,10 @@ def measure_vae(vae, pixels_uint8: torch.Tensor, device, n: int = 2048, heldout:
     with autocast(device):
         rec = vae.decode(vae.encode(held).latent_dist.mode()).sample.float().clamp(-1, 1)
     mse = F.mse_loss(rec, held).item()
-    rec_uint8 = ((rec + 1) * 127.5).round().to(torch.uint8).cpu()
     probe = load_probe()
-    rec_uint8 = F.interpolate(rec_uint8.float(), size=probe.config.input_size, mode="area").round().to(torch.uint8)
-    accuracy = score(predict_indices(probe, rec_uint8), label_targets(list(labels)))
+    small = F.interpolate(rec, size=probe.config.input_size, mode="area")  # the probe's box resize
+    accuracy = score(predict_indices(probe, ((small + 1) * 127.5).round().to(torch.uint8).cpu()),
+                     label_targets(list(labels)))
     return {"scaling_factor": 1.0 / z.std().item(), "latent_mean": z.mean().item(), "latent_std": z.std().item(),
             "heldout_l1": (rec - held).abs().mean().item(), "heldout_psnr": 10 * math.log10(4.0 / max(mse, 1e-12)),
             **{f"heldout_probe_{k}": v for k, v in accuracy.items()}}
