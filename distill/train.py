@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -291,7 +292,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             sched.step()
         opt.zero_grad(set_to_none=True)
 
-    progress = tqdm(total=cfg.max_steps, initial=state.step, desc="distill", disable=not accelerator.is_local_main_process)
+    # Into a log file (a batch job, nohup) a bar redrawn every step would flood it; the log lines every
+    # log_every steps carry the numbers there, so the bar redraws at most every 30 s.
+    progress = tqdm(total=cfg.max_steps, initial=state.step, desc="distill", disable=not accelerator.is_local_main_process,
+                    mininterval=0.1 if sys.stderr.isatty() else 30)
     images_per_s, step_seconds = [], []
     # The wall-clock budget (max_minutes) counts from here; the run then checkpoints and exports as at max_steps.
     deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
@@ -344,7 +348,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         if torch.cuda.is_available():
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         progress.update(1)
-        progress.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss")})
+        progress.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss")},
+                             refresh=False)
         if cfg.log_every and state.step % cfg.log_every == 0:
             accelerator.log(metrics, step=state.step)
             log.info("step %d %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
