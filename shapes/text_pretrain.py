@@ -1,9 +1,9 @@
 """The demo text encoders, trained on caption labels before any UNet (stage `encoders` of train_demo).
 
 Why: at random initialisation the two small CLIP encoders map captions that differ in one colour word to
-pooled embeddings with cosine ~0.95, and a linear read-out of the object colour from that pooled embedding is
-right for 46 % of held-out captions (8 colours; 76 % from the mean context). UNets trained on those
-embeddings learnt position and count but hardly colour, not even the background's. So both encoders are
+pooled embeddings with cosine ~0.95, and linear read-outs of the object colour from what the UNets read are
+right for 42-52 % of held-out captions (8 colours; docs/DEMO_MODELS.md). UNets trained on those embeddings
+learnt position and count but hardly colour, not even the background's. So both encoders are
 trained to make every label a caption states linearly readable from exactly what the UNets read:
 
   text_encoder    penultimate hidden states (the context): at the end-of-text token, and their mean
