@@ -6,14 +6,20 @@ colour, size, position cell, count, background colour and texture, caption templ
 jitter (exact position, size, rotation, shade, stripe period, noise) into far more than millions of distinct
 images.
 
-Labels are what a caption states, and a caption states exactly the labels, so the probe classifier can score
-a generated image against its prompt:
+Labels are what an image shows, and a caption states them (all, or all but some of OPTIONAL), so the probe
+classifier can score a generated image against its prompt:
   * shape and colour: of every object (all objects in one image share shape, colour and size class);
   * count: 1, 2 or 3;
   * position: the 3x3 grid cell of the object's centre, for single objects only. With two or three objects
     the caption names no position and the label is None.
 Size class, background colour and texture are in the caption too (useful text for the generator) and in the
 labels, but the probe does not predict them.
+
+Captions vary in detail as users' prompts do: each of size, position and background is left out of a caption
+with probability OMIT_PROBABILITY (labels["unstated"]), so "a red circle" is a caption the models have seen
+(1 in 27 single-object captions), not an unknown prompt. That choice comes from its own random stream, so
+the images are the same as before captions varied. The held-out evaluation uses `full_caption`: every
+attribute stated, so attempts stay comparable.
 
 Split: training seeds are 0 .. HELDOUT_START - 1; the held-out evaluation set is the fixed seeds
 HELDOUT_START, HELDOUT_START + 1, ... (`heldout_seeds`). Never train on seeds >= HELDOUT_START.
@@ -29,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 HELDOUT_START = 10**9
+DATA_VERSION = 2  # bumped when a seed's caption or image changes (2: captions leave attributes out); keys caches
 DEFAULT_SIZE = 128
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
@@ -84,13 +91,19 @@ def _background_phrase(colour: str, texture: str) -> str:
     return f"{_article(words)} {words}"
 
 
-def caption_for(labels: dict, template: int = 0) -> str:
-    """The caption of a label set. Templates only reorder words; each one names every label exactly once."""
-    size, colour, shape, count = labels["size"], labels["colour"], labels["shape"], labels["count"]
+def caption_for(labels: dict, template: int = 0, unstated: tuple[str, ...] = ()) -> str:
+    """The caption of a label set, naming every label once except those in `unstated` (a subset of
+    OPTIONAL). Templates only reorder words."""
+    colour, shape, count = labels["colour"], labels["shape"], labels["count"]
+    size = "" if "size" in unstated else f"{labels['size']} "
     if count == 1:
-        thing = f"a {size} {colour} {shape} {POSITION_PHRASES[labels['position']]}"
+        where = "" if "position" in unstated else f" {POSITION_PHRASES[labels['position']]}"
+        words = f"{size}{colour} {shape}"
+        thing = f"{_article(words)} {words}{where}"
     else:
-        thing = f"{COUNT_WORDS[count]} {size} {colour} {PLURALS[shape]}"
+        thing = f"{COUNT_WORDS[count]} {size}{colour} {PLURALS[shape]}"
+    if "background" in unstated:
+        return f"a picture of {thing}" if template == 2 else thing
     background = _background_phrase(labels["background"], labels["texture"])
     if template == 0:
         return f"{thing} on {background}"
@@ -99,7 +112,25 @@ def caption_for(labels: dict, template: int = 0) -> str:
     return f"a picture of {thing} on {background}"
 
 
+def caption_of(labels: dict) -> str:
+    """The training caption of a sample: its template, without its unstated attributes."""
+    return caption_for(labels, labels["template"], tuple(labels["unstated"]))
+
+
+def full_caption(labels: dict) -> str:
+    """Every attribute stated (the held-out evaluation's captions)."""
+    return caption_for(labels, labels["template"])
+
+
+def stated_labels(labels: dict) -> dict:
+    """The labels with those the caption leaves out set to None (texture goes with the background)."""
+    hidden = set(labels["unstated"]) | ({"texture"} if "background" in labels["unstated"] else set())
+    return {k: (None if k in hidden else v) for k, v in labels.items()}
+
+
 CAPTION_TEMPLATES = 3
+OPTIONAL = ("size", "position", "background")  # what a caption may leave out; shape, colour, count never
+OMIT_PROBABILITY = 1 / 3
 _BACKGROUND_PHRASE = re.compile(
     rf"\ban? (?:striped |noisy )?(?:{'|'.join(BACKGROUNDS)}) (?:gradient )?background\b")
 
@@ -245,6 +276,10 @@ def sample_labels(seed: int) -> tuple[dict, dict, np.random.Generator]:
         centres = _place_multi(count, r, rng)
     labels = {"shape": shape, "colour": colour, "position": position, "count": count, "size": size,
               "background": background, "texture": texture, "template": int(rng.integers(CAPTION_TEMPLATES))}
+    # A separate stream for the caption's detail, so the drawing's stream (rng) is the same as before.
+    detail = np.random.default_rng([seed, 1])
+    labels["unstated"] = [a for a in OPTIONAL if detail.random() < OMIT_PROBABILITY
+                          and not (a == "position" and count > 1)]
     geometry = {"centres": centres, "radius": r}
     return labels, geometry, rng
 
@@ -265,4 +300,4 @@ def sample(seed: int, size: int = DEFAULT_SIZE) -> tuple[Image.Image, str, dict]
     m = np.asarray(mask_img, dtype=np.float32)[..., None] / 255.0
     pixels = bg + m * (colour.astype(np.float32) - bg)
     image = Image.fromarray(np.round(pixels).astype(np.uint8), "RGB").reduce(2)
-    return image, caption_for(labels, labels["template"]), labels
+    return image, caption_of(labels), labels

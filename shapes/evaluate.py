@@ -68,8 +68,8 @@ def evaluate(base: str, refiner: str | None, student: str, n: int = 200, probe_d
         raise ValueError("n must be at least 2 (the Fréchet distance needs a covariance)")
     probe = load_probe(probe_dir)
     seeds = data.heldout_seeds(n)
-    captions = [data.sample(seed, size)[1] for seed in seeds]
     real_x, labels = render(seeds, probe.config.input_size)
+    captions = [data.full_caption(lab) for lab in labels]  # every attribute stated: comparable across attempts
     targets = label_targets(labels)
     real_features = features(probe, real_x)
     floor_x, _ = render(data.heldout_seeds(2 * n)[n:], probe.config.input_size)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DEFAULT_SIZE, HELDOUT_START, sample
+from .data import DATA_VERSION, DEFAULT_SIZE, HELDOUT_START, sample
 
 
 def _draw_chunk(args) -> tuple[np.ndarray, list[str], list[dict]]:
@@ -51,7 +51,7 @@ def load_or_draw_pool(count: int, workers: int, cache_dir: str | None = None, si
     import json
 
     if cache_dir:
-        base = Path(cache_dir) / f"pool-{count}-{size}"
+        base = Path(cache_dir) / f"pool-v{DATA_VERSION}-{count}-{size}"
         if base.with_suffix(".npy").is_file() and base.with_suffix(".json").is_file():
             meta = json.loads(base.with_suffix(".json").read_text())
             return np.load(base.with_suffix(".npy")), meta["captions"], meta["labels"]

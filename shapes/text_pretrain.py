@@ -29,12 +29,13 @@ FEATURES = {"text_encoder": ("eos", "mean"), "text_encoder_2": ("eos", "mean", "
 
 
 def captions_and_labels(seeds) -> tuple[list[str], list[dict]]:
-    """Captions and labels without drawing the images (a few microseconds per seed)."""
+    """Captions and the labels they state (None where a caption leaves one out, which the heads then ignore),
+    without drawing the images (a few microseconds per seed)."""
     captions, labels = [], []
     for seed in seeds:
         lab, _, _ = data.sample_labels(seed)
-        captions.append(data.caption_for(lab, lab["template"]))
-        labels.append(lab)
+        captions.append(data.caption_of(lab))
+        labels.append(data.stated_labels(lab))
     return captions, labels
 
 

@@ -32,12 +32,43 @@ def test_image_format_and_size():
 
 
 @pytest.mark.parametrize("seed", list(range(0, 400, 1)) + heldout_seeds(100))
-def test_caption_states_exactly_the_labels(seed):
+def test_caption_states_exactly_the_stated_labels(seed):
     _, caption, labels = sample(seed)
-    assert parse_caption(caption) == {k: labels[k] for k in PROBE_KEYS}
+    stated = data.stated_labels(labels)
+    assert parse_caption(caption) == {k: stated[k] for k in PROBE_KEYS}
     # Multiple objects share shape and colour and name no position; a single object always has one.
     assert (labels["position"] is None) == (labels["count"] > 1)
-    assert labels["size"] in caption and labels["background"] in caption
+    assert (labels["size"] in caption) == ("size" not in labels["unstated"])
+    assert ("background" in caption) == ("background" not in labels["unstated"])
+    # The evaluation's caption states everything.
+    full = data.full_caption(labels)
+    assert parse_caption(full) == {k: labels[k] for k in PROBE_KEYS}
+    assert labels["size"] in full and labels["background"] in full
+
+
+def test_captions_vary_in_detail_down_to_short_prompts():
+    captions, unstated = set(), {a: 0 for a in data.OPTIONAL}
+    for seed in range(3000):
+        _, caption, labels = sample(seed)
+        captions.add(caption)
+        for a in labels["unstated"]:
+            unstated[a] += 1
+    # Each optional attribute is left out about a third of the time (position: of single objects only).
+    assert 800 < unstated["size"] < 1200 and 800 < unstated["background"] < 1200
+    assert 200 < unstated["position"] < 500
+    assert any(c.count(" ") == 2 for c in captions)  # "a red circle"-like: colour and shape only
+
+
+# sha256 prefixes of the images of seeds 0, 1, 2 and HELDOUT_START, taken at DATA_VERSION 1 (full captions).
+EXPECTED_DIGESTS = ['cf6b531cf6e1affb', '1b3ba6648cfbeb9e', 'c81e0fb43197169c', 'f04cf9a10eb61f3a']
+
+
+def test_caption_detail_does_not_change_the_images():
+    """The detail choice has its own random stream: the image of a seed is what it was with full captions
+    (these digests were taken before captions varied), so VAEs and probes trained on them stay valid."""
+    import hashlib
+    digests = [hashlib.sha256(sample(s)[0].tobytes()).hexdigest()[:16] for s in (0, 1, 2, HELDOUT_START)]
+    assert digests == EXPECTED_DIGESTS
 
 
 def test_parse_short_prompts():

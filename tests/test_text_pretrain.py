@@ -8,6 +8,7 @@ import torch
 
 from shapes import data, demo_family, text_pretrain
 from shapes.cli import main as shapes_main
+from shapes.probe import IGNORE, label_targets
 
 
 def _fresh():
@@ -80,3 +81,20 @@ def test_stage_saves_once_and_keeps(tmp_path, capsys):
     shapes_main(args)
     assert "already in" in capsys.readouterr().out
     assert (tmp_path / "encoders" / "text_encoder_2" / "model.safetensors").read_bytes() == weights
+
+
+def test_heads_learn_only_what_a_caption_states():
+    """A caption that leaves out size, position or background gives those heads no target (IGNORE), so the
+    encoders are not trained to invent them."""
+    seeds = range(300)
+    captions, labels = text_pretrain.captions_and_labels(seeds)
+    targets = label_targets(labels, data.LABELS)
+    checked = 0
+    for i, seed in enumerate(seeds):
+        unstated = data.sample_labels(seed)[0]["unstated"]
+        assert captions[i] == data.sample(seed)[1]
+        for name in ("size", "background", "texture"):
+            hidden = name in unstated or (name == "texture" and "background" in unstated)
+            assert (int(targets[name][i]) == IGNORE) == hidden, (seed, name)
+            checked += hidden
+    assert checked > 50
