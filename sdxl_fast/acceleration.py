@@ -19,6 +19,23 @@ from .loading import Models
 log = logging.getLogger(__name__)
 
 
+# Graphs torch.compile may keep per frame. The UNets share one frame (diffusers' forward), and each
+# (model, batch, size) served is a graph of its own; torch's default of 8 would send later shapes to eager.
+RECOMPILE_LIMIT = 64
+
+
+def compile_models(unets, vaes, mode: str | None, backend="inductor") -> None:
+    """torch.compile with static shapes: one graph per shape. With torch's default (dynamic after the first
+    recompile) the second shape served, e.g. the 1024² base after the 512² student, compiled as a
+    dynamic-shape graph that had not finished after minutes on an H200, where the same shapes compiled
+    alone took three minutes (BENCHMARKS.md)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    for unet in unets:
+        unet.compile(mode=mode, fullgraph=True, dynamic=False, backend=backend)
+    for vae in vaes:
+        vae.decoder.compile(mode=mode, dynamic=False, backend=backend)
+
+
 @dataclass(frozen=True)
 class Acceleration:
     channels_last: bool = True  # NHWC convolutions: the layout cuDNN's fastest fp16 kernels use
@@ -84,11 +101,8 @@ def apply(models: Models, options: Acceleration) -> list[str]:
             # Inductor's compiled kernels persist here, so a restarted app compiles in seconds, not minutes
             # (its default, /tmp, is wiped with many containers).
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "sdxl-fast" / "inductor"))
-            for unet in unets:
-                unet.compile(mode=options.compile_mode, fullgraph=True)
-            for vae in vaes:
-                vae.decoder.compile(mode=options.compile_mode)
-            notes.append(f"compile: applied (mode={options.compile_mode})")
+            compile_models(unets, vaes, options.compile_mode)
+            notes.append(f"compile: applied (mode={options.compile_mode}, static shapes)")
     if options.cuda_graphs:
         if models.device.type != "cuda":
             notes.append(f"cuda_graphs: skipped on {models.device.type} (CUDA only)")

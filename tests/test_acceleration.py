@@ -30,6 +30,38 @@ def test_options_on_cpu_apply_or_skip_with_reason_and_stay_faithful(tiny_sources
     assert np.abs(fused - eager).max() <= 2  # same maths; the fused matmul only rounds differently
 
 
+def test_compiled_models_get_one_static_graph_per_shape(tiny_family):
+    """Base and student share diffusers' forward frame; each new shape must compile a static graph (no
+    symbolic sizes), not turn the frame dynamic. Run on CPU with a recording backend instead of Inductor."""
+    from diffusers import UNet2DConditionModel
+
+    from sdxl_fast.acceleration import compile_models
+
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(any(isinstance(x, torch.SymInt) or isinstance(x, torch.Tensor)
+                          and any(isinstance(d, torch.SymInt) for d in x.shape) for x in example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        unets = [UNet2DConditionModel.from_pretrained(tiny_family[name], subfolder="unet")
+                 for name in ("base", "student")]
+        compile_models(unets, [], mode=None, backend=recording_backend)
+        with torch.no_grad():
+            for unet, batch, side in [(unets[1], 1, 8), (unets[0], 2, 16), (unets[1], 3, 8)]:
+                cfg = unet.config
+                added = {"text_embeds": torch.randn(batch, cfg.projection_class_embeddings_input_dim
+                                                    - 6 * cfg.addition_time_embed_dim),
+                         "time_ids": torch.zeros(batch, 6)}
+                unet(torch.randn(batch, 4, side, side), 500, torch.randn(batch, 7, cfg.cross_attention_dim),
+                     added_cond_kwargs=added)
+        assert graphs == [False, False, False]  # three shapes, three static graphs
+    finally:
+        torch._dynamo.reset()
+
+
 def test_bench_harness_runs_and_writes_its_table(tmp_path, capsys):
     out = tmp_path / "BENCH.md"
     assert main(["bench", "--tiny", "--repeats", "1", "--device", "cpu", "-o", str(out)]) == 0
