@@ -109,8 +109,9 @@ def _not_found(source: str, role: str, why: str) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"Could not load the {role} model from {source!r}: {why}.\n"
         "Point at local diffusers folders instead: --base/--refiner/--fast on the command line, or the "
-        f"environment variables {', '.join(ENV_VARS.values())} (use --refiner none to skip the refiner); "
-        "`--preset demo` uses the small demo models shipped with sdxl-fast."
+        f"environment variables {', '.join(ENV_VARS.values())} (use --refiner none to skip the refiner)"
+        + ("; `--preset demo` uses the small demo models shipped with sdxl-fast." if demo_models_available() else
+           ". This copy of sdxl-fast has no demo models (demo_models/); docs/DEMO_MODELS.md says how to train them.")
     )
 
 

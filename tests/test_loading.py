@@ -63,6 +63,21 @@ def test_missing_weights_offline_fail_fast_with_a_clear_message(monkeypatch):
     assert "--base" in message and "SDXL_FAST_BASE" in message
 
 
+def test_missing_weights_message_offers_the_demo_preset_only_when_it_is_there(monkeypatch, tmp_path):
+    from sdxl_fast import loading
+
+    def message() -> str:
+        with pytest.raises(ModelNotFoundError) as err:
+            load(modes=("quality",), sources=ModelSources(str(tmp_path / "nope"), None, ""), device="cpu")
+        return str(err.value)
+
+    monkeypatch.setattr(loading, "DEMO_MODELS_DIR", tmp_path / "demo_models")
+    assert "--preset demo" not in message() and "no demo models" in message()
+    (tmp_path / "demo_models" / "base").mkdir(parents=True)
+    (tmp_path / "demo_models" / "base" / "model_index.json").write_text("{}")
+    assert "`--preset demo` uses the small demo models" in message()
+
+
 def test_missing_local_folder_is_named(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no such local folder"):
         load(modes=("quality",), sources=ModelSources(str(tmp_path / "nope/x/y"), None, ""), device="cpu")
