@@ -30,7 +30,7 @@ from torch import nn
 
 from . import data
 from .demo_config import PretrainConfig
-from .probe import IGNORE, label_targets
+from .probe import IGNORE, label_targets, normalise, score
 
 
 def backbone_kwargs(cfg: PretrainConfig) -> dict:
@@ -83,16 +83,9 @@ def _draw(seeds, workers: int) -> tuple[torch.Tensor, list[dict]]:
 def accuracy(model: Classifier, x_uint8: torch.Tensor, labels: list[dict], which: int = 0) -> dict[str, float]:
     """Held-out accuracy of the CLS heads (which=0) or the patch-token heads (which=1)."""
     model.eval()
-    preds = [model(x_uint8[i:i + 128].float() / 127.5 - 1)[which] for i in range(0, len(x_uint8), 128)]
-    tgt, out, all_ok = label_targets(labels, data.LABELS), {}, None
-    for k in data.LABELS:
-        pred = torch.cat([p[k] for p in preds]).argmax(1)
-        stated = tgt[k] != IGNORE
-        ok = (pred == tgt[k]) | ~stated
-        out[k] = float(ok[stated].float().mean())
-        all_ok = ok if all_ok is None else all_ok & ok
-    out["all"] = float(all_ok.float().mean())
-    return out
+    preds = [model(normalise(x_uint8[i:i + 128]))[which] for i in range(0, len(x_uint8), 128)]
+    predicted = {k: torch.cat([p[k] for p in preds]).argmax(1) for k in data.LABELS}
+    return score(predicted, label_targets(labels, data.LABELS), data.LABELS)
 
 
 def pretrain(cfg: PretrainConfig, command: str = "") -> dict:
@@ -112,7 +105,7 @@ def pretrain(cfg: PretrainConfig, command: str = "") -> dict:
     model.train()
     for step in range(cfg.steps):
         idx = torch.randint(len(x), (cfg.batch_size,))
-        cls_logits, token_logits = model(x[idx].float() / 127.5 - 1)
+        cls_logits, token_logits = model(normalise(x[idx]))
         loss = sum(F.cross_entropy(logits[k], y[k][idx], ignore_index=IGNORE)
                    for logits in (cls_logits, token_logits) for k in data.LABELS)
         opt.zero_grad(set_to_none=True)

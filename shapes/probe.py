@@ -121,11 +121,12 @@ def predict(probe: Probe, images: list[Image.Image]) -> list[dict]:
     return [{name: HEADS[name][int(idx[name][i])] for name in HEADS} for i in range(len(images))]
 
 
-def score(predicted: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, float]:
+def score(predicted: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+          heads: dict = HEADS) -> dict[str, float]:
     """Per-attribute accuracy over the captions that state the attribute, and "all": the fraction of captions
     whose every stated attribute is predicted correctly."""
     out, all_ok = {}, None
-    for name in HEADS:
+    for name in heads:
         stated = targets[name] != IGNORE
         ok = (predicted[name] == targets[name]) | ~stated
         out[name] = float(ok[stated].float().mean()) if stated.any() else float("nan")
