@@ -25,7 +25,8 @@ EXAMPLES = """examples:
   sdxl-fast generate "a corgi astronaut" --mode fast --steps 4 --size 768x768 --num-images 4 -o corgi.png
   sdxl-fast generate --from-png lighthouse.png -o same-again.png
 model sources (first found wins): --base/--refiner/--fast, then SDXL_FAST_BASE/SDXL_FAST_REFINER/SDXL_FAST_FAST,
-then --preset, then the shipped demo models, then the SDXL hub ids."""
+then --preset (or SDXL_FAST_PRESET), then SDXL if all three SDXL pipelines are in the Hugging Face cache,
+then the shipped demo models, then the SDXL hub ids (downloaded)."""
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -36,6 +36,7 @@ SDXL_TURBO = "stabilityai/sdxl-turbo"
 DEMO_MODELS_DIR = Path(__file__).resolve().parent.parent / "demo_models"
 
 ENV_VARS = {"base": "SDXL_FAST_BASE", "refiner": "SDXL_FAST_REFINER", "fast": "SDXL_FAST_FAST"}
+PRESET_ENV_VAR = "SDXL_FAST_PRESET"  # for deployments that cannot pass --preset, e.g. a Hugging Face Space
 NO_REFINER = ("", "none", "off")
 
 
@@ -70,15 +71,28 @@ def demo_models_available() -> bool:
     return (DEMO_MODELS_DIR / "base" / "model_index.json").is_file()
 
 
+def sdxl_cached(cache_dir: str | Path | None = None) -> bool:
+    """Whether the SDXL preset's three pipelines are all in the local Hugging Face cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    sdxl = PRESETS["sdxl"]
+    return all(isinstance(try_to_load_from_cache(repo, "model_index.json", cache_dir=cache_dir), str)
+               for repo in (sdxl.base, sdxl.refiner, sdxl.fast))
+
+
 def resolve_sources(preset: str | None = None, base: str | None = None, refiner: str | None = None,
                     fast: str | None = None) -> ModelSources:
-    """Pick every source: argument > env var > preset > shipped demo models > SDXL hub ids.
+    """Pick every source: argument > env var > preset (argument, else SDXL_FAST_PRESET) > SDXL if cached >
+    shipped demo models > SDXL hub ids.
 
     `refiner` may be "none" (or empty) to run the Quality path on the base alone.
     """
+    preset = preset or os.environ.get(PRESET_ENV_VAR) or None
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
-    fallback = PRESETS[preset or ("demo" if demo_models_available() else "sdxl")]
+    if preset is None:  # the demo models stand in for SDXL only where SDXL's weights are absent
+        preset = "demo" if demo_models_available() and not sdxl_cached() else "sdxl"
+    fallback = PRESETS[preset]
     chosen = {}
     for name, arg in (("base", base), ("refiner", refiner), ("fast", fast)):
         value = arg if arg is not None else os.environ.get(ENV_VARS[name])

@@ -10,6 +10,7 @@ from sdxl_fast import loading
 
 def test_sources_resolve_argument_then_env_then_preset(monkeypatch):
     monkeypatch.setattr(loading, "demo_models_available", lambda: False)
+    monkeypatch.setattr(loading, "sdxl_cached", lambda: False)
     assert resolve_sources() == loading.PRESETS["sdxl"]
     monkeypatch.setenv("SDXL_FAST_BASE", "/env/base")
     monkeypatch.setenv("SDXL_FAST_REFINER", "none")
@@ -19,10 +20,33 @@ def test_sources_resolve_argument_then_env_then_preset(monkeypatch):
     assert resolve_sources(preset="sdxl-no-refiner", base=None).base == "/env/base"
 
 
-def test_shipped_demo_models_come_before_hub_ids(monkeypatch):
+def test_shipped_demo_models_stand_in_only_where_sdxl_is_absent(monkeypatch):
     monkeypatch.setattr(loading, "demo_models_available", lambda: True)
+    monkeypatch.setattr(loading, "sdxl_cached", lambda: False)
     assert resolve_sources() == loading.PRESETS["demo"]
     assert resolve_sources(preset="sdxl") == loading.PRESETS["sdxl"]
+    monkeypatch.setattr(loading, "sdxl_cached", lambda: True)
+    assert resolve_sources() == loading.PRESETS["sdxl"]
+    assert resolve_sources(preset="demo") == loading.PRESETS["demo"]
+    monkeypatch.setenv("SDXL_FAST_PRESET", "demo")  # a Space sets this instead of passing --preset
+    assert resolve_sources() == loading.PRESETS["demo"]
+    assert resolve_sources(preset="sdxl-no-refiner") == loading.PRESETS["sdxl-no-refiner"]
+
+
+def test_sdxl_counts_as_cached_only_with_all_three_pipelines(tmp_path):
+    def cache(repo: str) -> None:  # the Hugging Face cache layout: models--owner--name/{refs/main, snapshots/<commit>}
+        folder = tmp_path / f"models--{repo.replace('/', '--')}"
+        (folder / "snapshots" / "abc123").mkdir(parents=True)
+        (folder / "snapshots" / "abc123" / "model_index.json").write_text("{}")
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text("abc123")
+
+    sdxl = loading.PRESETS["sdxl"]
+    cache(sdxl.base)
+    cache(sdxl.refiner)
+    assert not loading.sdxl_cached(cache_dir=tmp_path)  # no sdxl-turbo
+    cache(sdxl.fast)
+    assert loading.sdxl_cached(cache_dir=tmp_path)
 
 
 def test_unknown_preset_is_a_clear_error():
