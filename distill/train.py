@@ -292,10 +292,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             sched.step()
         opt.zero_grad(set_to_none=True)
 
-    # Into a log file (a batch job, nohup) a bar redrawn every step would flood it; the log lines every
-    # log_every steps carry the numbers there, so the bar redraws at most every 30 s.
-    progress = tqdm(total=cfg.max_steps, initial=state.step, desc="distill", disable=not accelerator.is_local_main_process,
-                    mininterval=0.1 if sys.stderr.isatty() else 30)
+    # Only on a terminal: into a log file (a batch job, nohup, a pipe) the bar's carriage returns would glue
+    # the log lines onto it, and the log lines every log_every steps already carry the step and the numbers.
+    progress = tqdm(total=cfg.max_steps, initial=state.step, desc="distill",
+                    disable=not (accelerator.is_local_main_process and sys.stderr.isatty()))
     images_per_s, step_seconds = [], []
     # The wall-clock budget (max_minutes) counts from here; the run then checkpoints and exports as at max_steps.
     deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
