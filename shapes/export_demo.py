@@ -75,9 +75,14 @@ def export_demo(work: str | Path = "runs/demo", out: str | Path = "demo_models",
             raise FileNotFoundError(f"No student UNet folder at {student!r} (python -m distill writes OUTPUT_DIR/student)")
         unet = UNet2DConditionModel.from_pretrained(student, use_safetensors=True).to(dtype)
         unet.save_pretrained(out / "student", safe_serialization=True)
-        card = Path(student) / "README.md"
+        card, trained = Path(student) / "README.md", Path(student) / "training_config.json"
         if card.is_file():
-            (out / "student" / "README.md").write_text(card.read_text())
+            text = card.read_text()
+            if trained.is_file():  # the card's usage names the teacher folder it was trained from: name ours
+                usage, sep, config = text.partition("## Training config")
+                teacher = json.loads(trained.read_text())["teacher"]
+                text = usage.replace(teacher, str(out / "base")) + sep + config
+            (out / "student" / "README.md").write_text(text)
         written["student"] = out / "student"
 
     sizes = {name: folder_bytes(folder) for name, folder in written.items()}

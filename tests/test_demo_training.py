@@ -166,6 +166,12 @@ def test_demo_student_config_runs_with_distill(work, tmp_path):
     summary = train(cfg)
     assert summary["step"] == 1 and (tmp_path / "st" / "student" / "diffusion_pytorch_model.safetensors").is_file()
 
+    # The exported student's card points its usage at the exported base, and keeps the training record as it was.
+    out = export_demo(work, tmp_path / "demo", parts=("student",), student=tmp_path / "st" / "student")
+    usage, _, record = (out["student"] / "README.md").read_text().partition("## Training config")
+    assert f'base="{tmp_path / "demo" / "base"}"' in usage and cfg.teacher not in usage
+    assert f'"teacher": "{cfg.teacher}"' in record
+
 
 def test_parallel_drawing_equals_serial(tmp_path):
     from shapes.pool import draw_pool
