@@ -18,6 +18,7 @@ import threading
 import time
 import warnings
 from collections import Counter
+from functools import partial
 
 import gradio as gr
 import torch
@@ -52,6 +53,16 @@ EXAMPLES = [
     "a lighthouse on a cliff during a storm, oil painting",
     "portrait of an astronaut cat, studio lighting",
 ]
+# The demo family only knows its procedural shapes (docs/DEMO_MODELS.md), so it gets captions of its own.
+DEMO_EXAMPLES = [
+    "a red circle",
+    "a large green star",
+    "two blue squares on a yellow background",
+    "a small purple ring at the top left on a white background",
+]
+DEMO_NOTE = ("Running the small **demo models** shipped with sdxl-fast: SDXL's architecture, trained on simple "
+             "shapes at 128² (the default where SDXL's weights are not in the Hugging Face cache). "
+             "`python app.py --preset sdxl` downloads SDXL.")
 
 # How many generations started, per mode, and how many Quality runs Stop aborted. Tests read it to check
 # that typing fast produces far fewer generations than keystrokes and that Stop really ends the work.
@@ -266,24 +277,39 @@ def add_live_to_history(result, history: list):
     return add_to_history(result, history, live=True)
 
 
-def on_mode_change(mode, size):
+def size_choices(studio: Studio, mode: str) -> tuple[list[tuple[str, str]], str]:
+    """The size dropdown's choices and default for `mode`: the loaded models' own size (SDXL 1024², Turbo
+    512², the demo family 128²), listed first when SDXL's sizes do not include it."""
+    sizes, default = (FAST_SIZES if mode == FAST else QUALITY_SIZES), DEFAULT_SIZE[mode]
+    key = mode.lower()
+    if studio.models is not None and getattr(studio.models, key) is not None:
+        side = sdxl_fast.native_side(studio.models, key)
+        default = f"{side}x{side}"
+        if default not in {value for _, value in sizes}:
+            sizes = [(bucket_label(side, side) + " the models' own", default)] + sizes
+    return sizes, default
+
+
+def on_mode_change(studio: Studio, mode, size):
     fast = mode == FAST
-    sizes = FAST_SIZES if fast else QUALITY_SIZES
+    sizes, default = size_choices(studio, mode)
     if size not in {value for _, value in sizes}:
-        size = DEFAULT_SIZE[mode]
+        size = default
     quality_only = gr.update(visible=not fast)
     return (gr.update(visible=fast), quality_only, gr.update(choices=sizes, value=size), quality_only,
             quality_only, quality_only, gr.update(visible=fast), quality_only, quality_only)
 
 
-def build_demo(studio: Studio, concurrency_limit: int = 1) -> gr.Blocks:
+def build_demo(studio: Studio, concurrency_limit: int = 1, examples: list[str] = EXAMPLES, note: str = "") -> gr.Blocks:
     problems = [f"**{mode.title()} mode unavailable.** {why}" for mode, why in studio.load_errors.items()]
+    fast_sizes, fast_size = size_choices(studio, FAST)
     gpu_events = dict(concurrency_id="gpu", concurrency_limit=concurrency_limit)
 
     with gr.Blocks(title="sdxl-fast") as demo:
         gr.Markdown("# sdxl-fast\nSDXL text-to-image. **Fast** redraws as you type; **Quality** uses base + "
                     "refiner with live previews.")
         gr.Markdown("\n\n".join(problems).replace("\n", "  \n"), visible=bool(problems), elem_id="load-error")
+        gr.Markdown(note, visible=bool(note), elem_id="models-note")
         with gr.Row():
             with gr.Column(scale=2):
                 mode = gr.Radio([FAST, QUALITY], value=FAST, label="Mode", elem_id="mode")
@@ -295,7 +321,7 @@ def build_demo(studio: Studio, concurrency_limit: int = 1) -> gr.Blocks:
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
                     randomize = gr.Checkbox(label="Randomize seed on Generate", value=True)
-                size = gr.Dropdown(FAST_SIZES, value=DEFAULT_SIZE[FAST], label="Size (width × height)",
+                size = gr.Dropdown(fast_sizes, value=fast_size, label="Size (width × height)",
                                    allow_custom_value=True)
                 guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="Guidance scale", visible=False)
                 switch = gr.Slider(0.5, 1.0, value=0.8, step=0.05, visible=False,
@@ -324,7 +350,7 @@ def build_demo(studio: Studio, concurrency_limit: int = 1) -> gr.Blocks:
                 result = gr.Gallery(label="Result", format="png", interactive=False, columns=2, height=560, elem_id="result")
                 history = gr.Gallery(label="This session", format="png", interactive=False, columns=6, height=220,
                                      elem_id="history")
-        gr.Examples(EXAMPLES, inputs=[prompt], label="Examples (click one)")
+        gr.Examples(examples, inputs=[prompt], label="Examples (click one)")
         history_state = gr.State([])
 
         micro = [orig_w, orig_h, crop_top, crop_left, target_w, target_h]
@@ -348,7 +374,7 @@ def build_demo(studio: Studio, concurrency_limit: int = 1) -> gr.Blocks:
                           api_visibility="private")
         # A fresh seed per visitor; live typing then keeps it fixed.
         demo.load(lambda: random.randint(0, MAX_SEED), None, seed, queue=False, api_visibility="private")
-        mode.change(on_mode_change, [mode, size],
+        mode.change(partial(on_mode_change, studio), [mode, size],
                     [steps_fast, steps_quality, size, guidance, switch, negative, fast_button, quality_button,
                      stop_button], queue=False, api_visibility="private")
         # The aesthetic scores only feed the refiner, so they show with Quality too.
@@ -407,8 +433,10 @@ def main(argv=None) -> None:
         # torch.compile and CUDA-graph capture happen on the first call of each shape: pay for it now, not
         # with the first visitor's request.
         log.info("Warming up the compiled models (first start takes a few minutes; later starts reuse the cache)")
-        warmup(studio.models, {"fast": (512, 512), "quality": (1024, 1024)})
-    demo = build_demo(studio, concurrency_limit=args.concurrency)
+        warmup(studio.models)
+    demo_family = sources == sdxl_fast.PRESETS["demo"]
+    demo = build_demo(studio, concurrency_limit=args.concurrency, examples=DEMO_EXAMPLES if demo_family else EXAMPLES,
+                      note=DEMO_NOTE if demo_family else "")
     demo.queue(max_size=args.queue_size).launch(server_name=args.host, server_port=args.port, share=args.share)
 
 

@@ -9,7 +9,7 @@ The data flow, one module each: prompts -> conditioning -> schedules + sampling 
 """
 
 from .generate import generate
-from .loading import ModelNotFoundError, Models, ModelSources, PRESETS, load, resolve_sources
+from .loading import ModelNotFoundError, Models, ModelSources, PRESETS, load, native_side, resolve_sources
 from .metadata import VERSION as __version__
 from .metadata import infotext, parse_infotext, read_parameters, save_png
 from .params import GenerationParams
@@ -18,5 +18,5 @@ from .sampling import Step
 
 __all__ = [
     "GenerationParams", "ModelNotFoundError", "ModelSources", "Models", "PRESETS", "PromptTruncatedWarning",
-    "Step", "generate", "infotext", "load", "parse_infotext", "read_parameters", "resolve_sources", "save_png",
+    "Step", "generate", "infotext", "load", "native_side", "parse_infotext", "read_parameters", "resolve_sources", "save_png",
 ]

@@ -116,13 +116,14 @@ def apply(models: Models, options: Acceleration) -> list[str]:
     return notes
 
 
-def warmup(models: Models, sizes: dict[str, tuple[int, int]]) -> None:
-    """Run each loaded path once per (width, height) so compilation and autotuning happen now."""
+def warmup(models: Models) -> None:
+    """Run each loaded path once at the models' own size (generate's default), so compilation and autotuning
+    happen now."""
     from .generate import generate
     from .params import GenerationParams
 
-    for mode, (width, height) in sizes.items():
+    for mode in ("fast", "quality"):
         if getattr(models, mode) is None:
             continue
         steps = {"fast": 1, "quality": 2}[mode]
-        generate(models, GenerationParams("warm-up", mode=mode, steps=steps, seed=0, width=width, height=height))
+        generate(models, GenerationParams("warm-up", mode=mode, steps=steps, seed=0))

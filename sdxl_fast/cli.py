@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--steps", type=int, help="denoising steps (fast: 1-4, default 1; quality: default 50)")
     what.add_argument("--seed", type=int, help=f"0 to {MAX_SEED}; random when omitted (and printed)")
     what.add_argument("--size", type=_size, metavar="WxH",
-                      help=f"image size, sides multiples of 8 (default {DEFAULT_SIDE['fast']}² fast, "
-                           f"{DEFAULT_SIDE['quality']}² quality); see `sdxl-fast buckets`")
+                      help="image size, sides multiples of 8 (default: the models' own, e.g. "
+                           f"{DEFAULT_SIDE['fast']}² SDXL-Turbo, {DEFAULT_SIDE['quality']}² SDXL, 128² the demo "
+                           "models); see `sdxl-fast buckets`")
     what.add_argument("--num-images", type=int, help="images in one batch; image i uses seed + i")
     quality = gen.add_argument_group("quality mode")
     quality.add_argument("--cfg", "--guidance-scale", dest="guidance_scale", type=float,
@@ -125,8 +126,9 @@ PARAM_FLAGS = ("negative_prompt", "mode", "steps", "seed", "num_images", "guidan
                "negative_aesthetic_score")
 
 
-def params_from_args(args: argparse.Namespace) -> GenerationParams:
-    """Flags given on the command line override the PNG's metadata (with --from-png) or the defaults."""
+def params_from_args(args: argparse.Namespace, default_side: int | None = None) -> GenerationParams:
+    """Flags given on the command line override the PNG's metadata (with --from-png) or the defaults;
+    `default_side` is the size without --size (GenerationParams.resolved)."""
     if args.from_png:
         params, _ = metadata.parse_infotext(metadata.read_parameters(args.from_png))
         if args.prompt is not None:
@@ -138,7 +140,7 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
     overrides = {name: getattr(args, name) for name in PARAM_FLAGS if getattr(args, name) is not None}
     if args.size is not None:
         overrides["width"], overrides["height"] = args.size
-    return replace(params, **overrides).resolved()
+    return replace(params, **overrides).resolved(default_side)
 
 
 def output_paths(output: Path | None, params: GenerationParams) -> list[Path]:
@@ -178,6 +180,9 @@ def _generate(args: argparse.Namespace) -> int:
     except sdxl_fast.ModelNotFoundError as err:
         print(f"sdxl-fast generate: {err}", file=sys.stderr)
         return 1
+    if args.size is None and not args.from_png:  # the models' own size: 128² for the demo family
+        args.seed = params.seed  # the one already drawn (and in the output name)
+        params = params_from_args(args, default_side=sdxl_fast.native_side(models, params.mode))
 
     bar = tqdm(total=params.steps, desc=f"{params.mode} seed {params.seed}", unit="step", disable=args.quiet)
 

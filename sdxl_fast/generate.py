@@ -10,8 +10,8 @@ from diffusers import EulerDiscreteScheduler
 from PIL import Image
 
 from . import conditioning, decoding, metadata, prompts, sampling, schedules
-from .loading import Models
-from .params import GenerationParams, image_seed
+from .loading import Models, native_side
+from .params import MODES, GenerationParams, image_seed
 
 
 def _generators(seed: int, n: int) -> list[torch.Generator]:
@@ -125,11 +125,17 @@ def _fast(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, 
     return latents, images, dict(f.names)
 
 
+def _resolved(models: Models, params: GenerationParams) -> GenerationParams:
+    """An unset size becomes the loaded models' own (128² for the demo family, not SDXL's 512² or 1024²)."""
+    loaded = params.mode in MODES and getattr(models, params.mode) is not None
+    return params.resolved(native_side(models, params.mode) if loaded else None)
+
+
 def generate_tensors(models: Models, params: GenerationParams, callback: sampling.StepCallback | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """`generate` without the PIL step: (final latents [B, 4, h, w], uint8 images [B, H, W, 3] on the models'
     device, model names). Benchmarks compare the latents; `generate` wraps the images."""
-    p = params.resolved()
+    p = _resolved(models, params)
     return (_quality if p.mode == "quality" else _fast)(models, p, callback)
 
 
@@ -140,7 +146,7 @@ def generate(models: Models, params: GenerationParams, callback: sampling.StepCa
     Raises ValueError for invalid parameters before any work is done. `callback` is called after every
     denoising step; raising from it stops the generation.
     """
-    p = params.resolved()
+    p = _resolved(models, params)
     _, images, names = generate_tensors(models, p, callback)
     out = []
     for i, image in enumerate(decoding.to_pil(images)):

@@ -209,6 +209,16 @@ class Models:
     graphs: "CudaGraphs | None" = None  # set by acceleration.apply on CUDA (sdxl_fast.cuda_graphs)
 
 
+def native_side(models: Models, mode: str) -> int:
+    """The image side the loaded `mode` models were trained at: UNet sample size × the VAE's downsampling
+    (SDXL base 1024, SDXL-Turbo 512, the demo family 128). What `generate` and the app use by default."""
+    family = getattr(models, mode)
+    if family is None:
+        raise RuntimeError(f"The {mode} models are not loaded")
+    unet = family.student if mode == "fast" else family.base
+    return unet.config.sample_size * 2 ** (len(family.vae.config.block_out_channels) - 1)
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")

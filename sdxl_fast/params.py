@@ -25,7 +25,8 @@ class GenerationParams:
     """Everything that decides the pixels. Sizes follow diffusers: (height, width); crops are (top, left).
 
     Fields left as None take their mode's default in `resolved()`: 50 steps and 1024² for quality,
-    1 step and 512² for fast, a random seed, and micro-conditioning equal to the output size.
+    1 step and 512² for fast (`generate` uses the loaded models' own size instead), a random seed, and
+    micro-conditioning equal to the output size.
     """
 
     prompt: str
@@ -50,11 +51,15 @@ class GenerationParams:
     aesthetic_score: float = 6.0  # refiner only
     negative_aesthetic_score: float = 2.5  # refiner only
 
-    def resolved(self) -> "GenerationParams":
-        """Fill the mode-dependent defaults and validate; the result is fully explicit and reproducible."""
+    def resolved(self, default_side: int | None = None) -> "GenerationParams":
+        """Fill the mode-dependent defaults and validate; the result is fully explicit and reproducible.
+
+        `default_side` replaces DEFAULT_SIDE for an unset width or height: the loaded models' own size
+        (`sdxl_fast.native_side`), e.g. 128 for the demo family.
+        """
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        side = DEFAULT_SIDE[self.mode]
+        side = default_side or DEFAULT_SIDE[self.mode]
         height = self.height if self.height is not None else side
         width = self.width if self.width is not None else side
         original = self.original_size or (height, width)

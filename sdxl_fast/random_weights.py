@@ -31,6 +31,7 @@ SDXL_SCHEDULER = dict(
     prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", interpolation_type="linear",
 )
 TURBO_SCHEDULER = dict(SDXL_SCHEDULER, timestep_spacing="trailing")
+TURBO_SAMPLE_SIZE = 64  # SDXL-Turbo's UNet config: 64 latents = 512² px
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -82,8 +83,10 @@ def tiny_configs() -> dict:
     te1 = _text_encoder_config(hidden=32, layers=2, heads=4, projection=32, act="quick_gelu")
     te2 = _text_encoder_config(hidden=48, layers=2, heads=4, projection=40, act="gelu")
     time_dim = 8
+    # sample_size only names the training size (compute does not depend on it): SDXL's 128 latents = 1024² px,
+    # so `native_side` and every default size behave as with SDXL (the saved student and turbo: 512²).
     unet_common = dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=time_dim, norm_num_groups=8,
@@ -156,6 +159,7 @@ def save_random_family(out_dir: str | Path, configs: dict | None = None, seed: i
         scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER), requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
     ).save_pretrained(paths["refiner"], safe_serialization=True)
+    unet.register_to_config(sample_size=TURBO_SAMPLE_SIZE)  # trained at 512², like SDXL-Turbo
     unet.save_pretrained(paths["student"], safe_serialization=True)
     StableDiffusionXLPipeline(
         vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2, unet=unet,

@@ -5,14 +5,14 @@ import os
 import pytest
 import torch
 
-from sdxl_fast.loading import ENV_VARS, ModelSources, load
+from sdxl_fast.loading import ENV_VARS, PRESET_ENV_VAR, ModelSources, load
 from sdxl_fast.random_weights import save_random_family
 
 
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch, tmp_path_factory):
     """No test may see the developer's model env vars or Hugging Face cache."""
-    for var in ENV_VARS.values():
+    for var in (*ENV_VARS.values(), PRESET_ENV_VAR):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.getbasetemp() / "hf-cache"))
 

@@ -157,3 +157,15 @@ def test_missing_models_give_a_readable_error(tiny_models):
             fast(client)
         gallery, _ = quality(client)  # the other mode still works
         assert Image.open(gallery[0]["image"]).size == (512, 512)
+
+
+def test_the_size_menu_offers_and_defaults_to_the_models_own_size(tiny_models):
+    studio = app.Studio(tiny_models)
+    assert app.size_choices(studio, app.FAST)[1] == "512x512" and app.size_choices(studio, app.QUALITY)[1] == "1024x1024"
+    tiny_models.fast.student.register_to_config(sample_size=16)  # the demo family's 128²
+    try:
+        sizes, default = app.size_choices(studio, app.FAST)
+    finally:
+        tiny_models.fast.student.register_to_config(sample_size=64)
+    assert default == "128x128" and sizes[0] == ("128×128 (1:1) the models' own", "128x128")
+    assert app.size_choices(studio, app.QUALITY)[1] == "1024x1024"  # the base is SDXL-sized

@@ -1,8 +1,11 @@
 """The `sdxl-fast` command end to end on the saved tiny folders."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +44,20 @@ def test_generate_writes_a_png_that_reproduces_itself(tiny_env, tmp_path, mode, 
     again = tmp_path / "again.png"
     assert main(["generate", "--from-png", str(out), "-o", str(again), "-q"]) == 0
     assert np.array_equal(first, np.asarray(Image.open(again).convert("RGB")))
+
+
+def test_without_size_the_image_has_the_models_own_size(tiny_env, tiny_sources, tmp_path, monkeypatch, capsys):
+    student = tmp_path / "student"  # trained at 64² (8 latents), as the demo family's is at 128²
+    shutil.copytree(tiny_sources.fast, student)
+    config = json.loads((student / "config.json").read_text())
+    (student / "config.json").write_text(json.dumps(dict(config, sample_size=8)))
+    monkeypatch.setenv("SDXL_FAST_FAST", str(student))
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "a small house", "-q"]) == 0
+    out = Path(capsys.readouterr().out.strip())
+    params, _ = parse_infotext(read_parameters(out))
+    assert Image.open(out).size == (64, 64) and (params.width, params.height) == (64, 64)
+    assert out.name == f"fast-{params.seed}.png"  # the name and the image share the one seed drawn
 
 
 def test_several_images_get_numbered_names(tiny_env, tmp_path):

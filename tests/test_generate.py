@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sdxl_fast import GenerationParams, generate, parse_infotext
+from sdxl_fast import GenerationParams, generate, native_side, parse_infotext
 
 
 def pixels(image):
@@ -76,3 +76,15 @@ def test_bad_parameters_are_clear_errors(tiny_models, field, value, message):
     params = GenerationParams("x", **kwargs)
     with pytest.raises(ValueError, match=message):
         generate(tiny_models, params)
+
+
+def test_an_unset_size_is_the_models_own(tiny_models):
+    # The tiny family declares SDXL's sizes: the base 1024² (128 latents), the student 512² like SDXL-Turbo.
+    assert native_side(tiny_models, "quality") == 1024 and native_side(tiny_models, "fast") == 512
+    student = tiny_models.fast.student
+    student.register_to_config(sample_size=8)  # as if trained at 64², as the demo family is at 128²
+    try:
+        image = generate(tiny_models, GenerationParams("a small house", mode="fast", seed=0))[0]
+    finally:
+        student.register_to_config(sample_size=64)
+    assert image.size == (64, 64) and "Size: 64x64" in image.info["parameters"]

@@ -18,8 +18,9 @@ def test_one_step_student_draws_a_red_circle():
     torch.set_num_threads(min(2, torch.get_num_threads()))
     models = sdxl_fast.load(modes=("fast",), sources=sdxl_fast.resolve_sources(preset="demo"), device="cpu",
                             dtype=torch.float32)
-    images = [sdxl_fast.generate(models, sdxl_fast.GenerationParams("a red circle", mode="fast", steps=1, seed=seed,
-                                                                   width=128, height=128))[0] for seed in range(10)]
+    # No size given: the models' own, 128², as in the app and the CLI.
+    images = [sdxl_fast.generate(models, sdxl_fast.GenerationParams("a red circle", mode="fast", steps=1, seed=seed))[0]
+              for seed in range(10)]
     assert all(image.size == (128, 128) for image in images)
     read = [(p["shape"], p["colour"]) for p in predict(load_probe(), images)]
     assert read.count(("circle", "red")) > len(read) // 2, read
