@@ -23,6 +23,9 @@ class TrainConfig:
     # --- models ---------------------------------------------------------------------------------------
     teacher: str = "stabilityai/stable-diffusion-xl-base-1.0"  # SDXL base: hub id or local diffusers folder
     output_dir: str = "runs/add-student"
+    # A student UNet folder to start from instead of the teacher's weights, e.g. an earlier run's export: a new
+    # run (fresh optimiser, discriminator heads and EMA), unlike --resume, which needs the whole checkpoint.
+    student_init: str = ""
 
     # --- data -----------------------------------------------------------------------------------------
     data: str = ""  # folder of images + .txt, a .jsonl manifest, or a .tar shard / folder of shards / glob

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
+from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
 import sdxl_fast
 from sdxl_fast import sampling
-from sdxl_fast.loading import DTYPES, FastModels
+from sdxl_fast.loading import DTYPES, FastModels, find_local_folder
 
 from . import checkpoints, data, losses
 from .cache import EncodingCache
@@ -120,6 +121,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     last_t = len(alphas_cumprod) - 1
 
     student = copy.deepcopy(teacher).to(torch.float32).train().requires_grad_(True)  # fp32 master weights
+    if cfg.student_init:
+        init = find_local_folder(cfg.student_init, "student_init")
+        student.load_state_dict(UNet2DConditionModel.from_pretrained(init, use_safetensors=True).state_dict())
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     features, heads = build_discriminator(cfg, text_dim=encoders.text_encoder_2.config.projection_dim)

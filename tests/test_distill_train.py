@@ -152,3 +152,17 @@ def test_aspect_ratio_bucketing_trains_on_non_square_latents(tmp_path, tiny_fami
                                  resolution=128, bucketing=True, max_steps=2))
     assert train(cfg)["step"] == 2
     assert set(seen) == {(16, 24), (24, 16)}  # latents of the 192x128 and 128x192 buckets
+
+
+def test_student_init_starts_from_an_earlier_student(tmp_path, tiny_family):
+    earlier = UNet2DConditionModel.from_pretrained(tiny_family["base"], subfolder="unet")
+    with torch.no_grad():
+        for p in earlier.parameters():
+            p.add_(0.01)  # not the teacher any more
+    earlier.save_pretrained(tmp_path / "earlier")
+    source = make_dataset(tmp_path / "data", "folder", n=2)
+    overrides = tiny_overrides(str(tiny_family["base"]), source, str(tmp_path / "run"))
+    summary = train(load_config(None, dict(overrides, student_init=str(tmp_path / "earlier"), max_steps=1,
+                                           lr_student=0.0, ema_decay=0.0)))
+    exported = load_file(Path(summary["student"]) / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(exported[k], v) for k, v in earlier.state_dict().items())  # lr 0: the init, untouched
