@@ -45,7 +45,7 @@ QUALITY_MAX_STEPS = 100
 FAST_MAX_STEPS = 4
 MAX_IMAGES_UI = 4
 QUALITY_SIZES = [(bucket_label(w, h), f"{w}x{h}") for w, h in SDXL_BUCKETS]
-FAST_SIZES = [(bucket_label(512, 512) + " fast native", "512x512")] + QUALITY_SIZES
+FAST_SIZES = [(bucket_label(512, 512), "512x512")] + QUALITY_SIZES
 DEFAULT_SIZE = {FAST: "512x512", QUALITY: "1024x1024"}
 EXAMPLES = [
     "a red fox in fresh snow, golden hour, 85mm photo",
@@ -282,12 +282,13 @@ def size_choices(studio: Studio, mode: str) -> tuple[list[tuple[str, str]], str]
     512², the demo family 128²), listed first when SDXL's sizes do not include it."""
     sizes, default = (FAST_SIZES if mode == FAST else QUALITY_SIZES), DEFAULT_SIZE[mode]
     key = mode.lower()
-    if studio.models is not None and getattr(studio.models, key) is not None:
-        side = sdxl_fast.native_side(studio.models, key)
-        default = f"{side}x{side}"
-        if default not in {value for _, value in sizes}:
-            sizes = [(bucket_label(side, side) + " the models' own", default)] + sizes
-    return sizes, default
+    if studio.models is None or getattr(studio.models, key) is None:
+        return sizes, default
+    side = sdxl_fast.native_side(studio.models, key)
+    own = f"{side}x{side}"
+    if own not in {value for _, value in sizes}:
+        sizes = [(bucket_label(side, side), own)] + sizes
+    return [(label + " the models' own" if value == own else label, value) for label, value in sizes], own
 
 
 def on_mode_change(studio: Studio, mode, size):

@@ -168,4 +168,5 @@ def test_the_size_menu_offers_and_defaults_to_the_models_own_size(tiny_models):
     finally:
         tiny_models.fast.student.register_to_config(sample_size=64)
     assert default == "128x128" and sizes[0] == ("128×128 (1:1) the models' own", "128x128")
+    assert sizes[1] == ("512×512 (1:1)", "512x512")  # SDXL-Turbo's size is not these models' own
     assert app.size_choices(studio, app.QUALITY)[1] == "1024x1024"  # the base is SDXL-sized
