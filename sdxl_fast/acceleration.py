@@ -46,11 +46,10 @@ class Acceleration:
     # "default": measured 46 -> 18 ms for a Fast 1-step 512² call on an H200 (BENCHMARKS.md), compiling in
     # about a minute. Never a mode with CUDA graphs inside torch.compile: ours record more than one module.
     compile_mode: str = "default"
-    warmup: bool = True  # record graphs (and compile) at start-up, so the first user does not pay for it
 
     @classmethod
     def none(cls) -> "Acceleration":
-        return cls(channels_last=False, fuse_qkv=False, cuda_graphs=False, compile=False, warmup=False)
+        return cls(channels_last=False, fuse_qkv=False, cuda_graphs=False, compile=False)
 
     @classmethod
     def for_device(cls, device: torch.device) -> "Acceleration":

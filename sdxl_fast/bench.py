@@ -245,7 +245,7 @@ def main(args: argparse.Namespace, command: str) -> int:
     device, dtype = pick_device_dtype(args.device, args.dtype)
     configs = random_weights.tiny_configs() if args.tiny else random_weights.full_configs(args.configs)
     # First without torch.compile, then (--compile) with it, so each lever's share is visible.
-    options = replace(acceleration.Acceleration.for_device(device), warmup=False, compile=False,
+    options = replace(acceleration.Acceleration.for_device(device), compile=False,
                       compile_mode=args.compile_mode)
     if args.no_graphs:
         options = replace(options, cuda_graphs=False)

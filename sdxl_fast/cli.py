@@ -174,7 +174,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         device, _ = pick_device_dtype(args.device)
         # A single CLI run would spend longer compiling than generating: compile only when asked.
-        options = replace(Acceleration.for_device(device), compile=args.compile, fp8=args.fp8, warmup=False)
+        options = replace(Acceleration.for_device(device), compile=args.compile, fp8=args.fp8)
         models = sdxl_fast.load(modes=(params.mode,), sources=sources, device=device, dtype=args.dtype,
                                 cpu_offload=args.cpu_offload, acceleration=options)
     except sdxl_fast.ModelNotFoundError as err:

@@ -11,7 +11,7 @@ from sdxl_fast.cli import main
 def test_cpu_default_is_plain_eager():
     assert Acceleration.for_device(torch.device("cpu")) == Acceleration.none()
     on_gpu = Acceleration.for_device(torch.device("cuda"))
-    assert on_gpu.cuda_graphs and on_gpu.channels_last and on_gpu.fuse_qkv and on_gpu.warmup
+    assert on_gpu.cuda_graphs and on_gpu.channels_last and on_gpu.fuse_qkv
     assert on_gpu.compile and on_gpu.compile_mode in ("default", "max-autotune-no-cudagraphs")  # no graphs inside ours
 
 
