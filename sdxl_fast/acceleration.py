@@ -1,6 +1,7 @@
 """GPU speed options, each with a CPU fallback.
 
-The defaults keep the numerics of the eager model (fused QKV and channels_last change only rounding);
+The defaults keep the numerics of the eager model (fused QKV, channels_last and the upsampler rewrite change
+only rounding);
 options that change numerics more, such as fp8 matmuls, are off unless asked for and labelled as such.
 `apply` returns one line per option saying what was done or why it was skipped.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 RECOMPILE_LIMIT = 64
 
 
-def compile_models(unets, vaes, mode: str | None, backend="inductor") -> None:
+def compile_models(unets, vaes, text_encoders, mode: str | None, backend="inductor") -> None:
     """torch.compile with static shapes: one graph per shape. With torch's default (dynamic after the first
     recompile) the second shape served, e.g. the 1024² base after the 512² student, compiled as a
     dynamic-shape graph that had not finished after minutes on an H200, where the same shapes compiled
@@ -34,47 +35,66 @@ def compile_models(unets, vaes, mode: str | None, backend="inductor") -> None:
         unet.compile(mode=mode, fullgraph=True, dynamic=False, backend=backend)
     for vae in vaes:
         vae.decoder.compile(mode=mode, dynamic=False, backend=backend)
+    for encoder in text_encoders:  # fuses the many small kernels of a batch-1 prompt: 3.3 -> 2.7 ms (H200)
+        encoder.compile(mode=mode, dynamic=False, backend=backend)
 
 
 @dataclass(frozen=True)
 class Acceleration:
     channels_last: bool = True  # NHWC convolutions: the layout cuDNN's fastest fp16 kernels use
     fuse_qkv: bool = True  # one matmul for Q, K, V instead of three (diffusers' fuse_qkv_projections)
+    # Upsample-then-3x3-conv as 2x2 convolutions of the input (sdxl_fast.upsample): 4/9 of those FLOPs. On CPU
+    # too: the demo's Fast 1-step call 22.8 -> 21.9 ms (BENCHMARKS.md).
+    subpixel_upsample: bool = True
     fp8: bool = False  # opt-in, changes numerics: fp8 matmuls in the UNets' transformer blocks (sdxl_fast.fp8)
     cuda_graphs: bool = True  # replay recorded kernels: the whole Fast call, each Quality UNet step (CUDA only)
-    compile: bool = True  # torch.compile the UNets and the VAE decoder (CUDA only; minutes at start-up)
+    compile: bool = True  # torch.compile the UNets, VAE decoder, text encoders (CUDA only; minutes at start-up)
     # "default": measured 46 -> 18 ms for a Fast 1-step 512² call on an H200 (BENCHMARKS.md), compiling in
     # about a minute. Never a mode with CUDA graphs inside torch.compile: ours record more than one module.
     compile_mode: str = "default"
 
     @classmethod
     def none(cls) -> "Acceleration":
-        return cls(channels_last=False, fuse_qkv=False, cuda_graphs=False, compile=False)
+        return cls(channels_last=False, fuse_qkv=False, subpixel_upsample=False, cuda_graphs=False, compile=False)
 
     @classmethod
     def for_device(cls, device: torch.device) -> "Acceleration":
-        """Everything on a CUDA GPU; nothing on CPU, where these options bring no measured gain."""
-        return cls() if torch.device(device).type == "cuda" else cls.none()
+        """Everything on a CUDA GPU; on CPU only the upsampler rewrite, the one option measured faster there."""
+        if torch.device(device).type == "cuda":
+            return cls()
+        return replace(cls.none(), subpixel_upsample=True)
 
 
-def _unique_modules(models: Models) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
-    """(UNets, VAEs) without duplicates: the fast path may share the base's VAE, or even its UNet."""
-    unets, vaes = {}, {}
+def _unique_modules(models: Models) -> tuple[list[torch.nn.Module], list[torch.nn.Module], list[torch.nn.Module]]:
+    """(UNets, VAEs, text encoders) without duplicates: the fast path may share the base's VAE and encoders,
+    or even its UNet."""
+    unets, vaes, encoders = [], [], []
     if models.quality:
-        unets[id(models.quality.base)] = models.quality.base
-        if models.quality.refiner is not None:
-            unets[id(models.quality.refiner)] = models.quality.refiner
-        vaes[id(models.quality.vae)] = models.quality.vae
+        q = models.quality
+        unets += [q.base, q.refiner]
+        vaes.append(q.vae)
+        encoders += [q.encoders.text_encoder, q.encoders.text_encoder_2]
     if models.fast:
-        unets[id(models.fast.student)] = models.fast.student
-        vaes[id(models.fast.vae)] = models.fast.vae
-    return list(unets.values()), list(vaes.values())
+        f = models.fast
+        unets.append(f.student)
+        vaes.append(f.vae)
+        encoders += [f.encoders.text_encoder, f.encoders.text_encoder_2]
+
+    def unique(modules):
+        return list({id(m): m for m in modules if m is not None}.values())
+
+    return unique(unets), unique(vaes), unique(encoders)
 
 
 def apply(models: Models, options: Acceleration) -> list[str]:
     """Apply `options` to the loaded models in place; returns what was applied or skipped, and why."""
-    unets, vaes = _unique_modules(models)
+    unets, vaes, text_encoders = _unique_modules(models)
     notes = []
+    if options.subpixel_upsample:  # first, so channels_last also reaches the new weights
+        from . import upsample
+
+        count = sum(upsample.convert(module) for module in unets + vaes)
+        notes.append(f"subpixel_upsample: {count} upsamplers")
     if options.channels_last:
         for module in unets + vaes:
             module.to(memory_format=torch.channels_last)
@@ -100,7 +120,7 @@ def apply(models: Models, options: Acceleration) -> list[str]:
             # Inductor's compiled kernels persist here, so a restarted app compiles in seconds, not minutes
             # (its default, /tmp, is wiped with many containers).
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "sdxl-fast" / "inductor"))
-            compile_models(unets, vaes, options.compile_mode)
+            compile_models(unets, vaes, text_encoders, options.compile_mode)
             notes.append(f"compile: applied (mode={options.compile_mode}, static shapes)")
     if options.cuda_graphs:
         if models.device.type != "cuda":

@@ -180,14 +180,13 @@ def run_bench(configs: dict, device: torch.device, dtype: torch.dtype, repeats: 
     rows = measure(models, "ours", jobs, default_times, fp32, eager, device, repeats, on_row)
     done("ours")
     if compile_too:
-        notes += acceleration.apply(models, acceleration.Acceleration(
-            channels_last=False, fuse_qkv=False, cuda_graphs=options.cuda_graphs, compile=True,
-            compile_mode=options.compile_mode))
+        notes += acceleration.apply(models, replace(acceleration.Acceleration.none(), cuda_graphs=options.cuda_graphs,
+                                                    compile=True, compile_mode=options.compile_mode))
         rows += measure(models, "ours + compile", jobs, default_times, fp32, eager, device, repeats, on_row)
         done("ours + compile")
     if fp8:
-        notes += acceleration.apply(models, acceleration.Acceleration(
-            channels_last=False, fuse_qkv=False, fp8=True, cuda_graphs=options.cuda_graphs, compile=False))
+        notes += acceleration.apply(models, replace(acceleration.Acceleration.none(), fp8=True,
+                                                    cuda_graphs=options.cuda_graphs))
         label = "ours + compile + fp8" if compile_too else "ours + fp8"
         rows += measure(models, label, jobs, default_times, fp32, eager, device, repeats, on_row)
         done(label)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable
 
 import torch
@@ -73,14 +73,30 @@ def tokenize(encoders: TextEncoders, prompts: list[str]) -> tuple[torch.Tensor |
     return ids_1, ids_2, truncated
 
 
+@lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
 @torch.no_grad()
 def encode_tokens(encoders: TextEncoders, ids_1: torch.Tensor | None, ids_2: torch.Tensor) -> PromptEmbeddings:
     """Token ids on the encoders' device -> embeddings. SDXL uses each encoder's penultimate hidden state.
-    Pure tensor work with no host synchronisation, so it can be recorded in a CUDA graph."""
-    hidden_1 = None
+    Pure tensor work with no host synchronisation, so it can be recorded in a CUDA graph.
+
+    On a GPU the first encoder runs on a side stream, beside the second: at batch 1 each is a chain of small
+    kernels that leaves most of the GPU idle (3.3 ms for 0.11 TFLOP one after the other on an H200, graphed).
+    """
+    hidden_1, side = None, None
     if encoders.text_encoder is not None:
-        hidden_1 = encoders.text_encoder(ids_1, output_hidden_states=True).hidden_states[-2]
+        if ids_1.is_cuda:
+            main, side = torch.cuda.current_stream(ids_1.device), _side_stream(ids_1.device)
+            side.wait_stream(main)  # ids_1 was written on the main stream
+        with torch.cuda.stream(side):  # a no-op for None
+            hidden_1 = encoders.text_encoder(ids_1, output_hidden_states=True).hidden_states[-2]
     out_2 = encoders.text_encoder_2(ids_2, output_hidden_states=True)
+    if side is not None:
+        main.wait_stream(side)
+        hidden_1.record_stream(main)  # made on the side stream, used on the main one: not reused too early
     return PromptEmbeddings(hidden_1=hidden_1, hidden_2=out_2.hidden_states[-2], pooled=out_2.text_embeds)
 
 

@@ -1,5 +1,7 @@
 """GPU options fall back cleanly on CPU, and the ones that also run on CPU keep the output faithful."""
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -8,10 +10,10 @@ from sdxl_fast.acceleration import Acceleration
 from sdxl_fast.cli import main
 
 
-def test_cpu_default_is_plain_eager():
-    assert Acceleration.for_device(torch.device("cpu")) == Acceleration.none()
+def test_cpu_default_is_eager_with_only_the_upsampler_rewrite():
+    assert Acceleration.for_device(torch.device("cpu")) == replace(Acceleration.none(), subpixel_upsample=True)
     on_gpu = Acceleration.for_device(torch.device("cuda"))
-    assert on_gpu.cuda_graphs and on_gpu.channels_last and on_gpu.fuse_qkv
+    assert on_gpu.cuda_graphs and on_gpu.channels_last and on_gpu.fuse_qkv and on_gpu.subpixel_upsample
     assert on_gpu.compile and on_gpu.compile_mode in ("default", "max-autotune-no-cudagraphs")  # no graphs inside ours
 
 
@@ -20,9 +22,10 @@ def test_options_on_cpu_apply_or_skip_with_reason_and_stay_faithful(tiny_sources
 
     fast_models = load(modes=("fast",), sources=tiny_sources, device="cpu", acceleration=Acceleration.none())
     notes = acceleration.apply(fast_models, Acceleration())  # everything asked for, on a CPU
-    assert notes[0] == "channels_last: applied" and notes[1] == "fuse_qkv: applied"
-    assert notes[2].startswith("compile: skipped on cpu")
-    assert notes[3].startswith("cuda_graphs: skipped on cpu") and fast_models.graphs is None
+    assert notes[0] == "subpixel_upsample: 4 upsamplers"  # the tiny VAE decoder's 3 and the student's 1
+    assert notes[1] == "channels_last: applied" and notes[2] == "fuse_qkv: applied"
+    assert notes[3].startswith("compile: skipped on cpu")
+    assert notes[4].startswith("cuda_graphs: skipped on cpu") and fast_models.graphs is None
     assert fast_models.fast.student.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     params = GenerationParams("a tower", mode="fast", steps=2, seed=4, width=64, height=64)
     fused = np.asarray(generate(fast_models, params)[0]).astype(int)
@@ -48,7 +51,7 @@ def test_compiled_models_get_one_static_graph_per_shape(tiny_family):
     try:
         unets = [UNet2DConditionModel.from_pretrained(tiny_family[name], subfolder="unet")
                  for name in ("base", "student")]
-        compile_models(unets, [], mode=None, backend=recording_backend)
+        compile_models(unets, [], [], mode=None, backend=recording_backend)
         with torch.no_grad():
             for unet, batch, side in [(unets[1], 1, 8), (unets[0], 2, 16), (unets[1], 3, 8)]:
                 cfg = unet.config
@@ -70,5 +73,18 @@ def test_bench_harness_runs_and_writes_its_table(tmp_path, capsys):
         assert f"| {workload} |" in table
     assert "sdxl-fast bench --tiny --repeats 1" in table and "torch 2.14.1" in table
     rows = [line for line in table.splitlines() if line.startswith("| fast") or line.startswith("| quality")]
-    assert all(float(row.split("|")[-2]) == 0.0 for row in rows)  # no acceleration on CPU: eager == eager
+    assert all(float(row.split("|")[-2]) < 1e-5 for row in rows)  # on CPU only the upsampler rewrite: rounding
     assert all(float(row.split("|")[-3]) < 1e-3 for row in rows)  # fp32 on CPU: the same as the fp32 reference
+
+
+def test_fast_breakdown_script_times_every_part():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "tools" / "fast_breakdown.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny", "--batch", "2"], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    lines = [line for line in out.splitlines() if " ms " in line]
+    assert len(lines) == 9 and all("median" in line for line in lines)
+    assert out.startswith("acceleration: subpixel_upsample:")  # the CPU default

@@ -1,6 +1,7 @@
 """The opt-in fp8 option: its maths on the CPU (torch._scaled_mm runs there too), and its clean skip."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -43,7 +44,6 @@ def test_fp8_is_skipped_on_cpu_with_the_reason(tiny_sources):
     from sdxl_fast import load
 
     models = load(modes=("fast",), sources=tiny_sources, device="cpu", acceleration=Acceleration.none())
-    notes = apply(models, Acceleration(channels_last=False, fuse_qkv=False, fp8=True, compile=False,
-                                       cuda_graphs=False))
+    notes = apply(models, replace(Acceleration.none(), fp8=True))
     assert notes == ["fp8: skipped on cpu (fp8 tensor cores are on CUDA GPUs of compute capability 8.9+)"]
     assert not any(isinstance(m, Fp8Linear) for m in models.fast.student.modules())

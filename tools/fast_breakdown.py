@@ -1,0 +1,101 @@
+"""Where the time of one Fast 1-step call goes: each part timed alone, as the Fast path runs it.
+
+    python tools/fast_breakdown.py --configs shared/reference/sdxl-configs   # full SDXL shapes, on a GPU
+    python tools/fast_breakdown.py --tiny                                   # a quick CPU run of the script
+
+Random weights of the given shapes, the default acceleration of the device (sdxl_fast.acceleration), 512²
+(64² with --tiny). Each line is the median of 20 calls after 3 untimed ones; parts run through CUDA graphs
+as `generate` runs them, so on a GPU the figures add up to roughly one `generate` call.
+"""
+
+import argparse
+import importlib
+import statistics
+import time
+from functools import partial
+
+import torch
+
+from sdxl_fast import acceleration, conditioning, decoding, prompts, random_weights, schedules
+from sdxl_fast.bench import PROMPT, build_models
+from sdxl_fast.params import GenerationParams
+
+gen = importlib.import_module("sdxl_fast.generate")  # the module, not the function sdxl_fast exports
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shapes = parser.add_mutually_exclusive_group(required=True)
+    shapes.add_argument("--configs", help="folder of the SDXL configs (base/, refiner/)")
+    shapes.add_argument("--tiny", action="store_true", help="tiny test shapes")
+    parser.add_argument("--batch", type=int, default=16, help="batch of the batched UNet and VAE lines")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    side = 64 if args.tiny else 512
+    configs = random_weights.tiny_configs() if args.tiny else random_weights.full_configs(args.configs)
+    models = build_models(random_weights.build_random_components(configs, device=device), device, dtype)
+    print("acceleration:", "; ".join(acceleration.apply(models, acceleration.Acceleration.for_device(device))))
+    f = models.fast
+
+    def timeit(label, fn):
+        for i in range(3):
+            fn(1000 + i)
+        times = []
+        for i in range(20):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn(i)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        print(f"{label:52s} median {statistics.median(times) * 1e3:8.3f} ms   min {min(times) * 1e3:8.3f} ms",
+              flush=True)
+
+    def graphed(key, fn, *inputs):
+        return fn(*inputs) if models.graphs is None else models.graphs.run(key, fn, *inputs)
+
+    params = GenerationParams(PROMPT, mode="fast", steps=1, seed=0, width=side, height=side).resolved(side)
+    timesteps = schedules.student_timesteps(1)
+    pos = gen._encode(models, f.encoders, PROMPT)
+    _, time_ids = conditioning.time_ids(params, refiner=False, device=device, dtype=dtype)
+    latents = torch.randn(1, 4, side // 8, side // 8, device=device, dtype=dtype)
+    timestep = torch.tensor(timesteps[0], device=device)  # made outside the graphs: no host copy inside them
+
+    def unet(x, context, pooled, ids, t):
+        return f.student(x, t, encoder_hidden_states=context,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+
+    def vae(z):
+        return decoding.to_uint8(f.vae.decode(z).sample)
+
+    def text(i):
+        ids_1, ids_2, _ = prompts.tokenize(f.encoders, [f"{PROMPT} {i}"])
+        return graphed(("text",), lambda a, b: prompts.encode_tokens(f.encoders, a, b).pooled.clone(),
+                       ids_1.to(device), ids_2.to(device))
+
+    def batched(x):
+        return x.expand(args.batch, *x.shape[1:]).contiguous()
+
+    fast_args = (f.scheduler.alphas_cumprod.to(device), pos.base_context, pos.pooled, time_ids, latents[None])
+    images = gen.fast_call(f, timesteps, *fast_args)[1]
+    timeit("generate(): prompt in -> PIL image out", lambda i: gen.generate(models, GenerationParams(
+        f"{PROMPT} {i}", mode="fast", steps=1, seed=0, width=side, height=side)))
+    timeit("tokenise both prompts (CPU)", lambda i: prompts.tokenize(f.encoders, [f"{PROMPT} {i}"]))
+    timeit("tokenise + both text encoders", text)
+    timeit("the Fast graph: UNet step, VAE decode, uint8", lambda i: graphed(
+        ("fast",), partial(gen.fast_call, f, timesteps), *fast_args))
+    timeit("UNet step", lambda i: graphed(("unet",), unet, latents, pos.base_context, pos.pooled, time_ids,
+                                          timestep))
+    timeit("VAE decode + uint8", lambda i: graphed(("vae",), vae, latents))
+    timeit("uint8 images -> CPU -> PIL", lambda i: decoding.to_pil(images))
+    timeit(f"UNet step, batch {args.batch}", lambda i: graphed(
+        ("unet", args.batch), unet, batched(latents), batched(pos.base_context), batched(pos.pooled),
+        batched(time_ids), timestep))
+    timeit(f"VAE decode + uint8, batch {args.batch}", lambda i: graphed(("vae", args.batch), vae, batched(latents)))
+
+
+if __name__ == "__main__":
+    main()
