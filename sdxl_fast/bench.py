@@ -109,7 +109,7 @@ def final_latents(models: Models, w: Workload) -> torch.Tensor:
     return generate_tensors(models, _params(w, PROMPT))[0].float().cpu()
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -122,10 +122,10 @@ def time_calls(run, w: Workload, device: torch.device, repeats: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(repeats):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         run(w, f"{PROMPT}, take {i}")  # a new prompt each call: the text encoders always run
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return dict(median=statistics.median(times), min=min(times), max=max(times), peak_gib=peak)

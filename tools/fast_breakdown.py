@@ -17,7 +17,7 @@ from functools import partial
 import torch
 
 from sdxl_fast import acceleration, conditioning, decoding, prompts, random_weights, schedules
-from sdxl_fast.bench import PROMPT, build_models
+from sdxl_fast.bench import PROMPT, build_models, synchronize
 from sdxl_fast.params import GenerationParams
 
 gen = importlib.import_module("sdxl_fast.generate")  # the module, not the function sdxl_fast exports
@@ -44,12 +44,10 @@ def main() -> None:
             fn(1000 + i)
         times = []
         for i in range(20):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             start = time.perf_counter()
             fn(i)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             times.append(time.perf_counter() - start)
         print(f"{label:52s} median {statistics.median(times) * 1e3:8.3f} ms   min {min(times) * 1e3:8.3f} ms",
               flush=True)
