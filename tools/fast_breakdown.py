@@ -9,7 +9,6 @@ as `generate` runs them, so on a GPU the figures add up to roughly one `generate
 """
 
 import argparse
-import importlib
 import statistics
 import time
 from functools import partial
@@ -18,9 +17,8 @@ import torch
 
 from sdxl_fast import acceleration, conditioning, decoding, prompts, random_weights, schedules
 from sdxl_fast.bench import PROMPT, build_models, synchronize
+from sdxl_fast.generate import fast_call, generate
 from sdxl_fast.params import GenerationParams
-
-gen = importlib.import_module("sdxl_fast.generate")  # the module, not the function sdxl_fast exports
 
 
 def main() -> None:
@@ -57,7 +55,7 @@ def main() -> None:
 
     params = GenerationParams(PROMPT, mode="fast", steps=1, seed=0, width=side, height=side).resolved(side)
     timesteps = schedules.student_timesteps(1)
-    pos = gen._encode(models, f.encoders, PROMPT)
+    pos = prompts.encode_prompts(f.encoders, [PROMPT], device)
     _, time_ids = conditioning.time_ids(params, refiner=False, device=device, dtype=dtype)
     latents = torch.randn(1, 4, side // 8, side // 8, device=device, dtype=dtype)
     timestep = torch.tensor(timesteps[0], device=device)  # made outside the graphs: no host copy inside them
@@ -78,13 +76,13 @@ def main() -> None:
         return x.expand(args.batch, *x.shape[1:]).contiguous()
 
     fast_args = (f.scheduler.alphas_cumprod.to(device), pos.base_context, pos.pooled, time_ids, latents[None])
-    images = gen.fast_call(f, timesteps, *fast_args)[1]
-    timeit("generate(): prompt in -> PIL image out", lambda i: gen.generate(models, GenerationParams(
+    images = fast_call(f, timesteps, *fast_args)[1]
+    timeit("generate(): prompt in -> PIL image out", lambda i: generate(models, GenerationParams(
         f"{PROMPT} {i}", mode="fast", steps=1, seed=0, width=side, height=side)))
     timeit("tokenise both prompts (CPU)", lambda i: prompts.tokenize(f.encoders, [f"{PROMPT} {i}"]))
     timeit("tokenise + both text encoders", text)
     timeit("the Fast graph: UNet step, VAE decode, uint8", lambda i: graphed(
-        ("fast",), partial(gen.fast_call, f, timesteps), *fast_args))
+        ("fast",), partial(fast_call, f, timesteps), *fast_args))
     timeit("UNet step", lambda i: graphed(("unet",), unet, latents, pos.base_context, pos.pooled, time_ids,
                                           timestep))
     timeit("VAE decode + uint8", lambda i: graphed(("vae",), vae, latents))
