@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import step_cache
 from .loading import Models
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ def apply(models: Models, options: Acceleration) -> list[str]:
             # Inductor's compiled kernels persist here, so a restarted app compiles in seconds, not minutes
             # (its default, /tmp, is wiped with many containers).
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "sdxl-fast" / "inductor"))
+            for unet in unets:  # now, so that using the opt-in step cache later compiles nothing again
+                step_cache.prepare(unet)
             compile_models(unets, vaes, text_encoders, options.compile_mode)
             notes.append(f"compile: applied (mode={options.compile_mode}, static shapes)")
     if options.cuda_graphs:

@@ -36,6 +36,7 @@ class Workload:
     steps: int
     side: int
     batch: int = 1
+    cache_interval: int = 1  # sdxl_fast.step_cache; 1 = off
 
 
 def workloads(tiny: bool) -> list[Workload]:
@@ -102,7 +103,7 @@ def ours(models: Models):
 
 def _params(w: Workload, prompt: str) -> GenerationParams:
     return GenerationParams(prompt, mode=w.mode, steps=w.steps, seed=0, width=w.side, height=w.side,
-                            num_images=w.batch, guidance_scale=5.0)
+                            num_images=w.batch, guidance_scale=5.0, cache_interval=w.cache_interval)
 
 
 def final_latents(models: Models, w: Workload) -> torch.Tensor:
@@ -158,7 +159,7 @@ def measure(models: Models, label: str, jobs: list[Workload], default_times: dic
 
 def run_bench(configs: dict, device: torch.device, dtype: torch.dtype, repeats: int, tiny: bool,
               options: acceleration.Acceleration, compile_too: bool = False, on_row=None,
-              only: list[str] | None = None, fp8: bool = False) -> tuple[list[dict], list[str]]:
+              only: list[str] | None = None, fp8: bool = False, step_cache: int = 1) -> tuple[list[dict], list[str]]:
     started = time.perf_counter()
 
     def done(phase: str) -> None:  # GPU time is rationed: say where it goes
@@ -189,6 +190,12 @@ def run_bench(configs: dict, device: torch.device, dtype: torch.dtype, repeats: 
                                                     cuda_graphs=options.cuda_graphs))
         label = "ours + compile + fp8" if compile_too else "ours + fp8"
         rows += measure(models, label, jobs, default_times, fp32, eager, device, repeats, on_row)
+        done(label)
+    if step_cache > 1:  # last, on top of whatever options are on by then; only workloads with a step to cache
+        cached = [replace(w, cache_interval=step_cache) for w in jobs if w.steps > 1]
+        label = " + ".join(["ours", *(["compile"] if compile_too else []), *(["fp8"] if fp8 else []),
+                            f"step cache {step_cache}"])
+        rows += measure(models, label, cached, default_times, fp32, eager, device, repeats, on_row)
         done(label)
     return rows, notes
 
@@ -232,6 +239,9 @@ def add_parser(commands) -> None:
                        help="torch.compile mode for --compile (without CUDA graphs: ours are recorded around it)")
     bench.add_argument("--fp8", action="store_true",
                        help="then convert the UNets' transformer linears to fp8 (opt-in option) and measure again")
+    bench.add_argument("--step-cache", type=int, default=1, metavar="N",
+                       help="then measure the multi-step workloads again with cache_interval N (opt-in, approximate: "
+                            "sdxl_fast.step_cache)")
     bench.add_argument("--only", action="append", metavar="WORKLOAD",
                        help='measure only this workload (repeatable), e.g. --only "fast 1-step"')
     bench.add_argument("--json", type=Path, help="also write the rows here, one JSON line per row as measured")
@@ -256,7 +266,7 @@ def main(args: argparse.Namespace, command: str) -> int:
                 f.write(json.dumps(row) + "\n")
 
     rows, notes = run_bench(configs, device, dtype, args.repeats, args.tiny, options, args.compile, on_row, args.only,
-                            args.fp8)
+                            args.fp8, args.step_cache)
     table = markdown(rows, notes, device, command)
     args.output.write_text(table)
     print(table)

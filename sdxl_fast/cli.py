@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                            f"{DEFAULT_SIDE['fast']}² SDXL-Turbo, {DEFAULT_SIDE['quality']}² SDXL, 128² the demo "
                            "models); see `sdxl-fast buckets`")
     what.add_argument("--num-images", type=int, help="images in one batch; image i uses seed + i")
+    what.add_argument("--cache-interval", type=int, metavar="N",
+                      help="opt-in, approximate (DeepCache): the whole UNet every Nth step, only its outer level "
+                           "in between; faster, changes the image (default 1: off)")
     quality = gen.add_argument_group("quality mode")
     quality.add_argument("--cfg", "--guidance-scale", dest="guidance_scale", type=float,
                          help="classifier-free guidance scale (default 5.0; 1 turns guidance off)")
@@ -120,10 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PARAM_FLAGS = ("negative_prompt", "mode", "steps", "seed", "num_images", "guidance_scale", "refiner_switch",
-               "use_refiner", "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
-               "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
-               "negative_aesthetic_score")
+PARAM_FLAGS = ("negative_prompt", "mode", "steps", "seed", "num_images", "cache_interval", "guidance_scale",
+               "refiner_switch", "use_refiner", "original_size", "crops_coords_top_left", "target_size",
+               "negative_original_size", "negative_crops_coords_top_left", "negative_target_size",
+               "aesthetic_score", "negative_aesthetic_score")
 
 
 def params_from_args(args: argparse.Namespace, default_side: int | None = None) -> GenerationParams:

@@ -13,10 +13,13 @@ inputs are copied into the graph's own buffers and its outputs are overwritten b
 from __future__ import annotations
 
 import logging
+from functools import partial
 from types import SimpleNamespace
 from typing import Callable
 
 import torch
+
+from . import step_cache
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,19 @@ class CudaGraphs:
 
     def unet(self, unet, name: str) -> "GraphedUNet":
         return GraphedUNet(self, unet, name)
+
+    def caching_unet(self, unet, name: str, interval: int):
+        """A step_cache.CachingUNet whose full and cached steps each replay a graph of their own."""
+        key = (name, id(unet), unet.dtype)
+
+        def full(*inputs):
+            out, deep = self.run((*key, "full"), partial(step_cache.full_step, unet), *inputs)
+            return out.clone(), deep.clone()  # both outlive the next replay
+
+        def cached(*inputs):
+            return self.run((*key, "cached"), partial(step_cache.cached_step_for(unet), unet), *inputs).clone()
+
+        return step_cache.CachingUNet(unet, interval, full, cached)
 
 
 class GraphedUNet:

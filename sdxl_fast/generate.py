@@ -9,7 +9,7 @@ import torch
 from diffusers import EulerDiscreteScheduler
 from PIL import Image
 
-from . import conditioning, decoding, metadata, prompts, sampling, schedules
+from . import conditioning, decoding, metadata, prompts, sampling, schedules, step_cache
 from .loading import Models, native_side
 from .params import MODES, GenerationParams, image_seed
 
@@ -38,13 +38,21 @@ def _encode(models: Models, encoders, prompt: str) -> prompts.PromptEmbeddings:
     return prompts.encode_prompt_cached(encoders, prompt, models.device, encode)
 
 
-def _unets(models: Models):
-    """The Quality UNets, each replayed from a CUDA graph per step when graphs are on."""
+def _unets(models: Models, cache_interval: int):
+    """The Quality UNets, each replayed from a CUDA graph per step when graphs are on, and with the step
+    cache when asked for (a new one per call: it holds that call's features)."""
     q = models.quality
-    if models.graphs is None:
-        return q.base, q.refiner
-    return (models.graphs.unet(q.base, "base"),
-            None if q.refiner is None else models.graphs.unet(q.refiner, "refiner"))
+
+    def wrap(unet, name):
+        if unet is None:
+            return None
+        if cache_interval > 1:
+            if models.graphs is None:
+                return step_cache.CachingUNet(unet, cache_interval)
+            return models.graphs.caching_unet(unet, name, cache_interval)
+        return unet if models.graphs is None else models.graphs.unet(unet, name)
+
+    return wrap(q.base, "base"), wrap(q.refiner, "refiner")
 
 
 def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -75,7 +83,7 @@ def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tenso
                                                     device=device)
     latent_shape = (q.base.config.in_channels, p.height // 8, p.width // 8)
     latents = sampling.randn(latent_shape, _generators(p.seed, batch), device, dtype) * scheduler.init_noise_sigma
-    base, refiner = _unets(models)
+    base, refiner = _unets(models, p.cache_interval)
     latents = sampling.sample_quality(base, refiner, scheduler, latents, timesteps, switch, base_inputs,
                                       refiner_inputs, p.guidance_scale, callback)
     names = dict(q.names) if use_refiner else {"base": q.names["base"]}
@@ -83,7 +91,7 @@ def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tenso
 
 
 def fast_call(f, timesteps: list[int], alphas_cumprod: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-              time_ids: torch.Tensor, noise: torch.Tensor, callback=None):
+              time_ids: torch.Tensor, noise: torch.Tensor, callback=None, cache_interval: int = 1):
     """The Fast path after the text encoders, as one function of tensors, so a CUDA graph can record it whole.
 
     alphas_cumprod [1000]; context [1, 77, D], pooled [1, P], time_ids [1, 6]; noise [steps, B, 4, h, w]: the
@@ -94,7 +102,8 @@ def fast_call(f, timesteps: list[int], alphas_cumprod: torch.Tensor, context: to
     batch = noise.shape[1]
     inputs = _batched(sampling.UNetInputs(context, pooled, time_ids), None, batch)
     renoise = iter(noise[1:])
-    latents = sampling.sample_fast(f.student, alphas_cumprod, f.scheduler.config.prediction_type, noise[0],
+    student = f.student if cache_interval == 1 else step_cache.CachingUNet(f.student, cache_interval)
+    latents = sampling.sample_fast(student, alphas_cumprod, f.scheduler.config.prediction_type, noise[0],
                                    timesteps, inputs, renoise=lambda: next(renoise), callback=callback)
     pixels = f.vae.decode((latents / f.vae.config.scaling_factor).to(f.vae.dtype)).sample
     return latents, decoding.to_uint8(pixels), torch.isfinite(pixels).all()
@@ -116,10 +125,11 @@ def _fast(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, 
     alphas_cumprod = f.scheduler.alphas_cumprod.to(device)
     args = (alphas_cumprod, pos.base_context, pos.pooled, ids_pos, noise)
     if models.graphs is not None and callback is None:  # callbacks need the loop in Python
-        name = ("fast", id(f.student), id(f.vae), f.vae.dtype, tuple(timesteps))
-        latents, images, finite = models.graphs.run(name, partial(fast_call, f, timesteps), *args)
+        name = ("fast", id(f.student), id(f.vae), f.vae.dtype, tuple(timesteps), p.cache_interval)
+        run = partial(fast_call, f, timesteps, cache_interval=p.cache_interval)
+        latents, images, finite = models.graphs.run(name, run, *args)
     else:
-        latents, images, finite = fast_call(f, timesteps, *args, callback=callback)
+        latents, images, finite = fast_call(f, timesteps, *args, callback=callback, cache_interval=p.cache_interval)
     if not finite:  # decode again the careful way (fp32 VAE fallback, or a clear error)
         images = decoding.decode(f.vae, latents)
     return latents, images, dict(f.names)

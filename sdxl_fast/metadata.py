@@ -56,6 +56,8 @@ def infotext(params: GenerationParams, model_names: dict[str, str]) -> str:
     else:
         fields["Model"] = model_names.get("fast", "")
     fields["Mode"] = p.mode
+    if p.cache_interval > 1:
+        fields["Step cache interval"] = p.cache_interval
     output_size = (p.height, p.width)
     defaults = {
         "Original size": (p.original_size, output_size, _size),
@@ -99,6 +101,7 @@ def parse_infotext(text: str) -> tuple[GenerationParams, dict[str, str]]:
     params = GenerationParams(
         prompt="\n".join(prompt_lines), negative_prompt="\n".join(negative_lines), mode=mode,
         steps=int(fields["Steps"]), seed=int(fields["Seed"]), width=width, height=height,
+        cache_interval=int(fields.get("Step cache interval", 1)),
     )
     if mode == "quality":
         params = replace(params, guidance_scale=float(fields.get("CFG scale", 5.0)),

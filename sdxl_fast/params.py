@@ -13,6 +13,7 @@ MAX_FAST_STEPS = 4
 MAX_SEED = 2**32 - 1  # the range other SDXL tools use, so seeds carry over between them
 MIN_SIDE, MAX_SIDE = 64, 4096
 MAX_IMAGES = 16
+MAX_CACHE_INTERVAL = 10
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -37,6 +38,8 @@ class GenerationParams:
     width: int | None = None
     height: int | None = None
     num_images: int = 1
+    # Opt-in, approximate: the whole UNet every Nth step, only its outer level in between (sdxl_fast.step_cache).
+    cache_interval: int = 1
     # Quality path only.
     guidance_scale: float = 5.0
     use_refiner: bool = True
@@ -96,6 +99,9 @@ class GenerationParams:
                     f"{name} must be a multiple of 8 between {MIN_SIDE} and {MAX_SIDE} pixels, got {value!r}")
         if not (isinstance(self.num_images, int) and 1 <= self.num_images <= MAX_IMAGES):
             raise ValueError(f"num_images must be from 1 to {MAX_IMAGES}, got {self.num_images!r}")
+        if not (isinstance(self.cache_interval, int) and 1 <= self.cache_interval <= MAX_CACHE_INTERVAL):
+            raise ValueError(f"cache_interval must be an integer from 1 (off) to {MAX_CACHE_INTERVAL}, "
+                             f"got {self.cache_interval!r}")
         if not 0.0 <= self.guidance_scale <= 50.0:
             raise ValueError(f"guidance_scale must be between 0 and 50, got {self.guidance_scale}")
         if not 0.0 < self.refiner_switch <= 1.0:

@@ -48,13 +48,14 @@ def _train_probe(args) -> int:
 def _evaluate(args) -> int:
     import torch
 
-    from .evaluate import evaluate, write_report
+    from .evaluate import ROWS, cached_rows, evaluate, write_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
     refiner = None if args.refiner.strip().lower() in ("", "none") else args.refiner
+    rows = ROWS + (cached_rows(args.cache_interval) if args.cache_interval > 1 else ())
     report = evaluate(args.base, refiner, args.student, n=args.n, probe_dir=args.probe, size=args.size,
-                      guidance_scale=args.guidance_scale)
+                      guidance_scale=args.guidance_scale, rows=rows)
     print(write_report(report, args.out, args.json))
     return 0
 
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--size", type=int, default=128, help="generation side in pixels (the data resolution)")
     e.add_argument("--guidance-scale", type=float, default=5.0, help="teacher classifier-free guidance")
     e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    e.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                   help="also run the multi-step rows with sdxl_fast's step cache at this interval (opt-in option)")
     e.add_argument("--out", help="write the markdown table here")
     e.add_argument("--json", help="write the raw numbers here")
     e.set_defaults(run=_evaluate)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ class Row:
     mode: str  # sdxl_fast mode: "quality" (teacher) or "fast" (student)
     steps: int
     use_refiner: bool = False
+    cache_interval: int = 1  # sdxl_fast.step_cache (opt-in); 1 = off
 
 
 ROWS = (
@@ -50,6 +51,14 @@ ROWS = (
     Row("student (ADD)", "fast", 4),
 )
 REFERENCE = "real held-out images (reference)"
+
+
+def cached_rows(interval: int, rows: tuple[Row, ...] = ROWS) -> tuple[Row, ...]:
+    """The rows with a step to cache (more than one step), again with the step cache on."""
+    return tuple(replace(r, sampler=f"{r.sampler}, step cache {interval}", cache_interval=interval)
+                 for r in rows if r.steps > 1)
+
+
 HEADER = "| sampler | steps | attribute accuracy | Fréchet distance | CPU ms / image |"
 
 
@@ -83,7 +92,8 @@ def evaluate(base: str, refiner: str | None, student: str, n: int = 200, probe_d
 
     def params(caption: str, row: Row, seed: int):
         return sdxl_fast.GenerationParams(caption, mode=row.mode, steps=row.steps, seed=seed, width=size,
-                                          height=size, use_refiner=row.use_refiner, guidance_scale=guidance_scale)
+                                          height=size, use_refiner=row.use_refiner, guidance_scale=guidance_scale,
+                                          cache_interval=row.cache_interval)
 
     # One untimed call per path first: the first call pays for lazy initialisation, not for sampling.
     for mode in sorted({row.mode for row in rows}):

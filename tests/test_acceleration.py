@@ -67,14 +67,19 @@ def test_compiled_models_get_one_static_graph_per_shape(tiny_family):
 
 def test_bench_harness_runs_and_writes_its_table(tmp_path, capsys):
     out = tmp_path / "BENCH.md"
-    assert main(["bench", "--tiny", "--repeats", "1", "--device", "cpu", "-o", str(out)]) == 0
+    assert main(["bench", "--tiny", "--repeats", "1", "--device", "cpu", "--step-cache", "2", "-o", str(out)]) == 0
     table = out.read_text()
     for workload in ("fast 1-step", "fast 4-step", "fast 1-step batch 16", "quality 50-step base+refiner CFG 5"):
-        assert f"| {workload} |" in table
+        assert f"| {workload} | ours |" in table
     assert "sdxl-fast bench --tiny --repeats 1" in table and "torch 2.14.1" in table
     rows = [line for line in table.splitlines() if line.startswith("| fast") or line.startswith("| quality")]
-    assert all(float(row.split("|")[-2]) < 1e-5 for row in rows)  # on CPU only the upsampler rewrite: rounding
-    assert all(float(row.split("|")[-3]) < 1e-3 for row in rows)  # fp32 on CPU: the same as the fp32 reference
+    exact = [row for row in rows if "step cache" not in row]
+    assert all(float(row.split("|")[-2]) < 1e-5 for row in exact)  # on CPU only the upsampler rewrite: rounding
+    assert all(float(row.split("|")[-3]) < 1e-3 for row in exact)  # fp32 on CPU: the same as the fp32 reference
+    # The opt-in step cache gets rows of its own for the multi-step workloads, with the error it adds.
+    cached = [row for row in rows if "| ours + step cache 2 |" in row]
+    assert [row.split("|")[1].strip() for row in cached] == ["fast 4-step", "quality 50-step base+refiner CFG 5"]
+    assert all(float(row.split("|")[-2]) > 1e-4 for row in cached)
 
 
 def test_fast_breakdown_script_times_every_part():

@@ -64,6 +64,14 @@ def test_quality_returns_pngs_of_the_requested_size_with_parameters(client):
     assert "refiner" in names
 
 
+def test_quality_step_cache_is_used_and_recorded(client):
+    plain = Image.open(quality(client, steps=4, refiner_switch=0.5)[0][0]["image"])
+    gallery, _ = quality(client, steps=4, refiner_switch=0.5, cache_interval=2)
+    cached = Image.open(gallery[0]["image"])
+    assert sdxl_fast.parse_infotext(cached.info["parameters"])[0].cache_interval == 2
+    assert plain.tobytes() != cached.tobytes()
+
+
 def test_randomized_seed_is_returned_and_used(client):
     gallery, seed = fast(client, randomize_seed=True)
     assert sdxl_fast.parse_infotext(Image.open(gallery[0]["image"]).info["parameters"])[0].seed == seed

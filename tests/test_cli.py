@@ -23,7 +23,7 @@ def tiny_env(monkeypatch, tiny_sources):
 
 
 @pytest.mark.parametrize("mode,extra", [
-    ("fast", ["--steps", "4"]),
+    ("fast", ["--steps", "4", "--cache-interval", "2"]),
     ("quality", ["--steps", "6", "--cfg", "4", "-n", "dark", "--original-size", "512x256", "--crop", "8,16",
                  "--aesthetic-score", "7"]),
 ])
@@ -37,6 +37,7 @@ def test_generate_writes_a_png_that_reproduces_itself(tiny_env, tmp_path, mode, 
         first = np.asarray(image.convert("RGB"))
     params, _ = parse_infotext(read_parameters(out))
     assert (params.mode, params.seed, params.width, params.height) == (mode, 5, 64, 96)
+    assert params.cache_interval == (2 if mode == "fast" else 1)
     if mode == "quality":
         assert params.original_size == (256, 512) and params.crops_coords_top_left == (8, 16)
         assert params.negative_prompt == "dark" and params.guidance_scale == 4.0 and params.aesthetic_score == 7.0

@@ -105,3 +105,16 @@ def test_a_function_that_cannot_be_recorded_runs_eagerly_and_is_not_retried(monk
     assert torch.equal(cpu_graphs.run(("double",), lambda t: t * 2, x), x * 2)
     assert torch.equal(cpu_graphs.run(("double",), lambda t: t * 2, x), x * 2)
     assert len(attempts) == 1
+
+
+def test_step_cache_graphs_give_the_eager_cached_images(tiny_models, cpu_graphs):
+    params = dict(prompt="a red fox", seed=1, steps=6, guidance_scale=5.0, refiner_switch=0.5, cache_interval=2)
+    eager = _pixels(tiny_models, mode="quality", **params)
+    _use_graphs(tiny_models, cpu_graphs)
+    try:
+        graphed = _pixels(tiny_models, mode="quality", **params)
+    finally:
+        _use_graphs(tiny_models, None)
+    assert all(np.array_equal(w, g) for w, g in zip(eager, graphed))
+    assert {key[:4:3] for key in cpu_graphs.graphs if key[0] != "text encoders"} == {
+        ("base", "full"), ("base", "cached"), ("refiner", "full"), ("refiner", "cached")}

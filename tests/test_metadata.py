@@ -20,7 +20,7 @@ def test_parse_round_trips_every_parameter():
         width=640, height=1536, guidance_scale=3.5, refiner_switch=0.7, original_size=(2048, 1024),
         crops_coords_top_left=(32, 64), target_size=(1536, 640), negative_original_size=(512, 512),
         negative_crops_coords_top_left=(8, 8), negative_target_size=(1024, 1024), aesthetic_score=7.0,
-        negative_aesthetic_score=2.0,
+        negative_aesthetic_score=2.0, cache_interval=3,
     ).resolved()
     parsed, names = parse_infotext(infotext(params, {"base": "b", "refiner": "r"}))
     assert parsed == params and names["refiner"] == "r"

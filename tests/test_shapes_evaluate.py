@@ -37,18 +37,20 @@ def test_evaluate_command_writes_the_full_table(tiny_family, probe_dir, tmp_path
     out, raw = tmp_path / "table.md", tmp_path / "table.json"
     assert main(["evaluate", "--base", str(tiny_family["base"]), "--refiner", str(tiny_family["refiner"]),
                  "--student", str(tiny_family["student"]), "--n", "2", "--probe", str(probe_dir),
-                 "--out", str(out), "--json", str(raw)]) == 0
+                 "--out", str(out), "--json", str(raw), "--cache-interval", "2"]) == 0
     text = out.read_text()
     assert HEADER in capsys.readouterr().out
     rows = _table_rows(text)
     assert [(r[0], r[1]) for r in rows[:7]] == EXPECTED_ROWS == [(r.sampler, str(r.steps)) for r in ROWS]
-    assert rows[7][0] == REFERENCE and len(rows) == 8
-    for sampler, steps, accuracy, frechet, ms in rows[:7]:
+    # then the multi-step rows again with the step cache, and the reference
+    assert [(r[0], r[1]) for r in rows[7:12]] == [(f"{s}, step cache 2", n) for s, n in EXPECTED_ROWS if n != "1"]
+    assert rows[12][0] == REFERENCE and len(rows) == 13
+    for sampler, steps, accuracy, frechet, ms in rows[:12]:
         assert 0.0 <= float(accuracy) <= 1.0
         assert float(frechet) >= 0.0 and math.isfinite(float(frechet))
         assert float(ms) > 0.0
     report = json.loads(raw.read_text())
-    assert report["setup"]["n"] == 2 and len(report["rows"]) == 7
+    assert report["setup"]["n"] == 2 and len(report["rows"]) == 12
     assert all(set(r["accuracy"]) == {"shape", "colour", "position", "count", "all"} for r in report["rows"])
 
 
