@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--num-images", type=int, help="images in one batch; image i uses seed + i")
     what.add_argument("--cache-interval", type=int, metavar="N",
                       help="opt-in, approximate (DeepCache): the whole UNet every Nth step, only its outer level "
-                           "in between; faster, changes the image (default 1: off)")
+                           "in between; for many-step quality sampling (few-step fast sampling loses much quality "
+                           "with it); default 1: off")
     quality = gen.add_argument_group("quality mode")
     quality.add_argument("--cfg", "--guidance-scale", dest="guidance_scale", type=float,
                          help="classifier-free guidance scale (default 5.0; 1 turns guidance off)")

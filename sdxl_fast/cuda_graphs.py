@@ -4,7 +4,8 @@ On an H200 an eager 512² SDXL UNet forward takes ~50 ms for 1.6 TFLOP of work: 
 about a thousand kernels from Python, not into running them. A graph replay launches them all at once. The
 Fast path records its whole call after tokenisation (text encoders, every student step, the VAE decode and
 the uint8 conversion) as one graph per (batch, size, steps); the Quality path records one UNet step per
-(UNet, batch, size) and keeps the scheduler and guidance arithmetic eager, so step callbacks still work.
+(UNet, batch, size), two with the step cache (its whole and its cached steps), and keeps the scheduler and
+guidance arithmetic eager, so step callbacks still work.
 
 Replaying a graph reruns the same kernels on the same addresses, so the results equal the eager ones; the
 inputs are copied into the graph's own buffers and its outputs are overwritten by the next replay.

@@ -3,10 +3,12 @@
 A UNet's deep features change little from one denoising step to the next. So on a full step we keep what
 enters the last up block (the work of every level below the outermost), and on the cached steps after it run
 only the outermost level: the time embedding, `conv_in`, the first down block without its downsampler, the
-last up block fed with the kept features, and the output head. For SDXL that level is ~7 % of a step's FLOPs.
+last up block fed with the kept features, and the output head. For SDXL that level is 7–9 % of a step's FLOPs.
 
 `GenerationParams.cache_interval` = N runs a full step, then N - 1 cached ones, and so on; each UNet of a
-call (base, refiner, student) starts with a full step. N = 1 is the plain UNet.
+call (base, refiner, student) starts with a full step. N = 1 is the plain UNet. It suits many-step sampling:
+at N = 2 the demo teacher's 50-step scores do not move, while its 4-step sampling and the ADD student lose
+much accuracy (docs/DEMO_MODELS.md, session 7).
 """
 
 from __future__ import annotations

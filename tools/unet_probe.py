@@ -1,0 +1,181 @@
+"""One SDXL UNet step (or VAE decode) alone, as the app runs it, under torch.compile and attention variants.
+
+    python tools/unet_probe.py --configs shared/reference/sdxl-configs --shapes 512x1 1024x2 --profile
+    python tools/unet_probe.py --configs ... --model vae --shapes 512x1 --profile     # the VAE decoder
+    python tools/unet_probe.py --configs ... --compile gemm       # Inductor's autotuned matmuls
+    python tools/unet_probe.py --configs ... --sdpa cudnn         # only cuDNN's attention kernels allowed
+    python tools/unet_probe.py --configs ... --sdpa-micro         # each attention kernel alone, SDXL's shapes
+
+Random weights with the default CUDA options (upsampler rewrite, channels_last, fused QKV), fp16. Prints the
+median of 20 graphed calls and, with --profile, the kernel time of 5 ungraphed calls summed per kernel kind
+and the 25 costliest kernels (BENCHMARKS.md, "Where a UNet step's time goes"). CUDA only.
+"""
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from sdxl_fast import upsample
+from sdxl_fast.cuda_graphs import CudaGraphs
+from sdxl_fast.random_weights import full_configs
+
+
+def build(configs: str, which: str):
+    """The module and its call: fn(latents, timestep, context, pooled, time_ids) -> output."""
+    from diffusers import AutoencoderKL
+
+    cfg = full_configs(configs)
+    with torch.device("cuda"):
+        model = (AutoencoderKL(**cfg["vae"]) if which == "vae" else
+                 UNet2DConditionModel(**cfg["unet" if which == "base" else "refiner_unet"])).half()
+    upsample.convert(model)
+    model.to(memory_format=torch.channels_last)
+    model.fuse_qkv_projections()
+    model.requires_grad_(False)
+    if which == "vae":
+        model = model.decoder
+        return model, lambda x, t, ctx, pooled, ids: model(x)
+    return model, lambda x, t, ctx, pooled, ids: model(
+        x, t, encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", required=True, help="folder of the SDXL configs (base/, refiner/)")
+    p.add_argument("--model", default="base", choices=["base", "refiner", "vae"])
+    p.add_argument("--compile", default="default",
+                   help="none, gemm (autotuned matmuls), gemm-cd (and coordinate descent) or a torch.compile mode")
+    p.add_argument("--sdpa", default="default", choices=["default", "cudnn", "flash", "efficient"])
+    p.add_argument("--shapes", nargs="+", default=["512x1"], help="SIDExBATCH in pixels, e.g. 512x1 1024x2")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--sdpa-micro", action="store_true")
+    args = p.parse_args()
+    tag = f"[{args.model} compile={args.compile} sdpa={args.sdpa}]"
+
+    if args.sdpa != "default":
+        torch.backends.cuda.enable_flash_sdp(args.sdpa == "flash")
+        torch.backends.cuda.enable_mem_efficient_sdp(args.sdpa == "efficient")
+        torch.backends.cuda.enable_cudnn_sdp(args.sdpa == "cudnn")
+        torch.backends.cuda.enable_math_sdp(False)
+    if args.sdpa_micro:
+        sdpa_micro()
+        return
+
+    torch.manual_seed(0)
+    model, fwd = build(args.configs, args.model)
+    if args.compile != "none":
+        torch._dynamo.config.recompile_limit = 64
+        options = {"gemm": {"max_autotune_gemm": True},
+                   "gemm-cd": {"max_autotune_gemm": True, "coordinate_descent_tuning": True}}.get(args.compile)
+        if options:
+            model.compile(fullgraph=True, dynamic=False, options=options)
+        else:
+            model.compile(mode=args.compile, fullgraph=True, dynamic=False)
+    graphs = CudaGraphs()
+    refiner = args.model == "refiner"
+    # TFLOP per image: the issue's figures for the UNets; the VAE decoder's after the upsampler rewrite.
+    tflop = {"base": {512: 1.59, 1024: 6.76}, "refiner": {512: 1.62, 1024: 7.29}, "vae": {512: 2.13, 1024: 8.5}}
+
+    for shape in args.shapes:
+        side, batch = map(int, shape.split("x"))
+        half = dict(device="cuda", dtype=torch.half)
+        inputs = (torch.randn(batch, 4, side // 8, side // 8, **half), torch.tensor(999, device="cuda"),
+                  torch.randn(batch, 77, 1280 if refiner else 2048, **half), torch.randn(batch, 1280, **half),
+                  torch.tensor([[side, side, 0, 0, 6.0] if refiner else [side, side, 0, 0, side, side]] * batch,
+                               **half))
+        start = time.perf_counter()
+        with torch.no_grad():
+            fwd(*inputs)
+        torch.cuda.synchronize()
+        print(f"{tag} {shape} first call (compile) {time.perf_counter() - start:.1f} s", flush=True)
+        times = []
+        for i in range(25):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            graphs.run(("step",), fwd, *inputs)
+            torch.cuda.synchronize()
+            if i >= 5:
+                times.append(time.perf_counter() - start)
+        med = statistics.median(times)
+        rate = tflop[args.model].get(side, float("nan")) * batch / med
+        print(f"RESULT {tag} {shape} graphed median {med * 1e3:.3f} ms min {min(times) * 1e3:.3f} ms "
+              f"~{rate:.0f} TFLOP/s", flush=True)
+        if args.profile:
+            profile(fwd, inputs, tag, shape)
+
+
+def category(name: str) -> str:
+    """Kernel kind from its name (cuDNN, cuBLAS and Inductor name their kernels consistently)."""
+    n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa")):
+        return "attention"
+    if "conv" in n or "fprop" in n:  # cuDNN's implicit-GEMM convolutions are "..._fprop_implicit_gemm_..."
+        return "conv"
+    if "gemm" in n or "cutlass" in n or "sm90_xmma" in n or "nvjet" in n or "cublas" in n:
+        return "gemm"
+    if "triton" in n:
+        return "triton (fused elementwise/norm)"
+    return "other"
+
+
+def profile(fwd, inputs, tag, shape):
+    from torch.profiler import ProfilerActivity, profile as prof
+    with torch.no_grad():
+        for _ in range(3):
+            fwd(*inputs)
+        torch.cuda.synchronize()
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(5):
+                fwd(*inputs)
+            torch.cuda.synchronize()
+    sums, counts = defaultdict(float), defaultdict(int)
+    per_kernel = defaultdict(float)
+    for e in p.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            c = category(e.name)
+            sums[c] += e.device_time / 5
+            counts[c] += 1 / 5
+            per_kernel[e.name[:90]] += e.device_time / 5
+    total = sum(sums.values())
+    print(f"PROFILE {tag} {shape} kernel time sum {total / 1e3:.3f} ms in {sum(counts.values()):.0f} kernels")
+    for c in sorted(sums, key=lambda c: -sums[c]):
+        print(f"PROFILE   {c:34s} {sums[c] / 1e3:7.3f} ms  {counts[c]:5.0f} kernels")
+    for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"PROFILE     {us / 1e3:7.3f} ms  {name}")
+
+
+def sdpa_micro():
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    dev = "cuda"
+    cases = [("512² L1 self", 1, 10, 1024, 1024), ("512² L2 self", 1, 20, 256, 256),
+             ("512² L1 cross", 1, 10, 1024, 77), ("512² L2 cross", 1, 20, 256, 77),
+             ("1024² L1 self b2", 2, 10, 4096, 4096), ("1024² L2 self b2", 2, 20, 1024, 1024),
+             ("1024² L1 cross b2", 2, 10, 4096, 77), ("1024² L2 cross b2", 2, 20, 1024, 77)]
+    for label, b, h, lq, lk in cases:
+        q = torch.randn(b, lq, h, 64, device=dev, dtype=torch.half).transpose(1, 2)
+        k = torch.randn(b, lk, h, 64, device=dev, dtype=torch.half).transpose(1, 2)
+        v = torch.randn(b, lk, h, 64, device=dev, dtype=torch.half).transpose(1, 2)
+        row = []
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+            try:
+                with sdpa_kernel(backend):
+                    for _ in range(5):
+                        F.scaled_dot_product_attention(q, k, v)
+                    torch.cuda.synchronize()
+                    s = time.perf_counter()
+                    for _ in range(50):
+                        F.scaled_dot_product_attention(q, k, v)
+                    torch.cuda.synchronize()
+                row.append(f"{backend.name} {(time.perf_counter() - s) / 50 * 1e6:8.1f} us")
+            except Exception as e:
+                row.append(f"{backend.name} failed {type(e).__name__}")
+        print(f"SDPA {label:20s} " + " | ".join(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
