@@ -51,15 +51,13 @@ ROWS = (
     Row("student (ADD)", "fast", 4),
 )
 REFERENCE = "real held-out images (reference)"
+HEADER = "| sampler | steps | attribute accuracy | Fréchet distance | CPU ms / image |"
 
 
 def cached_rows(interval: int, rows: tuple[Row, ...] = ROWS) -> tuple[Row, ...]:
     """The rows with a step to cache (more than one step), again with the step cache on."""
     return tuple(replace(r, sampler=f"{r.sampler}, step cache {interval}", cache_interval=interval)
                  for r in rows if r.steps > 1)
-
-
-HEADER = "| sampler | steps | attribute accuracy | Fréchet distance | CPU ms / image |"
 
 
 def _log(message: str) -> None:
