@@ -139,13 +139,15 @@ def apply(models: Models, options: Acceleration) -> list[str]:
 
 
 def warmup(models: Models) -> None:
-    """Run each loaded path once at the models' own size (generate's default), so compilation and autotuning
-    happen now."""
+    """Run each loaded path once at the models' own size (generate's default), so compilation, autotuning and
+    graph recording happen now: Fast at 1 step; Quality at 2 steps (one on the base, one on the refiner), then
+    at 4 with the step cache, which the app offers for Quality (a whole and a cached step on each UNet)."""
     from .generate import generate
     from .params import GenerationParams
 
-    for mode in ("fast", "quality"):
+    calls = {"fast": [dict(steps=1)], "quality": [dict(steps=2), dict(steps=4, refiner_switch=0.5, cache_interval=2)]}
+    for mode, kwargs in calls.items():
         if getattr(models, mode) is None:
             continue
-        steps = {"fast": 1, "quality": 2}[mode]
-        generate(models, GenerationParams("warm-up", mode=mode, steps=steps, seed=0))
+        for kw in kwargs:
+            generate(models, GenerationParams("warm-up", mode=mode, seed=0, **kw))

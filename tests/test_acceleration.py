@@ -93,3 +93,19 @@ def test_fast_breakdown_script_times_every_part():
     lines = [line for line in out.splitlines() if " ms " in line]
     assert len(lines) == 9 and all("median" in line for line in lines)
     assert out.startswith("acceleration: subpixel_upsample:")  # the CPU default
+
+
+def test_warmup_runs_every_path_and_the_quality_step_cache(tiny_models, monkeypatch):
+    import sys
+
+    from sdxl_fast import acceleration, step_cache
+
+    generate_module = sys.modules["sdxl_fast.generate"]  # the package's `generate` is the function
+    calls, cached_unets = [], []
+    real_generate, real_cached = generate_module.generate, step_cache.cached_step
+    monkeypatch.setattr(generate_module, "generate", lambda models, p, *a: calls.append(p) or real_generate(models, p, *a))
+    monkeypatch.setattr(step_cache, "cached_step", lambda unet, *a: cached_unets.append(unet) or real_cached(unet, *a))
+    acceleration.warmup(tiny_models)
+    assert [(p.mode, p.steps, p.cache_interval) for p in calls] == [("fast", 1, 1), ("quality", 2, 1), ("quality", 4, 2)]
+    q = tiny_models.quality
+    assert cached_unets == [q.base, q.refiner]  # each Quality UNet's cached step has run (and compiled, on a GPU)
