@@ -3,6 +3,7 @@
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from sdxl_fast import GenerationParams, generate, load
@@ -93,6 +94,23 @@ def test_fast_breakdown_script_times_every_part():
     lines = [line for line in out.splitlines() if " ms " in line]
     assert len(lines) == 9 and all("median" in line for line in lines)
     assert out.startswith("acceleration: subpixel_upsample:")  # the CPU default
+
+
+@pytest.mark.parametrize("model", ["base", "refiner", "vae"])
+def test_unet_probe_script_times_each_model_and_shape(model):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "tools" / "unet_probe.py"
+    run = [sys.executable, str(script), "--tiny", "--model", model, "--shapes", "64x1", "128x2"]
+    out = subprocess.run(run, capture_output=True, text=True, timeout=300, check=True).stdout
+    results = [line for line in out.splitlines() if line.startswith("RESULT")]
+    assert [line.split()[4] for line in results] == ["64x1", "128x2"]
+    assert all(float(line.split("median")[1].split()[0]) > 0 for line in results)
+    if not torch.cuda.is_available():  # the GPU-only parts refuse clearly instead of failing inside CUDA
+        refused = subprocess.run(run + ["--profile"], capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and "need a CUDA GPU" in refused.stderr
 
 
 def test_warmup_runs_every_path_and_the_quality_step_cache(tiny_models, monkeypatch):

@@ -8,7 +8,8 @@
 
 Random weights with the default CUDA options (upsampler rewrite, channels_last, fused QKV), fp16. Prints the
 median of 20 graphed calls and, with --profile, the kernel time of 5 ungraphed calls summed per kernel kind
-and the 25 costliest kernels (BENCHMARKS.md, "Where a UNet step's time goes"). CUDA only.
+and the 25 costliest kernels (BENCHMARKS.md, "Where a UNet step's time goes"). `--tiny` instead of
+`--configs` runs the tiny test shapes, on the CPU too (fp32, eager, without graphs): a check of the script.
 """
 
 import argparse
@@ -20,18 +21,18 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from sdxl_fast import upsample
+from sdxl_fast.bench import synchronize
 from sdxl_fast.cuda_graphs import CudaGraphs
-from sdxl_fast.random_weights import full_configs
+from sdxl_fast.random_weights import full_configs, tiny_configs
 
 
-def build(configs: str, which: str):
+def build(cfg: dict, which: str, device: torch.device, dtype: torch.dtype):
     """The module and its call: fn(latents, timestep, context, pooled, time_ids) -> output."""
     from diffusers import AutoencoderKL
 
-    cfg = full_configs(configs)
-    with torch.device("cuda"):
+    with device:
         model = (AutoencoderKL(**cfg["vae"]) if which == "vae" else
-                 UNet2DConditionModel(**cfg["unet" if which == "base" else "refiner_unet"])).half()
+                 UNet2DConditionModel(**cfg["unet" if which == "base" else "refiner_unet"])).to(dtype)
     upsample.convert(model)
     model.to(memory_format=torch.channels_last)
     model.fuse_qkv_projections()
@@ -45,15 +46,22 @@ def build(configs: str, which: str):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", required=True, help="folder of the SDXL configs (base/, refiner/)")
+    shapes = p.add_mutually_exclusive_group(required=True)
+    shapes.add_argument("--configs", help="folder of the SDXL configs (base/, refiner/)")
+    shapes.add_argument("--tiny", action="store_true", help="tiny test shapes (a quick check, CPU too)")
     p.add_argument("--model", default="base", choices=["base", "refiner", "vae"])
     p.add_argument("--compile", default="default",
                    help="none, gemm (autotuned matmuls), gemm-cd (and coordinate descent) or a torch.compile mode")
     p.add_argument("--sdpa", default="default", choices=["default", "cudnn", "flash", "efficient"])
     p.add_argument("--shapes", nargs="+", default=["512x1"], help="SIDExBATCH in pixels, e.g. 512x1 1024x2")
-    p.add_argument("--profile", action="store_true")
-    p.add_argument("--sdpa-micro", action="store_true")
+    p.add_argument("--profile", action="store_true", help="kernel time per kind (CUDA only)")
+    p.add_argument("--sdpa-micro", action="store_true", help="each attention kernel alone (CUDA only)")
     args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        if args.sdpa_micro or args.profile or args.sdpa != "default":
+            p.error("--sdpa, --sdpa-micro and --profile need a CUDA GPU")
+        args.compile = "none"  # Inductor on the CPU would take minutes for nothing the GPU figures need
     tag = f"[{args.model} compile={args.compile} sdpa={args.sdpa}]"
 
     if args.sdpa != "default":
@@ -65,8 +73,10 @@ def main():
         sdpa_micro()
         return
 
+    dtype = torch.half if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    model, fwd = build(args.configs, args.model)
+    cfg = tiny_configs() if args.tiny else full_configs(args.configs)
+    model, fwd = build(cfg, args.model, device, dtype)
     if args.compile != "none":
         torch._dynamo.config.recompile_limit = 64
         options = {"gemm": {"max_autotune_gemm": True},
@@ -75,34 +85,37 @@ def main():
             model.compile(fullgraph=True, dynamic=False, options=options)
         else:
             model.compile(mode=args.compile, fullgraph=True, dynamic=False)
-    graphs = CudaGraphs()
+    graphs = CudaGraphs() if device.type == "cuda" else None
     refiner = args.model == "refiner"
+    context_dim = cfg["refiner_unet" if refiner else "unet"]["cross_attention_dim"]
+    pooled_dim = 40 if args.tiny else 1280
     # TFLOP per image: the issue's figures for the UNets; the VAE decoder's after the upsampler rewrite.
     tflop = {"base": {512: 1.59, 1024: 6.76}, "refiner": {512: 1.62, 1024: 7.29}, "vae": {512: 2.13, 1024: 8.5}}
 
     for shape in args.shapes:
         side, batch = map(int, shape.split("x"))
-        half = dict(device="cuda", dtype=torch.half)
-        inputs = (torch.randn(batch, 4, side // 8, side // 8, **half), torch.tensor(999, device="cuda"),
-                  torch.randn(batch, 77, 1280 if refiner else 2048, **half), torch.randn(batch, 1280, **half),
+        on = dict(device=device, dtype=dtype)
+        inputs = (torch.randn(batch, 4, side // 8, side // 8, **on), torch.tensor(999, device=device),
+                  torch.randn(batch, 77, context_dim, **on), torch.randn(batch, pooled_dim, **on),
                   torch.tensor([[side, side, 0, 0, 6.0] if refiner else [side, side, 0, 0, side, side]] * batch,
-                               **half))
+                               **on))
         start = time.perf_counter()
         with torch.no_grad():
             fwd(*inputs)
-        torch.cuda.synchronize()
+        synchronize(device)
         print(f"{tag} {shape} first call (compile) {time.perf_counter() - start:.1f} s", flush=True)
         times = []
         for i in range(25):
-            torch.cuda.synchronize()
+            synchronize(device)
             start = time.perf_counter()
-            graphs.run(("step",), fwd, *inputs)
-            torch.cuda.synchronize()
+            with torch.no_grad():
+                graphs.run(("step",), fwd, *inputs) if graphs else fwd(*inputs)
+            synchronize(device)
             if i >= 5:
                 times.append(time.perf_counter() - start)
         med = statistics.median(times)
         rate = tflop[args.model].get(side, float("nan")) * batch / med
-        print(f"RESULT {tag} {shape} graphed median {med * 1e3:.3f} ms min {min(times) * 1e3:.3f} ms "
+        print(f"RESULT {tag} {shape} {'graphed' if graphs else 'eager'} median {med * 1e3:.3f} ms min {min(times) * 1e3:.3f} ms "
               f"~{rate:.0f} TFLOP/s", flush=True)
         if args.profile:
             profile(fwd, inputs, tag, shape)
