@@ -98,15 +98,11 @@ class CachingUNet:
     """
 
     def __init__(self, unet, interval: int, full=None, cached=None):
-        self.unet, self.interval = unet, interval
+        self.interval = interval
         self.full = full or (lambda *a: full_step(unet, *a))
         self.cached = cached or (lambda *a: cached_step_for(unet)(unet, *a))
         self.calls = 0
         self.deep: torch.Tensor | None = None
-
-    @property
-    def config(self):
-        return self.unet.config
 
     def __call__(self, latents, timestep, encoder_hidden_states, added_cond_kwargs):
         timestep = torch.as_tensor(timestep, device=latents.device)
