@@ -6,42 +6,36 @@
     python tools/unet_probe.py --configs ... --sdpa cudnn         # only cuDNN's attention kernels allowed
     python tools/unet_probe.py --configs ... --sdpa-micro         # each attention kernel alone, SDXL's shapes
 
-Random weights with the default CUDA options (upsampler rewrite, channels_last, fused QKV), fp16. Prints the
-median of 20 graphed calls and, with --profile, the kernel time of 5 ungraphed calls summed per kernel kind
-and the 25 costliest kernels (BENCHMARKS.md, "Where a UNet step's time goes"). `--tiny` instead of
-`--configs` runs the tiny test shapes, on the CPU too (fp32, eager, without graphs): a check of the script.
+Random weights with the device's default options (sdxl_fast.acceleration, as the app applies them), fp16.
+Prints the median of 20 graphed calls and, with --profile, the kernel time of 5 ungraphed calls summed per
+kernel kind and the 25 costliest kernels (BENCHMARKS.md, "Where a UNet step's time goes"). `--tiny` instead
+of `--configs` runs the tiny test shapes, on the CPU too (fp32, eager, without graphs): a check of the script.
 """
 
 import argparse
 import statistics
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
-from diffusers import UNet2DConditionModel
 
-from sdxl_fast import upsample
-from sdxl_fast.bench import synchronize
+from sdxl_fast import acceleration, random_weights, sampling
+from sdxl_fast.bench import build_models, synchronize
 from sdxl_fast.cuda_graphs import CudaGraphs
-from sdxl_fast.random_weights import full_configs, tiny_configs
 
 
 def build(cfg: dict, which: str, device: torch.device, dtype: torch.dtype):
-    """The module and its call: fn(latents, timestep, context, pooled, time_ids) -> output."""
-    from diffusers import AutoencoderKL
-
-    with device:
-        model = (AutoencoderKL(**cfg["vae"]) if which == "vae" else
-                 UNet2DConditionModel(**cfg["unet" if which == "base" else "refiner_unet"])).to(dtype)
-    upsample.convert(model)
-    model.to(memory_format=torch.channels_last)
-    model.fuse_qkv_projections()
-    model.requires_grad_(False)
+    """The module, with the device's default options applied as the app applies them (compiled here, alone,
+    below), and its call: fn(latents, timestep, context, pooled, time_ids) -> output."""
+    models = build_models(random_weights.build_random_components(cfg, device=device), device, dtype)
+    acceleration.apply(models, replace(acceleration.Acceleration.for_device(device), compile=False,
+                                       cuda_graphs=False))
+    q = models.quality
     if which == "vae":
-        model = model.decoder
-        return model, lambda x, t, ctx, pooled, ids: model(x)
-    return model, lambda x, t, ctx, pooled, ids: model(
-        x, t, encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+        return q.vae.decoder, lambda x, t, ctx, pooled, ids: q.vae.decoder(x)
+    unet = q.base if which == "base" else q.refiner
+    return unet, lambda x, t, ctx, pooled, ids: sampling.UNetInputs(ctx, pooled, ids)(unet, x, t)
 
 
 def main():
@@ -75,7 +69,7 @@ def main():
 
     dtype = torch.half if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    cfg = tiny_configs() if args.tiny else full_configs(args.configs)
+    cfg = random_weights.tiny_configs() if args.tiny else random_weights.full_configs(args.configs)
     model, fwd = build(cfg, args.model, device, dtype)
     if args.compile != "none":
         torch._dynamo.config.recompile_limit = 64
