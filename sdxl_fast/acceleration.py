@@ -47,6 +47,13 @@ class Acceleration:
     # Upsample-then-3x3-conv as 2x2 convolutions of the input (sdxl_fast.upsample): 4/9 of those FLOPs. On CPU
     # too: the demo's Fast 1-step call 22.8 -> 21.9 ms (BENCHMARKS.md).
     subpixel_upsample: bool = True
+    fuse_text_qkv: bool = True  # the same for each CLIP text-encoder layer (sdxl_fast.text_qkv)
+    # The VAE's attention (one layer, heads of 512 channels, which only PyTorch's memory-efficient SDPA kernel
+    # takes) as two matmuls and a softmax, which Inductor fuses.
+    vae_matmul_attention: bool = True
+    # Every cross-attention's text keys and values in one matmul per call instead of two small ones per layer
+    # and step (sdxl_fast.cross_kv); needs fuse_qkv.
+    hoist_cross_kv: bool = True
     fp8: bool = False  # opt-in, changes numerics: fp8 matmuls in the UNets' transformer blocks (sdxl_fast.fp8)
     cuda_graphs: bool = True  # replay recorded kernels: the whole Fast call, each Quality UNet step (CUDA only)
     compile: bool = True  # torch.compile the UNets, VAE decoder, text encoders (CUDA only; minutes at start-up)
@@ -56,7 +63,8 @@ class Acceleration:
 
     @classmethod
     def none(cls) -> "Acceleration":
-        return cls(channels_last=False, fuse_qkv=False, subpixel_upsample=False, cuda_graphs=False, compile=False)
+        return cls(channels_last=False, fuse_qkv=False, subpixel_upsample=False, fuse_text_qkv=False,
+                   vae_matmul_attention=False, hoist_cross_kv=False, cuda_graphs=False, compile=False)
 
     @classmethod
     def for_device(cls, device: torch.device) -> "Acceleration":
@@ -113,6 +121,24 @@ def apply(models: Models, options: Acceleration) -> list[str]:
         else:
             count = sum(fp8.convert_unet(unet) for unet in unets)
             notes.append(f"fp8: {count} linear layers of the UNets' transformer blocks (opt-in; changes numerics)")
+    if options.fuse_text_qkv:
+        from . import text_qkv
+
+        notes.append(f"fuse_text_qkv: {sum(text_qkv.fuse(encoder) for encoder in text_encoders)} layers")
+    if options.vae_matmul_attention:
+        from diffusers.models.attention_processor import AttnProcessor
+
+        for vae in vaes:
+            vae.set_attn_processor(AttnProcessor())
+        notes.append("vae_matmul_attention: applied")
+    if options.hoist_cross_kv:
+        if not options.fuse_qkv or options.fp8:
+            notes.append("hoist_cross_kv: skipped (needs fuse_qkv, and the fp16 key/value weights fp8 replaces)")
+        else:
+            from . import cross_kv
+
+            count = sum(cross_kv.hoist(unet) for unet in unets)
+            notes.append(f"hoist_cross_kv: {count} cross-attentions")
     if options.compile:
         if models.device.type != "cuda":
             notes.append(f"compile: skipped on {models.device.type} (CUDA only: Inductor's CPU kernels are no "

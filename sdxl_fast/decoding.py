@@ -46,8 +46,13 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """uint8 [B, H, W, 3] on any device -> PIL images."""
-    return [Image.fromarray(image.numpy()) for image in images.cpu()]
+    """uint8 [B, H, W, 3] on any device -> PIL images. From a GPU into page-locked memory: one DMA, where a
+    copy to ordinary memory goes through a staging buffer."""
+    if images.is_cuda:
+        host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+        host.copy_(images)  # blocking: the images are read below
+        images = host
+    return [Image.fromarray(image.numpy()) for image in images]
 
 
 @torch.no_grad()

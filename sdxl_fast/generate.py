@@ -9,7 +9,7 @@ import torch
 from diffusers import EulerDiscreteScheduler
 from PIL import Image
 
-from . import conditioning, decoding, metadata, prompts, sampling, schedules, step_cache
+from . import conditioning, cross_kv, decoding, metadata, prompts, sampling, schedules, step_cache
 from .loading import Models, native_side
 from .params import MODES, GenerationParams, image_seed
 
@@ -26,6 +26,12 @@ def _batched(pos: sampling.UNetInputs, neg: sampling.UNetInputs | None, batch: i
     parts = [pos] if neg is None else [neg, pos]
     return sampling.UNetInputs(*(torch.cat([rows(getattr(x, name)) for x in parts])
                                  for name in ("context", "pooled", "time_ids")))
+
+
+def _inputs(unet, context: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor) -> sampling.UNetInputs:
+    """One prompt's UNet inputs; the context already projected to every cross-attention's keys and values when
+    the UNet is hoisted (sdxl_fast.cross_kv): once per call, not once per step."""
+    return sampling.UNetInputs(cross_kv.project(unet, context), pooled, time_ids)
 
 
 def _encode(models: Models, encoders, prompt: str) -> prompts.PromptEmbeddings:
@@ -68,14 +74,14 @@ def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tenso
     # SDXL base was trained with zeroed (not encoded) empty negatives; the refiner was not (model_index.json).
     base_neg = neg.zeros_like() if (q.force_zeros_for_empty_prompt and not p.negative_prompt) else neg
     ids_neg, ids_pos = conditioning.time_ids(p, refiner=False, device=device, dtype=dtype)
-    base_inputs = _batched(sampling.UNetInputs(pos.base_context, pos.pooled, ids_pos),
-                           sampling.UNetInputs(base_neg.base_context, base_neg.pooled, ids_neg) if guided else None,
+    base_inputs = _batched(_inputs(q.base, pos.base_context, pos.pooled, ids_pos),
+                           _inputs(q.base, base_neg.base_context, base_neg.pooled, ids_neg) if guided else None,
                            batch)
     refiner_inputs = None
     if use_refiner:
         ids_neg, ids_pos = conditioning.time_ids(p, refiner=True, device=device, dtype=dtype)
-        refiner_inputs = _batched(sampling.UNetInputs(pos.hidden_2, pos.pooled, ids_pos),
-                                  sampling.UNetInputs(neg.hidden_2, neg.pooled, ids_neg) if guided else None, batch)
+        refiner_inputs = _batched(_inputs(q.refiner, pos.hidden_2, pos.pooled, ids_pos),
+                                  _inputs(q.refiner, neg.hidden_2, neg.pooled, ids_neg) if guided else None, batch)
 
     # A fresh scheduler per call: schedulers carry a step counter, and the app may run calls side by side.
     scheduler = EulerDiscreteScheduler.from_config(q.scheduler.config)
@@ -100,13 +106,21 @@ def fast_call(f, timesteps: list[int], alphas_cumprod: torch.Tensor, context: to
     Returns (latents [B, 4, h, w], uint8 images [B, H, W, 3], all-finite flag).
     """
     batch = noise.shape[1]
-    inputs = _batched(sampling.UNetInputs(context, pooled, time_ids), None, batch)
+    inputs = _batched(_inputs(f.student, context, pooled, time_ids), None, batch)
     renoise = iter(noise[1:])
     student = f.student if cache_interval == 1 else step_cache.CachingUNet(f.student, cache_interval)
     latents = sampling.sample_fast(student, alphas_cumprod, f.scheduler.config.prediction_type, noise[0],
                                    timesteps, inputs, renoise=lambda: next(renoise), callback=callback)
     pixels = f.vae.decode((latents / f.vae.config.scaling_factor).to(f.vae.dtype)).sample
     return latents, decoding.to_uint8(pixels), torch.isfinite(pixels).all()
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device` without waiting for the GPU: a copy from ordinary memory first waits for
+    the work already queued (CUDA's rule for pageable memory), one from page-locked memory is queued behind it."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _fast(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -116,14 +130,15 @@ def _fast(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, 
     device, dtype, batch = models.device, models.dtype, p.num_images
     timesteps = schedules.student_timesteps(p.steps)
     pos = _encode(models, f.encoders, p.prompt)
-    _, ids_pos = conditioning.time_ids(p, refiner=False, device=device, dtype=dtype)
+    # What follows is host work done while the GPU runs the text encoders; its copies must not wait for them.
+    _, ids_pos = conditioning.time_ids(p, refiner=False, device="cpu", dtype=dtype)
     # All the call's noise up front, drawn per image in the order the loop uses it (start, then each
     # re-noising), so image i is the same whatever the batch, graph or not.
     generators = _generators(p.seed, batch)
     latent_shape = (f.student.config.in_channels, p.height // 8, p.width // 8)
-    noise = torch.stack([sampling.randn(latent_shape, generators, "cpu", dtype) for _ in timesteps]).to(device)
-    alphas_cumprod = f.scheduler.alphas_cumprod.to(device)
-    args = (alphas_cumprod, pos.base_context, pos.pooled, ids_pos, noise)
+    noise = torch.stack([sampling.randn(latent_shape, generators, "cpu", dtype) for _ in timesteps])
+    args = (_to_device(f.scheduler.alphas_cumprod, device), pos.base_context, pos.pooled,
+            _to_device(ids_pos, device), _to_device(noise, device))
     if models.graphs is not None and callback is None:  # callbacks need the loop in Python
         name = ("fast", id(f.student), id(f.vae), f.vae.dtype, tuple(timesteps), p.cache_interval)
         run = partial(fast_call, f, timesteps, cache_interval=p.cache_interval)

@@ -27,3 +27,19 @@ def test_previews_are_images_of_the_requested_size():
     previews = latent_preview(latents, size=(96, 64))
     assert len(previews) == 2 and previews[0].size == (96, 64) and previews[0].mode == "RGB"
     assert latent_preview(latents)[0].size == (12, 8)
+
+
+@torch.no_grad()
+def test_vae_attention_as_matmuls_decodes_like_sdpa():
+    """acceleration's vae_matmul_attention: diffusers' AttnProcessor in place of SDPA, same images."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from sdxl_fast import random_weights
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**random_weights.tiny_configs()["vae"]).eval()
+    latents = torch.randn(2, 4, 8, 8)
+    want = vae.decode(latents).sample
+    assert vae.attn_processors  # the mid block's attention
+    vae.set_attn_processor(AttnProcessor())
+    assert torch.allclose(vae.decode(latents).sample, want, atol=1e-5, rtol=0)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sdxl_fast import PromptTruncatedWarning
-from sdxl_fast.prompts import encode_prompts
+from sdxl_fast.prompts import encode_prompts, tokenize
 
 
 def test_embeddings_use_both_encoders_penultimate_layer(tiny_models):
@@ -25,6 +25,17 @@ def test_a_10000_character_prompt_is_truncated_with_a_warning(tiny_models):
     first_77 = enc.tokenizer.decode(enc.tokenizer(long_prompt).input_ids[1:76])
     short = encode_prompts(enc, [first_77], torch.device("cpu"))
     torch.testing.assert_close(long.hidden_1, short.hidden_1)
+
+
+def test_tokenize_pads_and_cuts_as_the_tokenizers_own_options_do(tiny_models):
+    enc = tiny_models.quality.encoders
+    prompts = ["a red fox", "", "a very detailed castle on a hill " * 20, "tower"]
+    ids_1, ids_2, warning = tokenize(enc, prompts)
+    for tokenizer, ids in ((enc.tokenizer, ids_1), (enc.tokenizer_2, ids_2)):  # end-token and "!" padding
+        want = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        assert torch.equal(ids, want.input_ids)
+    assert warning.startswith("Prompt has 142 tokens") and "castle" in warning
+    assert tokenize(enc, ["a red fox"])[2] is None
 
 
 def test_cache_returns_the_same_embeddings_rewarns_and_forgets_the_oldest(tiny_models, monkeypatch):

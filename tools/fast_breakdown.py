@@ -11,11 +11,14 @@ as `generate` runs them, so on a GPU the figures add up to roughly one `generate
 import argparse
 import statistics
 import time
+from dataclasses import replace
 from functools import partial
 
 import torch
 
-from sdxl_fast import acceleration, conditioning, decoding, prompts, random_weights, schedules
+from PIL import Image
+
+from sdxl_fast import acceleration, conditioning, cross_kv, decoding, prompts, random_weights, schedules
 from sdxl_fast.bench import PROMPT, build_models, synchronize
 from sdxl_fast.generate import fast_call, generate
 from sdxl_fast.params import GenerationParams
@@ -27,6 +30,8 @@ def main() -> None:
     shapes.add_argument("--configs", help="folder of the SDXL configs (base/, refiner/)")
     shapes.add_argument("--tiny", action="store_true", help="tiny test shapes")
     parser.add_argument("--batch", type=int, default=16, help="batch of the batched UNet and VAE lines")
+    parser.add_argument("--without", action="append", default=[], metavar="OPTION",
+                        help="turn off this sdxl_fast.acceleration option (repeatable), e.g. hoist_cross_kv")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -34,7 +39,8 @@ def main() -> None:
     side = 64 if args.tiny else 512
     configs = random_weights.tiny_configs() if args.tiny else random_weights.full_configs(args.configs)
     models = build_models(random_weights.build_random_components(configs, device=device), device, dtype)
-    print("acceleration:", "; ".join(acceleration.apply(models, acceleration.Acceleration.for_device(device))))
+    options = replace(acceleration.Acceleration.for_device(device), **{name: False for name in args.without})
+    print("acceleration:", "; ".join(acceleration.apply(models, options)))
     f = models.fast
 
     def timeit(label, fn):
@@ -57,6 +63,7 @@ def main() -> None:
     timesteps = schedules.student_timesteps(1)
     pos = prompts.encode_prompts(f.encoders, [PROMPT], device)
     _, time_ids = conditioning.time_ids(params, refiner=False, device=device, dtype=dtype)
+    context = cross_kv.project(f.student, pos.base_context)  # as the loop passes it, once per call
     latents = torch.randn(1, 4, side // 8, side // 8, device=device, dtype=dtype)
     timestep = torch.tensor(timesteps[0], device=device)  # made outside the graphs: no host copy inside them
 
@@ -83,14 +90,16 @@ def main() -> None:
     timeit("tokenise + both text encoders", text)
     timeit("the Fast graph: UNet step, VAE decode, uint8", lambda i: graphed(
         ("fast",), partial(fast_call, f, timesteps), *fast_args))
-    timeit("UNet step", lambda i: graphed(("unet",), unet, latents, pos.base_context, pos.pooled, time_ids,
-                                          timestep))
+    timeit("UNet step", lambda i: graphed(("unet",), unet, latents, context, pos.pooled, time_ids, timestep))
     timeit("VAE decode + uint8", lambda i: graphed(("vae",), vae, latents))
     timeit("uint8 images -> CPU -> PIL", lambda i: decoding.to_pil(images))
+    timeit("uint8 images -> CPU (pageable memory) -> PIL", lambda i: [Image.fromarray(x.numpy()) for x in images.cpu()])
     timeit(f"UNet step, batch {args.batch}", lambda i: graphed(
-        ("unet", args.batch), unet, batched(latents), batched(pos.base_context), batched(pos.pooled),
+        ("unet", args.batch), unet, batched(latents), batched(context), batched(pos.pooled),
         batched(time_ids), timestep))
     timeit(f"VAE decode + uint8, batch {args.batch}", lambda i: graphed(("vae", args.batch), vae, batched(latents)))
+    timeit(f"generate(), batch {args.batch}", lambda i: generate(models, GenerationParams(
+        f"{PROMPT} {i}", mode="fast", steps=1, seed=0, width=side, height=side, num_images=args.batch)))
 
 
 if __name__ == "__main__":
