@@ -1,7 +1,7 @@
 """GPU speed options, each with a CPU fallback.
 
-The defaults keep the numerics of the eager model (fused QKV, channels_last and the upsampler rewrite change
-only rounding);
+The defaults keep the numerics of the eager model (fused projections, hoisted cross-attention keys and
+values, matmul attention in the VAE, channels_last and the upsampler rewrite change only rounding);
 options that change numerics more, such as fp8 matmuls, are off unless asked for and labelled as such.
 `apply` returns one line per option saying what was done or why it was skipped.
 """

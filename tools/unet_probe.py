@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from sdxl_fast import acceleration, random_weights, sampling
+from sdxl_fast import acceleration, cross_kv, random_weights, sampling
 from sdxl_fast.bench import build_models, synchronize
 from sdxl_fast.cuda_graphs import CudaGraphs
 
@@ -90,7 +90,9 @@ def main():
         side, batch = map(int, shape.split("x"))
         on = dict(device=device, dtype=dtype)
         inputs = (torch.randn(batch, 4, side // 8, side // 8, **on), torch.tensor(999, device=device),
-                  torch.randn(batch, 77, context_dim, **on), torch.randn(batch, pooled_dim, **on),
+                  # as the loops pass it: projected to every cross-attention's keys and values, once per call
+                  cross_kv.project(model, torch.randn(batch, 77, context_dim, **on)),
+                  torch.randn(batch, pooled_dim, **on),
                   torch.tensor([[side, side, 0, 0, 6.0] if refiner else [side, side, 0, 0, side, side]] * batch,
                                **on))
         start = time.perf_counter()
