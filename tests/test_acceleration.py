@@ -99,6 +99,21 @@ def test_fast_breakdown_script_times_every_part():
     assert out.startswith("acceleration: \n")  # the CPU default less the one option turned off
 
 
+def test_fast_breakdown_trace_reports_each_call_and_writes_a_chrome_trace(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "tools" / "fast_breakdown.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny", "--trace", str(tmp_path / "t.json")],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    calls = [line for line in out.splitlines() if line.startswith("call ")]
+    assert len(calls) == 3 and all("GPU busy 0.000 ms" in line for line in calls)  # a CPU has no kernels
+    assert "aten::" in out  # the CPU operations under each gap
+    assert any(e.get("name") == "call 2" for e in json.loads((tmp_path / "t.json").read_text())["traceEvents"])
+
+
 @pytest.mark.parametrize("model", ["base", "refiner", "vae"])
 def test_unet_probe_script_times_each_model_and_shape(model):
     import subprocess

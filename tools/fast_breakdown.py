@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="batch of the batched UNet and VAE lines")
     parser.add_argument("--without", action="append", default=[], metavar="OPTION",
                         help="turn off this sdxl_fast.acceleration option (repeatable), e.g. hoist_cross_kv")
+    parser.add_argument("--trace", metavar="FILE", help="instead of the parts: profile 3 generate() calls, write "
+                        "their Chrome trace here and print where the GPU waits within each call")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,6 +88,9 @@ def main() -> None:
     images = fast_call(f, timesteps, *fast_args)[1]
     timeit("generate(): prompt in -> PIL image out", lambda i: generate(models, GenerationParams(
         f"{PROMPT} {i}", mode="fast", steps=1, seed=0, width=side, height=side)))
+    if args.trace:
+        return trace(args.trace, lambda i: generate(models, GenerationParams(
+            f"{PROMPT} {i}", mode="fast", steps=1, seed=0, width=side, height=side)))
     timeit("tokenise both prompts (CPU)", lambda i: prompts.tokenize(f.encoders, [f"{PROMPT} {i}"]))
     timeit("tokenise + both text encoders", text)
     timeit("the Fast graph: UNet step, VAE decode, uint8", lambda i: graphed(
@@ -100,6 +105,48 @@ def main() -> None:
     timeit(f"VAE decode + uint8, batch {args.batch}", lambda i: graphed(("vae", args.batch), vae, batched(latents)))
     timeit(f"generate(), batch {args.batch}", lambda i: generate(models, GenerationParams(
         f"{PROMPT} {i}", mode="fast", steps=1, seed=0, width=side, height=side, num_images=args.batch)))
+
+
+def trace(path: str, call) -> None:
+    """Profile 3 calls; per call print its span, the GPU's busy time, and each gap of over 20 µs in which no
+    kernel ran, with the CPU operations that ran then (what the GPU waited for)."""
+    import json
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for i in range(3):
+            with record_function(f"call {i}"):
+                call(2000 + i)
+            synchronize(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    prof.export_chrome_trace(path)
+    events = [e for e in json.load(open(path))["traceEvents"] if e.get("ph") == "X"]
+    kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in ("kernel", "gpu_memcpy"))
+    for i in range(3):
+        span = next(e for e in events if e["name"] == f"call {i}" and e.get("cat") == "user_annotation")
+        start, end = span["ts"], span["ts"] + span["dur"]
+        busy, gaps, last = 0.0, [], start
+        for k0, k1 in kernels:
+            if k1 <= start or k0 >= end:
+                continue
+            k0, k1 = max(k0, start), min(k1, end)
+            if k0 - last > 20:
+                gaps.append((last, k0))
+            busy += max(0.0, k1 - max(k0, last))
+            last = max(last, k1)
+        if end - last > 20:
+            gaps.append((last, end))
+        print(f"call {i}: {span['dur'] / 1e3:.3f} ms, GPU busy {busy / 1e3:.3f} ms, "
+              f"{len(gaps)} gaps over 20 µs totalling {sum(b - a for a, b in gaps) / 1e3:.3f} ms")
+        for a, b in gaps:
+            overlap = {}  # CPU operation and CUDA runtime call -> µs of this gap it covers
+            for e in events:
+                if e.get("cat") in ("cpu_op", "cuda_runtime") and e["ts"] < b and e["ts"] + e["dur"] > a:
+                    overlap[e["name"]] = overlap.get(e["name"], 0) + min(b, e["ts"] + e["dur"]) - max(a, e["ts"])
+            top = sorted(overlap.items(), key=lambda kv: -kv[1])[:6]
+            print(f"    +{(a - start) / 1e3:7.3f} ms  gap {(b - a) / 1e3:.3f} ms  CPU: "
+                  + ", ".join(f"{name} {us:.0f} µs" for name, us in top))
 
 
 if __name__ == "__main__":
