@@ -5,7 +5,8 @@
 
 Random weights of the given shapes, the default acceleration of the device (sdxl_fast.acceleration), 512²
 (64² with --tiny). Each line is the median of 20 calls after 3 untimed ones; parts run through CUDA graphs
-as `generate` runs them, so on a GPU the figures add up to roughly one `generate` call.
+as `generate` runs them, so on a GPU the figures add up to roughly one `generate` call. `--without OPTION`
+turns one acceleration option off, for a comparison; `--trace FILE` profiles whole calls instead of parts.
 """
 
 import argparse
@@ -15,7 +16,6 @@ from dataclasses import replace
 from functools import partial
 
 import torch
-
 from PIL import Image
 
 from sdxl_fast import acceleration, conditioning, cross_kv, decoding, prompts, random_weights, schedules
@@ -86,11 +86,13 @@ def main() -> None:
 
     fast_args = (f.scheduler.alphas_cumprod.to(device), pos.base_context, pos.pooled, time_ids, latents[None])
     images = fast_call(f, timesteps, *fast_args)[1]
-    timeit("generate(): prompt in -> PIL image out", lambda i: generate(models, GenerationParams(
-        f"{PROMPT} {i}", mode="fast", steps=1, seed=0, width=side, height=side)))
+    def one_call(i, batch=1):  # a new prompt each time: the text encoders always run
+        return generate(models, GenerationParams(f"{PROMPT} {i}", mode="fast", steps=1, seed=0, width=side,
+                                                 height=side, num_images=batch))
+
+    timeit("generate(): prompt in -> PIL image out", one_call)
     if args.trace:
-        return trace(args.trace, lambda i: generate(models, GenerationParams(
-            f"{PROMPT} {i}", mode="fast", steps=1, seed=0, width=side, height=side)))
+        return trace(args.trace, one_call)
     timeit("tokenise both prompts (CPU)", lambda i: prompts.tokenize(f.encoders, [f"{PROMPT} {i}"]))
     timeit("tokenise + both text encoders", text)
     timeit("the Fast graph: UNet step, VAE decode, uint8", lambda i: graphed(
@@ -98,13 +100,13 @@ def main() -> None:
     timeit("UNet step", lambda i: graphed(("unet",), unet, latents, context, pos.pooled, time_ids, timestep))
     timeit("VAE decode + uint8", lambda i: graphed(("vae",), vae, latents))
     timeit("uint8 images -> CPU -> PIL", lambda i: decoding.to_pil(images))
-    timeit("uint8 images -> CPU (pageable memory) -> PIL", lambda i: [Image.fromarray(x.numpy()) for x in images.cpu()])
+    timeit("uint8 images -> CPU (pageable memory) -> PIL",
+           lambda i: [Image.fromarray(x.numpy()) for x in images.cpu()])
     timeit(f"UNet step, batch {args.batch}", lambda i: graphed(
         ("unet", args.batch), unet, batched(latents), batched(context), batched(pos.pooled),
         batched(time_ids), timestep))
     timeit(f"VAE decode + uint8, batch {args.batch}", lambda i: graphed(("vae", args.batch), vae, batched(latents)))
-    timeit(f"generate(), batch {args.batch}", lambda i: generate(models, GenerationParams(
-        f"{PROMPT} {i}", mode="fast", steps=1, seed=0, width=side, height=side, num_images=args.batch)))
+    timeit(f"generate(), batch {args.batch}", lambda i: one_call(i, args.batch))
 
 
 def trace(path: str, call) -> None:
