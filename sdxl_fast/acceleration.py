@@ -44,10 +44,10 @@ def compile_models(unets, vaes, text_encoders, mode: str | None, backend="induct
 class Acceleration:
     channels_last: bool = True  # NHWC convolutions: the layout cuDNN's fastest fp16 kernels use
     fuse_qkv: bool = True  # one matmul for Q, K, V instead of three (diffusers' fuse_qkv_projections)
+    fuse_text_qkv: bool = True  # the same for each CLIP text-encoder layer (sdxl_fast.text_qkv)
     # Upsample-then-3x3-conv as 2x2 convolutions of the input (sdxl_fast.upsample): 4/9 of those FLOPs. On CPU
     # too: the demo's Fast 1-step call 22.8 -> 21.9 ms (BENCHMARKS.md).
     subpixel_upsample: bool = True
-    fuse_text_qkv: bool = True  # the same for each CLIP text-encoder layer (sdxl_fast.text_qkv)
     # The VAE's attention (one layer, heads of 512 channels, which only PyTorch's memory-efficient SDPA kernel
     # takes) as two matmuls and a softmax, which Inductor fuses.
     vae_matmul_attention: bool = True
