@@ -329,7 +329,7 @@ def build_demo(studio: Studio, concurrency_limit: int = 1, examples: list[str] =
                 guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="Guidance scale", visible=False)
                 switch = gr.Slider(0.5, 1.0, value=0.8, step=0.05, visible=False,
                                    label="Refiner switch point (share of the noise levels the base handles; 1 = no refiner)")
-                # Opt-in and labelled as approximate (sdxl_fast.step_cache): 0.90 s instead of 1.63 s per SDXL
+                # Opt-in and labelled as approximate (sdxl_fast.step_cache): 0.90 s instead of 1.61 s per SDXL
                 # image at 2 on an H200 (BENCHMARKS.md), with a small change to the picture.
                 cache = gr.Slider(1, 4, value=1, step=1, visible=False, elem_id="step-cache",
                                   label="Step cache: whole UNet every N steps (faster, approximate; 1 = off)")
