@@ -41,11 +41,9 @@ def _cross_attentions(unet) -> list:
 def hoist(unet) -> int:
     """Put the key/value weights of the UNet's cross-attentions into one matrix; returns how many layers.
     Each layer's weight becomes a view into that matrix, so no memory is added."""
-    if getattr(unet, "_sdxl_fast_kv_weight", None) is not None:
-        return len(_cross_attentions(unet))
     layers = _cross_attentions(unet)
-    if not layers:
-        return 0
+    if not layers or getattr(unet, "_sdxl_fast_kv_weight", None) is not None:  # nothing to do, or done already
+        return len(layers)
     if any(not isinstance(getattr(a, "to_kv", None), nn.Linear) or a.to_kv.bias is not None for a in layers):
         raise ValueError("cross_kv.hoist needs fused, bias-free key/value projections (fuse_qkv_projections)")
     weight = torch.cat([a.to_kv.weight for a in layers])  # [sum of 2·inner, text width]
