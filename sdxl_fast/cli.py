@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--compile", action="store_true",
                         help="torch.compile the models (CUDA): minutes once, then faster; worth it for many images")
     models.add_argument("--fp8", action="store_true",
-                        help="fp8 matmuls in the UNets (Ada/Hopper GPUs); opt-in: changes numerics, see BENCHMARKS.md")
+                        help="fp8 matmuls in the UNets (Ada/Hopper GPUs), input scales calibrated on sample calls at "
+                             "load; opt-in: changes numerics, see BENCHMARKS.md")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     commands.add_parser("buckets", help="list SDXL's aspect-ratio size presets")

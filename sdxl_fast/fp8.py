@@ -4,9 +4,15 @@ This changes numerics more than the default options: weights are stored in float
 tensor, and each call quantises its input the same way, so expect relative errors near 1e-2 where fp16 gives
 1e-3 (BENCHMARKS.md reports both). Only `nn.Linear` layers inside the UNets' transformer blocks are converted:
 convolutions, norms and the VAE stay in fp16.
+
+An input's scale is either found on every call (its largest magnitude: a reduction over the activations
+before each matmul, which made the option slower than fp16 on an H200) or fixed by `calibrate` from calls
+on sample inputs, leaving a plain scale-and-cast that the compiler can fuse into the layer before.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -32,16 +38,46 @@ class Fp8Linear(nn.Module):
         self.bias = linear.bias
         self.out_dtype = linear.weight.dtype
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("input_scale", None)  # set by `calibrate`; None: found on every call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        x8, x_scale = _quantise(rows)
+        if self.input_scale is None:
+            x8, x_scale = _quantise(rows)
+        else:  # values beyond the calibrated range saturate
+            x_scale = self.input_scale
+            x8 = (rows.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
         # _scaled_mm wants the second operand column-major: the transpose of our row-major weight is.
         out = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
                                out_dtype=self.out_dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+@torch.no_grad()
+def calibrate(modules: list[nn.Module], run: Callable[[], object], headroom: float = 2.0) -> int:
+    """Fix the input scale of every Fp8Linear in `modules` that `run()` calls: the largest input magnitude seen
+    during `run()` (eager calls on sample inputs), times `headroom` for inputs larger than those, maps to e4m3's
+    largest value. Returns how many layers got a fixed scale; the others keep finding theirs per call."""
+    layers = [m for module in modules for m in module.modules() if isinstance(m, Fp8Linear)]
+    seen: dict[Fp8Linear, torch.Tensor] = {}
+
+    def watch(layer, args):
+        amax = args[0].detach().abs().amax().float()
+        seen[layer] = torch.maximum(seen[layer], amax) if layer in seen else amax
+
+    for layer in layers:
+        layer.input_scale = None
+    handles = [layer.register_forward_pre_hook(watch) for layer in layers]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer, amax in seen.items():
+        layer.input_scale = (amax * headroom / E4M3_MAX).clamp(min=1e-12)
+    return len(seen)
 
 
 def convertible(linear: nn.Linear) -> bool:

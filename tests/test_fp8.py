@@ -9,7 +9,7 @@ from torch import nn
 
 from sdxl_fast import GenerationParams
 from sdxl_fast.acceleration import Acceleration, apply
-from sdxl_fast.fp8 import Fp8Linear, convert_unet
+from sdxl_fast.fp8 import Fp8Linear, calibrate, convert_unet
 from sdxl_fast.generate import generate_tensors
 
 
@@ -47,3 +47,34 @@ def test_fp8_is_skipped_on_cpu_with_the_reason(tiny_sources):
     notes = apply(models, replace(Acceleration.none(), fp8=True))
     assert notes == ["fp8: skipped on cpu (fp8 tensor cores are on CUDA GPUs of compute capability 8.9+)"]
     assert not any(isinstance(m, Fp8Linear) for m in models.fast.student.modules())
+
+
+def test_a_calibrated_linear_uses_its_fixed_scale_and_saturates_beyond_it():
+    torch.manual_seed(0)
+    fp8 = Fp8Linear(nn.Linear(64, 32))
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        per_call = fp8(x)
+        assert calibrate([fp8], lambda: fp8(x), headroom=1.0) == 1
+        assert torch.allclose(fp8.input_scale, x.abs().amax() / 448)
+        assert torch.equal(fp8(x), per_call)  # the same scale as found per call for this input
+        big = 4 * x
+        saturated = fp8(big)  # beyond the calibrated range: clipped
+        fp8.input_scale = None
+        assert not torch.allclose(saturated, fp8(big), rtol=0.05)  # a per-call scale follows the input
+
+
+def test_calibration_on_sample_calls_fixes_every_layer_and_stays_close(tiny_models, monkeypatch):
+    from sdxl_fast import fp8
+    from sdxl_fast.acceleration import _sample_calls
+
+    models = copy.copy(tiny_models)
+    models.fast = copy.copy(tiny_models.fast)
+    models.fast.student = copy.deepcopy(tiny_models.fast.student)
+    converted = convert_unet(models.fast.student)
+    assert calibrate([models.fast.student], lambda: _sample_calls(models)) == converted > 0
+    monkeypatch.setattr(fp8, "_quantise", None)  # no layer may find its scale per call any more
+    params = GenerationParams("a red fox", mode="fast", steps=1, seed=3, width=64, height=64)
+    want = generate_tensors(tiny_models, params)[0]
+    got = generate_tensors(models, params)[0]
+    assert 0 < float((got - want).norm() / want.norm()) < 0.1
