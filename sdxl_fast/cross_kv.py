@@ -53,7 +53,8 @@ def hoist(unet) -> int:
         linear.weight = nn.Parameter(weight[start:start + linear.out_features], requires_grad=False)
         a.to_kv = KVColumns(linear, start, weight.shape[0])
         start += linear.out_features
-    unet._sdxl_fast_kv_weight = weight  # a plain attribute: not a parameter of its own, not saved
+    # A buffer, so that moving the UNet (`.to()`) moves it too; not persistent, so never saved with the UNet.
+    unet.register_buffer("_sdxl_fast_kv_weight", weight, persistent=False)
     return len(layers)
 
 

@@ -37,6 +37,10 @@ def test_hoisted_unet_equals_the_plain_one_and_shares_its_weights(name, n_time_i
     assert torch.allclose(_unet(unet, latents, wide, time_ids), want, atol=1e-5, rtol=0)
     # Ordinary text states still work: each layer projects them with its own (shared) weight.
     assert torch.allclose(_unet(unet, latents, context, time_ids), want, atol=1e-5, rtol=0)
+    assert not any("kv_weight" in name for name in unet.state_dict())  # nothing extra is saved
+    unet.to(torch.float64)  # moving the UNet moves the shared matrix with it
+    got = _unet(unet, latents.double(), cross_kv.project(unet, context.double()), time_ids.double())
+    assert torch.allclose(got.float(), want, atol=1e-5, rtol=0)
 
 
 def test_hoist_refuses_unfused_projections_and_project_passes_plain_unets_through():
