@@ -165,6 +165,9 @@ def run_bench(configs: dict, device: torch.device, dtype: torch.dtype, repeats: 
     def done(phase: str) -> None:  # GPU time is rationed: say where it goes
         print(f"bench: {phase} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
+    def label(*extra: str) -> str:  # the options on for a phase, in the order they were applied
+        return " + ".join(["ours", *(["compile"] if compile_too else []), *extra])
+
     components = random_weights.build_random_components(configs, device=device)
     reference = build_models(copy.deepcopy(components), device, torch.float32)  # eager fp32: the error baseline
     models = build_models(components, device, dtype)
@@ -183,20 +186,18 @@ def run_bench(configs: dict, device: torch.device, dtype: torch.dtype, repeats: 
     if compile_too:
         notes += acceleration.apply(models, replace(acceleration.Acceleration.none(), cuda_graphs=options.cuda_graphs,
                                                     compile=True, compile_mode=options.compile_mode))
-        rows += measure(models, "ours + compile", jobs, default_times, fp32, eager, device, repeats, on_row)
-        done("ours + compile")
+        rows += measure(models, label(), jobs, default_times, fp32, eager, device, repeats, on_row)
+        done(label())
     if fp8:
         notes += acceleration.apply(models, replace(acceleration.Acceleration.none(), fp8=True,
                                                     cuda_graphs=options.cuda_graphs))
-        label = "ours + compile + fp8" if compile_too else "ours + fp8"
-        rows += measure(models, label, jobs, default_times, fp32, eager, device, repeats, on_row)
-        done(label)
+        rows += measure(models, label("fp8"), jobs, default_times, fp32, eager, device, repeats, on_row)
+        done(label("fp8"))
     if step_cache > 1:  # last, on top of whatever options are on by then; only workloads with a step to cache
         cached = [replace(w, cache_interval=step_cache) for w in jobs if w.steps > 1]
-        label = " + ".join(["ours", *(["compile"] if compile_too else []), *(["fp8"] if fp8 else []),
-                            f"step cache {step_cache}"])
-        rows += measure(models, label, cached, default_times, fp32, eager, device, repeats, on_row)
-        done(label)
+        cache_label = label(*(["fp8"] if fp8 else []), f"step cache {step_cache}")
+        rows += measure(models, cache_label, cached, default_times, fp32, eager, device, repeats, on_row)
+        done(cache_label)
     return rows, notes
 
 

@@ -18,6 +18,8 @@ from types import SimpleNamespace
 
 import torch
 
+from . import sampling
+
 
 class _KeepDeep:
     """Forward pre-hook on the last up block: keeps its input. Under torch.compile it is traced into the
@@ -46,8 +48,7 @@ def prepare(unet) -> _KeepDeep:
 def full_step(unet, latents, timestep, context, pooled, time_ids) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole UNet, diffusers' own forward: (output [B, 4, h, w], deep features [B, C, h, w])."""
     keeper = prepare(unet)
-    added = {"text_embeds": pooled, "time_ids": time_ids}
-    out = unet(latents, timestep, encoder_hidden_states=context, added_cond_kwargs=added).sample
+    out = sampling.UNetInputs(context, pooled, time_ids)(unet, latents, timestep)
     deep, keeper.deep = keeper.deep, None  # not kept past the call: it belongs to the caller now
     return out, deep
 
