@@ -56,6 +56,9 @@ class TrainConfig:
 
     # --- the ADD objective ----------------------------------------------------------------------------
     student_timesteps: tuple[int, ...] = (999, 749, 499, 249)
+    # How often each student timestep is drawn, relative to the others (empty: uniformly, as in the paper). A
+    # larger first weight trains the one-step sample (from pure noise at 999) more, e.g. "3,1,1,1".
+    student_timestep_weights: tuple[float, ...] = ()
     lambda_distill: float = 2.5
     r1_gamma: float = 1e-5
     distill_weighting: str = "exponential"  # exponential (c(t) = α_t) | sds
@@ -92,6 +95,10 @@ class TrainConfig:
             (self.distill_space in ("pixel", "latent"), "distill_space must be pixel or latent"),
             (0 <= self.teacher_t_min <= self.teacher_t_max <= 999, "need 0 <= teacher_t_min <= teacher_t_max <= 999"),
             (all(0 <= s <= 999 for s in self.student_timesteps) and self.student_timesteps, "student_timesteps"),
+            (not self.student_timestep_weights
+             or (len(self.student_timestep_weights) == len(self.student_timesteps)
+                 and min(self.student_timestep_weights) >= 0 and sum(self.student_timestep_weights) > 0),
+             "student_timestep_weights needs one non-negative weight per student timestep, not all zero"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
             (not self.cache_dir or not (self.random_crop or self.random_flip),
              "cache_dir needs random_crop and random_flip off (a cached sample is one fixed crop)"),

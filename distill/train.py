@@ -45,6 +45,11 @@ class NonFiniteLossError(RuntimeError):
     """Too many optimiser steps in a row had a NaN/inf loss."""
 
 
+
+def draw_student_timesteps(timesteps: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
+    """n student timesteps [n], each drawn from `timesteps` [N] with probability proportional to `weights` [N]."""
+    return timesteps[torch.multinomial(weights.float(), n, replacement=True)]
+
 def _frozen_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype):
     """The teacher family through sdxl_fast's loader: encoders, VAE, base UNet, scheduler (all frozen)."""
     from sdxl_fast.acceleration import Acceleration
@@ -212,6 +217,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         accelerator.init_trackers("distill", config={k: str(v) for k, v in cfg.to_dict().items()})
         (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     student_ts = torch.tensor(cfg.student_timesteps, device=device)
+    student_ts_weights = torch.tensor(cfg.student_timestep_weights or [1.0] * len(student_ts), device=device)
     cache = EncodingCache(cfg.cache_dir or None)
 
     def micro_step(batch: dict) -> tuple[bool, bool, dict]:
@@ -229,7 +235,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
 
         # 2. Student: one x0-prediction from a noised real latent. At s = 999 the input is pure noise
         #    (zero terminal SNR), exactly what the Fast path feeds the student at inference.
-        s = student_ts[torch.randint(len(student_ts), (b,), device=device)]  # [B]
+        s = draw_student_timesteps(student_ts, student_ts_weights, b)  # [B]
         noise = torch.randn_like(x0)
         alpha_s = alphas_cumprod[s].view(b, 1, 1, 1)
         x_s = torch.where((s == last_t).view(b, 1, 1, 1), noise, sampling.add_noise(x0, noise, alpha_s))

@@ -115,3 +115,21 @@ def test_example_configs_load():
     assert configs
     for path in configs:
         load_config(path)
+
+
+def test_student_timestep_weights_set_how_often_each_timestep_is_drawn():
+    from distill.train import draw_student_timesteps
+
+    timesteps = torch.tensor([999, 749, 499, 249])
+    torch.manual_seed(0)
+    drawn = draw_student_timesteps(timesteps, torch.tensor([3.0, 1.0, 1.0, 0.0]), 20000)
+    share = {t: (drawn == t).float().mean().item() for t in (999, 749, 499, 249)}
+    assert share[999] == pytest.approx(0.6, abs=0.02) and share[749] == pytest.approx(0.2, abs=0.02)
+    assert share[249] == 0.0
+    uniform = draw_student_timesteps(timesteps, torch.ones(4), 20000)
+    assert all((uniform == t).float().mean().item() == pytest.approx(0.25, abs=0.02) for t in (999, 249))
+
+    assert load_config(None, {"student_timestep_weights": "3,1,1,1"}).student_timestep_weights == (3.0, 1.0, 1.0, 1.0)
+    for bad in ("3,1", "1,-1,1,1", "0,0,0,0"):
+        with pytest.raises(ValueError, match="student_timestep_weights"):
+            load_config(None, {"student_timestep_weights": bad})
