@@ -134,8 +134,8 @@ def apply(models: Models, options: Acceleration) -> list[str]:
             vae.set_attn_processor(AttnProcessor())
         notes.append("vae_matmul_attention: applied")
     if options.hoist_cross_kv:
-        if not options.fuse_qkv or options.fp8:
-            notes.append("hoist_cross_kv: skipped (needs fuse_qkv, and the fp16 key/value weights fp8 replaces)")
+        if not options.fuse_qkv:
+            notes.append("hoist_cross_kv: skipped (needs fuse_qkv)")
         else:
             from . import cross_kv
 

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from . import step_cache
+from .loading import weight_dtype
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class CudaGraphs:
 
     def caching_unet(self, unet, name: str, interval: int):
         """A step_cache.CachingUNet whose full and cached steps each replay a graph of their own."""
-        key = (name, id(unet), unet.dtype)
+        key = (name, id(unet), weight_dtype(unet))
 
         def full(*inputs):
             out, deep = self.run((*key, "full"), partial(step_cache.full_step, unet), *inputs)
@@ -111,6 +112,6 @@ class GraphedUNet:
 
     def __call__(self, latents, timestep, encoder_hidden_states, added_cond_kwargs):
         timestep = torch.as_tensor(timestep, device=latents.device)
-        out = self.graphs.run((self.name, id(self.unet), self.unet.dtype), self._forward, latents, timestep,
+        out = self.graphs.run((self.name, id(self.unet), weight_dtype(self.unet)), self._forward, latents, timestep,
                               encoder_hidden_states, added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"])
         return SimpleNamespace(sample=out.clone())  # the caller may keep it past the next replay

@@ -7,6 +7,8 @@ import logging
 import torch
 from PIL import Image
 
+from .loading import weight_dtype
+
 log = logging.getLogger(__name__)
 
 # A linear map from SDXL's 4 latent channels to RGB (least-squares fit of decoded colours, the factors
@@ -28,11 +30,12 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     fp32 for good and the batch decoded again, so the caller always gets a finite image.
     """
     scaled = latents / vae.config.scaling_factor
-    images = vae.decode(scaled.to(vae.dtype)).sample
+    dtype = weight_dtype(vae)
+    images = vae.decode(scaled.to(dtype)).sample
     if not torch.isfinite(images).all():
-        if vae.dtype == torch.float32:
+        if dtype == torch.float32:
             raise FloatingPointError("The VAE produced NaN/inf in fp32: the latents themselves are not finite.")
-        log.warning("VAE decode in %s overflowed (NaN/inf); decoding again in fp32", vae.dtype)
+        log.warning("VAE decode in %s overflowed (NaN/inf); decoding again in fp32", dtype)
         vae.to(torch.float32)
         images = vae.decode(scaled.float()).sample
     return to_uint8(images)
@@ -45,13 +48,20 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 2, 3, 1).contiguous()
 
 
+def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Tensors on one GPU -> the CPU, waiting once for all of them. Each goes into page-locked memory: one
+    DMA, where a copy to ordinary memory goes through a staging buffer and waits on its own."""
+    if not tensors[0].is_cuda:
+        return list(tensors)
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for h, t in zip(host, tensors):
+        h.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return host
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """uint8 [B, H, W, 3] on any device -> PIL images. From a GPU into page-locked memory: one DMA, where a
-    copy to ordinary memory goes through a staging buffer."""
-    if images.is_cuda:
-        host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
-        host.copy_(images)  # blocking: the images are read below
-        images = host
+    """uint8 [B, H, W, 3] on the CPU -> PIL images."""
     return [Image.fromarray(image.numpy()) for image in images]
 
 

@@ -3,7 +3,7 @@
 This changes numerics more than the default options: weights are stored in float8 e4m3 with one scale per
 tensor, and each call quantises its input the same way, so expect relative errors near 1e-2 where fp16 gives
 1e-3 (BENCHMARKS.md reports both). Only `nn.Linear` layers inside the UNets' transformer blocks are converted:
-convolutions, norms and the VAE stay in fp16.
+convolutions, norms, the cross-attentions' text projections and the VAE stay in fp16.
 
 An input's scale is either found on every call (its largest magnitude: a reduction over the activations
 before each matmul, which made the option slower than fp16 on an H200) or fixed by `calibrate` from calls
@@ -47,10 +47,13 @@ class Fp8Linear(nn.Module):
         else:  # values beyond the calibrated range saturate
             x_scale = self.input_scale
             x8 = (rows.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-        # _scaled_mm wants the second operand column-major: the transpose of our row-major weight is.
-        out = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                               out_dtype=self.out_dtype)
-        if self.bias is not None:
+        # _scaled_mm wants the second operand column-major: the transpose of our row-major weight is. Fast
+        # accumulation (Hopper's fp8 mode that promotes partial sums less often) is part of what fp8 trades.
+        # The bias goes into the matmul's epilogue, which cuBLAS offers for fp16 and bf16 outputs only.
+        fused_bias = self.bias if self.out_dtype != torch.float32 else None
+        out = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, bias=fused_bias,
+                               out_dtype=self.out_dtype, use_fast_accum=x.is_cuda)
+        if self.bias is not None and fused_bias is None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -86,16 +89,24 @@ def convertible(linear: nn.Linear) -> bool:
 
 
 def convert_unet(unet: nn.Module) -> int:
-    """Replace the convertible linear layers of the UNet's transformer blocks in place; returns how many."""
+    """Replace the convertible linear layers of the UNet's transformer blocks in place; returns how many.
+
+    The cross-attentions' key and value projections stay in fp16: they see the 77 text tokens, where fp8 saves
+    nothing, and `cross_kv.hoist` moves them out of the steps altogether."""
     from diffusers.models.attention import BasicTransformerBlock
+
+    from .cross_kv import KVColumns
 
     count = 0
     for block in unet.modules():
         if not isinstance(block, BasicTransformerBlock):
             continue
         for parent in block.modules():
+            if isinstance(parent, KVColumns):  # already hoisted
+                continue
+            text_side = ("to_k", "to_v", "to_kv") if getattr(parent, "is_cross_attention", False) else ()
             for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and convertible(child):
+                if isinstance(child, nn.Linear) and convertible(child) and name not in text_side:
                     setattr(parent, name, Fp8Linear(child))
                     count += 1
     return count

@@ -10,7 +10,7 @@ from diffusers import EulerDiscreteScheduler
 from PIL import Image
 
 from . import conditioning, cross_kv, decoding, metadata, prompts, sampling, schedules, step_cache
-from .loading import Models, native_side
+from .loading import Models, native_side, weight_dtype
 from .params import MODES, GenerationParams, image_seed
 
 
@@ -93,7 +93,7 @@ def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tenso
     latents = sampling.sample_quality(base, refiner, scheduler, latents, timesteps, switch, base_inputs,
                                       refiner_inputs, p.guidance_scale, callback)
     names = dict(q.names) if use_refiner else {"base": q.names["base"]}
-    return latents, decoding.decode(q.vae, latents), names
+    return latents, decoding.to_host(decoding.decode(q.vae, latents))[0], names
 
 
 def fast_call(f, timesteps: list[int], alphas_cumprod: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
@@ -111,7 +111,7 @@ def fast_call(f, timesteps: list[int], alphas_cumprod: torch.Tensor, context: to
     student = f.student if cache_interval == 1 else step_cache.CachingUNet(f.student, cache_interval)
     latents = sampling.sample_fast(student, alphas_cumprod, f.scheduler.config.prediction_type, noise[0],
                                    timesteps, inputs, renoise=lambda: next(renoise), callback=callback)
-    pixels = f.vae.decode((latents / f.vae.config.scaling_factor).to(f.vae.dtype)).sample
+    pixels = f.vae.decode((latents / f.vae.config.scaling_factor).to(weight_dtype(f.vae))).sample
     return latents, decoding.to_uint8(pixels), torch.isfinite(pixels).all()
 
 
@@ -140,13 +140,14 @@ def _fast(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, 
     args = (_to_device(f.scheduler.alphas_cumprod, device), pos.base_context, pos.pooled,
             _to_device(ids_pos, device), _to_device(noise, device))
     if models.graphs is not None and callback is None:  # callbacks need the loop in Python
-        name = ("fast", id(f.student), id(f.vae), f.vae.dtype, tuple(timesteps), p.cache_interval)
+        name = ("fast", id(f.student), id(f.vae), weight_dtype(f.vae), tuple(timesteps), p.cache_interval)
         run = partial(fast_call, f, timesteps, cache_interval=p.cache_interval)
         latents, images, finite = models.graphs.run(name, run, *args)
     else:
         latents, images, finite = fast_call(f, timesteps, *args, callback=callback, cache_interval=p.cache_interval)
+    images, finite = decoding.to_host(images, finite)
     if not finite:  # decode again the careful way (fp32 VAE fallback, or a clear error)
-        images = decoding.decode(f.vae, latents)
+        images = decoding.to_host(decoding.decode(f.vae, latents))[0]
     return latents, images, dict(f.names)
 
 
@@ -158,8 +159,8 @@ def _resolved(models: Models, params: GenerationParams) -> GenerationParams:
 
 def generate_tensors(models: Models, params: GenerationParams, callback: sampling.StepCallback | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """`generate` without the PIL step: (final latents [B, 4, h, w], uint8 images [B, H, W, 3] on the models'
-    device, model names). Benchmarks compare the latents; `generate` wraps the images."""
+    """`generate` without the PIL step: (final latents [B, 4, h, w] on the models' device, uint8 images
+    [B, H, W, 3] on the CPU, model names). Benchmarks compare the latents; `generate` wraps the images."""
     p = _resolved(models, params)
     return (_quality if p.mode == "quality" else _fast)(models, p, callback)
 

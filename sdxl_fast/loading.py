@@ -235,6 +235,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def weight_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of a model's first weight, what diffusers' `module.dtype` returns, for per-call code: that
+    property walks every submodule first (0.3 ms for SDXL's VAE, 2.6 ms for its UNet on our CPU)."""
+    return next(module.parameters()).dtype
+
+
 def pick_device_dtype(device: str | torch.device | None = None,
                       dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
     """The device and dtype to run on: the given ones (dtype as a torch dtype or "fp32"/"fp16"/"bf16"),

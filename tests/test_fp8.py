@@ -78,3 +78,22 @@ def test_calibration_on_sample_calls_fixes_every_layer_and_stays_close(tiny_mode
     want = generate_tensors(tiny_models, params)[0]
     got = generate_tensors(models, params)[0]
     assert 0 < float((got - want).norm() / want.norm()) < 0.1
+
+
+def test_fp8_leaves_the_text_projections_to_the_hoisted_keys_and_values(tiny_models):
+    from sdxl_fast import cross_kv
+
+    models = copy.copy(tiny_models)
+    models.fast = copy.copy(tiny_models.fast)
+    student = models.fast.student = copy.deepcopy(tiny_models.fast.student)
+    student.fuse_qkv_projections()
+    assert convert_unet(student) > 0
+    cross = [m for m in student.modules() if getattr(m, "is_cross_attention", False)]
+    assert cross and all(isinstance(m.to_q, Fp8Linear) and type(m.to_kv) is nn.Linear for m in cross)
+    assert cross_kv.hoist(student) == len(cross)  # fp8 and the hoisted keys and values together
+    assert convert_unet(student) == 0  # converting again (the bench does, after hoisting) changes nothing
+    calibrate([student], lambda: generate_tensors(models, GenerationParams("a boat", mode="fast", steps=4, seed=1)))
+    params = GenerationParams("a red fox", mode="fast", steps=1, seed=3, width=64, height=64)
+    want = generate_tensors(tiny_models, params)[0]
+    got = generate_tensors(models, params)[0]
+    assert 0 < float((got - want).norm() / want.norm()) < 0.1

@@ -6,7 +6,8 @@
 Random weights of the given shapes, the default acceleration of the device (sdxl_fast.acceleration), 512²
 (64² with --tiny). Each line is the median of 20 calls after 3 untimed ones; parts run through CUDA graphs
 as `generate` runs them, so on a GPU the figures add up to roughly one `generate` call. `--without OPTION`
-turns one acceleration option off, for a comparison; `--trace FILE` profiles whole calls instead of parts.
+turns one acceleration option off, for a comparison, `--sdpa flash` allows one attention kernel only;
+`--trace FILE` profiles whole calls instead of parts.
 """
 
 import argparse
@@ -22,6 +23,7 @@ from sdxl_fast import acceleration, conditioning, cross_kv, decoding, prompts, r
 from sdxl_fast.bench import PROMPT, build_models, synchronize
 from sdxl_fast.generate import fast_call, generate
 from sdxl_fast.params import GenerationParams
+from unet_probe import only_sdpa
 
 
 def main() -> None:
@@ -34,6 +36,8 @@ def main() -> None:
                         help="turn off this sdxl_fast.acceleration option (repeatable), e.g. hoist_cross_kv")
     parser.add_argument("--trace", metavar="FILE", help="instead of the parts: profile 3 generate() calls, write "
                         "their Chrome trace here and print where the GPU waits within each call")
+    parser.add_argument("--sdpa", default="default", choices=["default", "cudnn", "flash", "efficient"],
+                        help="allow only this attention kernel (CUDA only)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,6 +45,10 @@ def main() -> None:
     side = 64 if args.tiny else 512
     configs = random_weights.tiny_configs() if args.tiny else random_weights.full_configs(args.configs)
     models = build_models(random_weights.build_random_components(configs, device=device), device, dtype)
+    if args.sdpa != "default":
+        if device.type != "cuda":
+            parser.error("--sdpa needs a CUDA GPU")
+        only_sdpa(args.sdpa)
     options = replace(acceleration.Acceleration.for_device(device), **{name: False for name in args.without})
     print("acceleration:", "; ".join(acceleration.apply(models, options)))
     f = models.fast
@@ -99,7 +107,7 @@ def main() -> None:
         ("fast",), partial(fast_call, f, timesteps), *fast_args))
     timeit("UNet step", lambda i: graphed(("unet",), unet, latents, context, pos.pooled, time_ids, timestep))
     timeit("VAE decode + uint8", lambda i: graphed(("vae",), vae, latents))
-    timeit("uint8 images -> CPU -> PIL", lambda i: decoding.to_pil(images))
+    timeit("uint8 images -> CPU -> PIL", lambda i: decoding.to_pil(decoding.to_host(images)[0]))
     timeit("uint8 images -> CPU (pageable memory) -> PIL",
            lambda i: [Image.fromarray(x.numpy()) for x in images.cpu()])
     timeit(f"UNet step, batch {args.batch}", lambda i: graphed(

@@ -38,6 +38,14 @@ def build(cfg: dict, which: str, device: torch.device, dtype: torch.dtype):
     return unet, lambda x, t, ctx, pooled, ids: sampling.UNetInputs(ctx, pooled, ids)(unet, x, t)
 
 
+def only_sdpa(backend: str) -> None:
+    """Allow only this one of PyTorch's attention kernels (flash, efficient or cudnn), process-wide."""
+    torch.backends.cuda.enable_flash_sdp(backend == "flash")
+    torch.backends.cuda.enable_mem_efficient_sdp(backend == "efficient")
+    torch.backends.cuda.enable_cudnn_sdp(backend == "cudnn")
+    torch.backends.cuda.enable_math_sdp(False)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     shapes = p.add_mutually_exclusive_group(required=True)
@@ -59,10 +67,7 @@ def main():
     tag = f"[{args.model} compile={args.compile} sdpa={args.sdpa}]"
 
     if args.sdpa != "default":
-        torch.backends.cuda.enable_flash_sdp(args.sdpa == "flash")
-        torch.backends.cuda.enable_mem_efficient_sdp(args.sdpa == "efficient")
-        torch.backends.cuda.enable_cudnn_sdp(args.sdpa == "cudnn")
-        torch.backends.cuda.enable_math_sdp(False)
+        only_sdpa(args.sdpa)
     if args.sdpa_micro:
         sdpa_micro()
         return
