@@ -88,11 +88,18 @@ def convertible(linear: nn.Linear) -> bool:
     return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
 
 
+def _unused_or_text_side(attention: nn.Module) -> tuple[str, ...]:
+    if getattr(attention, "is_cross_attention", False):
+        return ("to_k", "to_v", "to_kv")
+    return ("to_q", "to_k", "to_v") if getattr(attention, "fused_projections", False) else ()
+
+
 def convert_unet(unet: nn.Module) -> int:
     """Replace the convertible linear layers of the UNet's transformer blocks in place; returns how many.
 
     The cross-attentions' key and value projections stay in fp16: they see the 77 text tokens, where fp8 saves
-    nothing, and `cross_kv.hoist` moves them out of the steps altogether."""
+    nothing, and `cross_kv.hoist` moves them out of the steps altogether. So do the separate projections that
+    diffusers keeps, unused, beside the fused ones after `fuse_qkv_projections`."""
     from diffusers.models.attention import BasicTransformerBlock
 
     from .cross_kv import KVColumns
@@ -104,9 +111,9 @@ def convert_unet(unet: nn.Module) -> int:
         for parent in block.modules():
             if isinstance(parent, KVColumns):  # already hoisted
                 continue
-            text_side = ("to_k", "to_v", "to_kv") if getattr(parent, "is_cross_attention", False) else ()
+            skip = _unused_or_text_side(parent)
             for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and convertible(child) and name not in text_side:
+                if isinstance(child, nn.Linear) and convertible(child) and name not in skip:
                     setattr(parent, name, Fp8Linear(child))
                     count += 1
     return count

@@ -3,28 +3,39 @@
 At batch 1 a prompt is 77 tokens, so each projection is a small matmul whose time is mostly fixed cost:
 the second SDXL encoder alone runs 32 layers of them per prompt. transformers has no fused-projection option
 for CLIP (diffusers has one for UNets and VAEs, `fuse_qkv_projections`), so this swaps each layer's class for
-one whose forward differs from `CLIPAttention.forward` only in computing the three projections at once.
+one whose forward computes the three projections at once.
+
+It also attends with SDPA's `is_causal` instead of a mask. SDXL encodes prompts with no padding mask (the
+padding tokens are attended, causally), so the causal pattern is the only mask; but under torch.compile
+transformers builds it as a tensor, which costs a kernel and a memset per layer and rules out SDPA's flash
+kernels. A fused encoder therefore refuses a padding mask instead of ignoring it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.clip.modeling_clip import ALL_ATTENTION_FUNCTIONS, CLIPAttention, eager_attention_forward
+from torch.nn import functional as F
+from transformers.models.clip.modeling_clip import CLIPAttention
 
 
 class FusedCLIPAttention(CLIPAttention):
-    """CLIPAttention with `qkv_proj` ([3·D, D], the three projections stacked); q/k/v_proj are views of it."""
+    """CLIPAttention with `qkv_proj` ([3·D, D], the three projections stacked); q/k/v_proj are views of it.
+    Causal attention only (the module docstring says why)."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         batch, tokens, _ = hidden_states.shape
         # [B, T, 3·D] -> three [B, heads, T, head_dim]
         q, k, v = self.qkv_proj(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(
             2, 0, 3, 1, 4)
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, weights = attend(self, q, k, v, attention_mask, scaling=self.scale,
-                              dropout=self.dropout if self.training else 0.0, **kwargs)
-        return self.out_proj(out.reshape(batch, tokens, -1).contiguous()), weights
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # [B, heads, T, head_dim]
+        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, -1)), None
+
+
+def _refuse_padding_mask(module, args, kwargs):
+    if kwargs.get("attention_mask") is not None or (len(args) > 1 and args[1] is not None):
+        raise ValueError("This text encoder's attention is fused for SDXL prompts (sdxl_fast.text_qkv), which have "
+                         "no padding mask; load it without sdxl_fast's acceleration to pass an attention_mask.")
 
 
 @torch.no_grad()
@@ -47,4 +58,6 @@ def fuse(encoder: nn.Module) -> int:
         attention.qkv_proj = fused
         attention.__class__ = FusedCLIPAttention
         count += 1
+    if count:
+        encoder.register_forward_pre_hook(_refuse_padding_mask, with_kwargs=True)
     return count

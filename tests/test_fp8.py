@@ -90,9 +90,12 @@ def test_fp8_leaves_the_text_projections_to_the_hoisted_keys_and_values(tiny_mod
     assert convert_unet(student) > 0
     cross = [m for m in student.modules() if getattr(m, "is_cross_attention", False)]
     assert cross and all(isinstance(m.to_q, Fp8Linear) and type(m.to_kv) is nn.Linear for m in cross)
+    selfs = [m for m in student.modules() if getattr(m, "fused_projections", False) and not m.is_cross_attention]
+    assert selfs and all(isinstance(m.to_qkv, Fp8Linear) and type(m.to_q) is nn.Linear for m in selfs)
     assert cross_kv.hoist(student) == len(cross)  # fp8 and the hoisted keys and values together
     assert convert_unet(student) == 0  # converting again (the bench does, after hoisting) changes nothing
-    calibrate([student], lambda: generate_tensors(models, GenerationParams("a boat", mode="fast", steps=4, seed=1)))
+    run = lambda: generate_tensors(models, GenerationParams("a boat", mode="fast", steps=4, seed=1))  # noqa: E731
+    assert calibrate([student], run) == sum(isinstance(m, Fp8Linear) for m in student.modules())  # all in use
     params = GenerationParams("a red fox", mode="fast", steps=1, seed=3, width=64, height=64)
     want = generate_tensors(tiny_models, params)[0]
     got = generate_tensors(models, params)[0]

@@ -1,5 +1,6 @@
 """The fused text-encoder attention computes what transformers' CLIPAttention does, without adding weights."""
 
+import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -26,3 +27,16 @@ def test_fused_encoder_gives_the_same_states_and_shares_the_weights():
     for i, name in enumerate(("q_proj", "k_proj", "v_proj")):  # views into the fused weight
         part = getattr(attention, name).weight
         assert part.data_ptr() == attention.qkv_proj.weight[32 * i:].data_ptr()
+
+
+@torch.no_grad()
+def test_fused_encoder_refuses_a_padding_mask_it_would_not_apply():
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                            vocab_size=1000)
+    encoder = CLIPTextModelWithProjection(config).eval()
+    text_qkv.fuse(encoder)
+    ids, mask = torch.randint(0, 1000, (1, 77)), torch.ones(1, 77, dtype=torch.long)
+    for call in (lambda: encoder(ids, attention_mask=mask), lambda: encoder(ids, mask)):
+        with pytest.raises(ValueError, match="padding mask"):
+            call()
+    assert encoder(ids).text_embeds.shape == (1, 512)
