@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
 from functools import partial
 
@@ -123,6 +124,17 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+_SCHEDULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _schedule_on(scheduler, device: torch.device) -> torch.Tensor:
+    """The scheduler's alphas_cumprod [1000] on `device`, copied once, not on every call."""
+    on_device = _SCHEDULES.setdefault(scheduler, {})
+    if device not in on_device:
+        on_device[device] = scheduler.alphas_cumprod.to(device)
+    return on_device[device]
+
+
 def _fast(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, torch.Tensor, dict]:
     f = models.fast
     if f is None:
@@ -137,8 +149,8 @@ def _fast(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, 
     generators = _generators(p.seed, batch)
     latent_shape = (f.student.config.in_channels, p.height // 8, p.width // 8)
     noise = torch.stack([sampling.randn(latent_shape, generators, "cpu", dtype) for _ in timesteps])
-    args = (_to_device(f.scheduler.alphas_cumprod, device), pos.base_context, pos.pooled,
-            _to_device(ids_pos, device), _to_device(noise, device))
+    args = (_schedule_on(f.scheduler, device), pos.base_context, pos.pooled, _to_device(ids_pos, device),
+            _to_device(noise, device))
     if models.graphs is not None and callback is None:  # callbacks need the loop in Python
         name = ("fast", id(f.student), id(f.vae), weight_dtype(f.vae), tuple(timesteps), p.cache_interval)
         run = partial(fast_call, f, timesteps, cache_interval=p.cache_interval)

@@ -8,7 +8,11 @@ one whose forward computes the three projections at once.
 It also attends with SDPA's `is_causal` instead of a mask. SDXL encodes prompts with no padding mask (the
 padding tokens are attended, causally), so the causal pattern is the only mask; but under torch.compile
 transformers builds it as a tensor, which costs a kernel and a memset per layer and rules out SDPA's flash
-kernels. A fused encoder therefore refuses a padding mask instead of ignoring it.
+kernels. A fused encoder therefore refuses a padding mask instead of ignoring it. Of those kernels it prefers
+FlashAttention-2 to cuDNN's (PyTorch's first choice on Hopper), which needs a memset per call. On an H200 the
+second encoder's 32 layers took 1.89 ms with the mask and 1.66 ms with is_causal (cuDNN), and a whole Fast
+call took 0.35 ms less with only FlashAttention-2 allowed than with the default choice (BENCHMARKS.md,
+session 9).
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.clip.modeling_clip import CLIPAttention
+
+
+TEXT_ATTENTION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class FusedCLIPAttention(CLIPAttention):
@@ -28,7 +36,8 @@ class FusedCLIPAttention(CLIPAttention):
         # [B, T, 3·D] -> three [B, heads, T, head_dim]
         q, k, v = self.qkv_proj(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(
             2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # [B, heads, T, head_dim]
+        with sdpa_kernel(TEXT_ATTENTION_KERNELS):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # [B, heads, T, head_dim]
         return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, -1)), None
 
 

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from sdxl_fast import GenerationParams, generate, native_side, parse_infotext
 
@@ -88,3 +89,12 @@ def test_an_unset_size_is_the_models_own(tiny_models):
     finally:
         student.register_to_config(sample_size=64)
     assert image.size == (64, 64) and "Size: 64x64" in image.info["parameters"]
+
+
+def test_the_fast_schedule_is_copied_to_the_device_once(tiny_models):
+    from sdxl_fast.generate import _schedule_on
+
+    scheduler = tiny_models.fast.scheduler
+    first = _schedule_on(scheduler, tiny_models.device)
+    assert _schedule_on(scheduler, tiny_models.device) is first  # not a new copy per call
+    assert torch.equal(first, scheduler.alphas_cumprod)
