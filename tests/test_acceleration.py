@@ -145,3 +145,16 @@ def test_warmup_runs_every_path_and_the_quality_step_cache(tiny_models, monkeypa
     assert [(p.mode, p.steps, p.cache_interval) for p in calls] == [("fast", 1, 1), ("quality", 2, 1), ("quality", 4, 2)]
     q = tiny_models.quality
     assert cached_unets == [q.base, q.refiner]  # each Quality UNet's cached step has run (and compiled, on a GPU)
+
+
+def test_bench_prompts_are_new_on_every_call_unless_a_workload_repeats_one():
+    from sdxl_fast.bench import PROMPT, time_calls, workloads
+
+    seen = []
+    fast, same = (next(w for w in workloads(tiny=True) if w.name == name)
+                  for name in ("fast 1-step", "fast 1-step, same prompt"))
+    for w in (fast, fast, same):  # the same workload twice, as two phases of one run measure it
+        time_calls(lambda w, prompt: seen.append((w.same_prompt, prompt)), w, torch.device("cpu"), repeats=3)
+    new = [prompt for same_prompt, prompt in seen if not same_prompt]
+    assert len(new) == 8 and len(set(new)) == 8 and PROMPT not in new  # never served from the prompt cache
+    assert [prompt for same_prompt, prompt in seen if same_prompt] == [PROMPT] * 4

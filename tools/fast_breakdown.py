@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from sdxl_fast import acceleration, conditioning, cross_kv, decoding, prompts, random_weights, schedules
-from sdxl_fast.bench import PROMPT, build_models, synchronize
+from sdxl_fast.bench import PROMPT, build_models, new_prompt, synchronize
 from sdxl_fast.generate import fast_call, generate
 from sdxl_fast.params import GenerationParams
 from unet_probe import only_sdpa
@@ -94,8 +94,8 @@ def main() -> None:
 
     fast_args = (f.scheduler.alphas_cumprod.to(device), pos.base_context, pos.pooled, time_ids, latents[None])
     images = fast_call(f, timesteps, *fast_args)[1]
-    def one_call(i, batch=1):  # a new prompt each time: the text encoders always run
-        return generate(models, GenerationParams(f"{PROMPT} {i}", mode="fast", steps=1, seed=0, width=side,
+    def one_call(i, batch=1):  # a new prompt each time (never one of an earlier line): the text encoders run
+        return generate(models, GenerationParams(new_prompt(), mode="fast", steps=1, seed=0, width=side,
                                                  height=side, num_images=batch))
 
     timeit("generate(): prompt in -> PIL image out", one_call)
