@@ -45,10 +45,10 @@ class NonFiniteLossError(RuntimeError):
     """Too many optimiser steps in a row had a NaN/inf loss."""
 
 
-
 def draw_student_timesteps(timesteps: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
     """n student timesteps [n], each drawn from `timesteps` [N] with probability proportional to `weights` [N]."""
     return timesteps[torch.multinomial(weights.float(), n, replacement=True)]
+
 
 def _frozen_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype):
     """The teacher family through sdxl_fast's loader: encoders, VAE, base UNet, scheduler (all frozen)."""

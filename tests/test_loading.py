@@ -1,3 +1,4 @@
+import copy
 import time
 
 import pytest
@@ -136,3 +137,12 @@ def test_cpu_offload_on_a_cpu_only_machine_still_generates(tiny_sources):
     assert models.offload_hooks == []  # nothing to offload to
     image = generate(models, GenerationParams("a cat", mode="fast", seed=1, width=64, height=64))[0]
     assert image.size == (64, 64)
+
+
+def test_weight_dtype_is_diffusers_module_dtype_without_the_walk(tiny_models):
+    from sdxl_fast.loading import weight_dtype
+
+    vae = copy.deepcopy(tiny_models.fast.vae)
+    for dtype in (torch.float32, torch.bfloat16):
+        vae.to(dtype)
+        assert weight_dtype(vae) == vae.dtype == dtype

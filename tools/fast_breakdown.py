@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("--trace", metavar="FILE", help="instead of the parts: profile 3 generate() calls, write "
                         "their Chrome trace here and print where the GPU waits within each call")
     parser.add_argument("--sdpa", default="default", choices=["default", "cudnn", "flash", "efficient"],
-                        help="allow only this attention kernel (CUDA only)")
+                        help="allow only this attention kernel in the UNet (CUDA only; the text encoders "
+                        "choose theirs, sdxl_fast.text_qkv)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
