@@ -13,6 +13,10 @@ A reference row scores real held-out images the same way: its accuracy is the pr
 Fréchet distance (the real images against the next n held-out seeds) is the floor that sampling noise of n
 images alone produces; distances are comparable only at the same n.
 
+The held-out captions state every attribute; users type less. With `short_prompts=k` each row also reports
+the fraction of images for twelve short prompts ("a red circle", "a blue star", ...; seeds 0..k-1) that the
+probe reads as the asked shape and colour, whatever their size, position and background.
+
 The teacher's 1- and 4-step rows use the base alone (with the same guidance), as the ADD student is distilled
 from the base; the refiner only handles the last 20% of noise levels and is not meant for few-step use.
 """
@@ -29,7 +33,11 @@ import torch
 
 from . import data
 from .frechet import frechet_distance
-from .probe import DEFAULT_DIR, HEADS, features, label_targets, load_probe, predict_indices, render, score, to_uint8
+from .probe import (DEFAULT_DIR, HEADS, features, label_targets, load_probe, predict, predict_indices, render, score,
+                    to_uint8)
+
+SHORT_PROMPTS = tuple((shape, colour) for shape in ("circle", "square", "triangle", "star")
+                      for colour in ("red", "blue", "green"))
 
 
 @dataclass(frozen=True)
@@ -64,9 +72,19 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+def short_prompt_accuracy(generate_one, probe, seeds: int) -> float:
+    """The fraction of `generate_one(prompt, seed)` images, over SHORT_PROMPTS and seeds 0..seeds-1, that the probe
+    reads as the prompt's shape and colour."""
+    hits = 0
+    for shape, colour in SHORT_PROMPTS:
+        images = [generate_one(f"a {colour} {shape}", seed) for seed in range(seeds)]
+        hits += sum((p["shape"], p["colour"]) == (shape, colour) for p in predict(probe, images))
+    return hits / (seeds * len(SHORT_PROMPTS))
+
+
 def evaluate(base: str, refiner: str | None, student: str, n: int = 200, probe_dir: str | Path = DEFAULT_DIR,
              size: int = data.DEFAULT_SIZE, guidance_scale: float = 5.0, rows: tuple[Row, ...] = ROWS,
-             log=_log) -> dict:
+             short_prompts: int = 0, log=_log) -> dict:
     """Run every row on the first n held-out captions; returns {"rows": [...], "reference": {...}, "setup": {...}}.
     Rows that need a refiner are skipped (reported as not run) when `refiner` is None."""
     import sdxl_fast
@@ -110,11 +128,15 @@ def evaluate(base: str, refiner: str | None, student: str, n: int = 200, probe_d
         x = to_uint8(images, probe.config.input_size)
         result = {"sampler": row.sampler, "steps": row.steps, "accuracy": score(predict_indices(probe, x), targets),
                   "frechet": frechet_distance(features(probe, x), real_features), "ms_per_image": 1000 * seconds / n}
+        if short_prompts:
+            result["short_prompts"] = short_prompt_accuracy(
+                lambda prompt, seed: sdxl_fast.generate(models, params(prompt, row, seed))[0], probe, short_prompts)
         log(f"{row.sampler} {row.steps} steps: accuracy {result['accuracy']['all']:.3f}, "
             f"Fréchet {result['frechet']:.2f}, {result['ms_per_image']:.0f} ms/image")
         results.append(result)
 
     setup = {"n": n, "heldout_seeds": [seeds[0], seeds[-1]], "size": size, "guidance_scale": guidance_scale,
+             "short_prompt_seeds": short_prompts,
              "probe": str(probe_dir), "torch_threads": torch.get_num_threads(), "base": str(base),
              "refiner": refiner and str(refiner), "student": str(student)}
     return {"rows": results, "reference": reference, "setup": setup}
@@ -141,6 +163,11 @@ def markdown(report: dict) -> str:
             steps = "–" if r["steps"] is None else str(r["steps"])
             lines.append(f"| {r['sampler']} | {steps} | "
                          + " | ".join(_fmt(r["accuracy"][h], 3) for h in HEADS) + " |")
+    short = [r for r in report["rows"] if "short_prompts" in r]
+    if short:
+        lines += ["", f"| sampler | steps | short prompts read as asked ({len(SHORT_PROMPTS)} prompts x "
+                      f"{s['short_prompt_seeds']} seeds) |", "|---|---|---|"]
+        lines += [f"| {r['sampler']} | {r['steps']} | {r['short_prompts']:.3f} |" for r in short]
     lines += ["", f"n = {s['n']} held-out captions (seeds {s['heldout_seeds'][0]}..{s['heldout_seeds'][1]}), "
                   f"{s['size']}x{s['size']} px, teacher guidance {s['guidance_scale']}, "
                   f"CPU with {s['torch_threads']} torch threads; probe: {s['probe']}."]

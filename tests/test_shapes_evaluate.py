@@ -70,3 +70,34 @@ def test_evaluate_rejects_a_single_caption(tiny_family, probe_dir):
 
     with pytest.raises(ValueError):
         evaluate(tiny_family["base"], None, tiny_family["student"], n=1, probe_dir=probe_dir)
+
+
+def test_short_prompt_accuracy_counts_images_read_as_the_asked_shape_and_colour():
+    from shapes import data
+    from shapes.evaluate import SHORT_PROMPTS, short_prompt_accuracy
+    from shapes.probe import load_probe
+
+    drawn = {}  # (shape, colour) -> a real generated-by-code image of one such object
+    for seed in range(5000):
+        image, _, labels = data.sample(seed)
+        if labels["count"] == 1 and labels["size"] == "large":
+            drawn.setdefault((labels["shape"], labels["colour"]), image)
+        if all(k in drawn for k in SHORT_PROMPTS):
+            break
+
+    def faithful(prompt, seed):
+        _, colour, shape = prompt.split()
+        return drawn[(shape, colour)]
+
+    probe = load_probe()  # the shipped probe: it reads real images correctly
+    assert short_prompt_accuracy(faithful, probe, seeds=1) >= 11 / 12
+    assert short_prompt_accuracy(lambda prompt, seed: drawn[("circle", "red")], probe, seeds=2) == 1 / 12
+
+
+def test_evaluate_adds_the_short_prompt_column_when_asked(tiny_family, probe_dir):
+    from shapes.evaluate import Row, evaluate, markdown
+
+    report = evaluate(tiny_family["base"], None, tiny_family["student"], n=2, probe_dir=probe_dir,
+                      rows=(Row("student (ADD)", "fast", 1),), short_prompts=1)
+    assert 0.0 <= report["rows"][0]["short_prompts"] <= 1.0
+    assert "| student (ADD) | 1 | " in markdown(report).split("short prompts read as asked")[1]
