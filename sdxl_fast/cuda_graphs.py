@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from . import step_cache
+from . import sampling, step_cache
 from .loading import weight_dtype
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,7 @@ class GraphedUNet:
         self.graphs, self.unet, self.name = graphs, unet, name
 
     def _forward(self, latents, timestep, context, pooled, time_ids):
-        added = {"text_embeds": pooled, "time_ids": time_ids}
-        return self.unet(latents, timestep, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        return sampling.UNetInputs(context, pooled, time_ids)(self.unet, latents, timestep)
 
     def __call__(self, latents, timestep, encoder_hidden_states, added_cond_kwargs):
         timestep = torch.as_tensor(timestep, device=latents.device)

@@ -19,7 +19,8 @@ from functools import partial
 import torch
 from PIL import Image
 
-from sdxl_fast import acceleration, conditioning, cross_kv, decoding, prompts, random_weights, schedules
+from sdxl_fast import (acceleration, conditioning, cross_kv, decoding, prompts, random_weights, sampling,
+                       schedules)
 from sdxl_fast.bench import PROMPT, build_models, new_prompt, synchronize
 from sdxl_fast.generate import fast_call, generate
 from sdxl_fast.params import GenerationParams
@@ -79,8 +80,7 @@ def main() -> None:
     timestep = torch.tensor(timesteps[0], device=device)  # made outside the graphs: no host copy inside them
 
     def unet(x, context, pooled, ids, t):
-        return f.student(x, t, encoder_hidden_states=context,
-                         added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+        return sampling.UNetInputs(context, pooled, ids)(f.student, x, t)
 
     def vae(z):
         return decoding.to_uint8(f.vae.decode(z).sample)
@@ -95,6 +95,7 @@ def main() -> None:
 
     fast_args = (f.scheduler.alphas_cumprod.to(device), pos.base_context, pos.pooled, time_ids, latents[None])
     images = fast_call(f, timesteps, *fast_args)[1]
+
     def one_call(i, batch=1):  # a new prompt each time (never one of an earlier line): the text encoders run
         return generate(models, GenerationParams(new_prompt(), mode="fast", steps=1, seed=0, width=side,
                                                  height=side, num_images=batch))
