@@ -6,12 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from .data import OMIT_PROBABILITY
+
 
 def _write(args) -> int:
     from .writer import write_folder
 
     paths = write_folder(args.out, args.count, start=args.start, size=args.size, metadata=not args.no_metadata,
-                         workers=args.workers)
+                         workers=args.workers, omit_probability=args.omit_probability)
     print(f"wrote {len(paths)} images with captions to {args.out}")
     return 0
 
@@ -126,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--size", type=int, default=128)
     w.add_argument("--no-metadata", action="store_true", help="skip metadata.jsonl")
     w.add_argument("--workers", type=int, default=1, help="parallel processes drawing and writing images")
+    w.add_argument("--omit-probability", type=float, default=OMIT_PROBABILITY,
+                   help="how often a caption leaves out each of size, position and background (default 1/3; "
+                   "higher: more short captions such as 'a red circle'; the images are the same)")
     w.set_defaults(run=_write)
 
     t = sub.add_parser("train-probe", help="train the probe classifier on real training-seed images")

@@ -254,8 +254,10 @@ def _place_multi(count: int, r: float, rng: np.random.Generator) -> list[tuple[f
     return [(0.22, 0.22), (0.78, 0.78), (0.22, 0.78)][:count]
 
 
-def sample_labels(seed: int) -> tuple[dict, dict, np.random.Generator]:
-    """The labels of `seed` and the geometry to draw them; the same rng continues into the drawing."""
+def sample_labels(seed: int, omit_probability: float = OMIT_PROBABILITY) -> tuple[dict, dict, np.random.Generator]:
+    """The labels of `seed` and the geometry to draw them; the same rng continues into the drawing.
+    `omit_probability`: how often the caption leaves out each of size, position and background (a larger one
+    leaves out a superset of what a smaller one does; the image is the same)."""
     rng = np.random.default_rng(seed)
     shape = SHAPES[rng.integers(len(SHAPES))]
     colour = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
@@ -278,17 +280,18 @@ def sample_labels(seed: int) -> tuple[dict, dict, np.random.Generator]:
               "background": background, "texture": texture, "template": int(rng.integers(CAPTION_TEMPLATES))}
     # A separate stream for the caption's detail, so the drawing's stream (rng) is the same as before.
     detail = np.random.default_rng([seed, 1])
-    labels["unstated"] = [a for a in OPTIONAL if detail.random() < OMIT_PROBABILITY
+    labels["unstated"] = [a for a in OPTIONAL if detail.random() < omit_probability
                           and not (a == "position" and count > 1)]
     geometry = {"centres": centres, "radius": r}
     return labels, geometry, rng
 
 
-def sample(seed: int, size: int = DEFAULT_SIZE) -> tuple[Image.Image, str, dict]:
+def sample(seed: int, size: int = DEFAULT_SIZE, omit_probability: float = OMIT_PROBABILITY
+           ) -> tuple[Image.Image, str, dict]:
     """(RGB image size x size, caption, labels) for one seed; identical on every call and machine."""
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels, got {size}")
-    labels, geo, rng = sample_labels(seed)
+    labels, geo, rng = sample_labels(seed, omit_probability)
     side = 2 * size
     mask_img = Image.new("L", (side, side), 0)
     draw = ImageDraw.Draw(mask_img)

@@ -9,15 +9,15 @@ import json
 import multiprocessing as mp
 from pathlib import Path
 
-from .data import DEFAULT_SIZE, sample
+from .data import DEFAULT_SIZE, OMIT_PROBABILITY, sample
 
 
 def _write_chunk(args) -> list[dict]:
-    out, first, start, count, size, digits = args
+    out, first, start, count, size, digits, omit_probability = args
     rows = []
     for i in range(first, first + count):
         seed = start + i
-        image, caption, labels = sample(seed, size)
+        image, caption, labels = sample(seed, size, omit_probability)
         name = f"{i:0{digits}d}"
         image.save(out / f"{name}.png")
         (out / f"{name}.txt").write_text(caption + "\n", encoding="utf-8")
@@ -26,14 +26,19 @@ def _write_chunk(args) -> list[dict]:
 
 
 def write_folder(out: str | Path, count: int, start: int = 0, size: int = DEFAULT_SIZE,
-                 metadata: bool = True, workers: int = 1, chunk: int = 500) -> list[Path]:
-    """Write seeds start .. start+count-1; file names count from 000000 so a folder reads in seed order."""
+                 metadata: bool = True, workers: int = 1, chunk: int = 500,
+                 omit_probability: float = OMIT_PROBABILITY) -> list[Path]:
+    """Write seeds start .. start+count-1; file names count from 000000 so a folder reads in seed order.
+    `omit_probability`: as in `data.sample`, e.g. higher for a set with more short captions."""
+    if not 0 <= omit_probability <= 1:
+        raise ValueError(f"omit_probability must be within [0, 1], got {omit_probability}")
     if count < 0 or start < 0:
         raise ValueError("count and start must be non-negative")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     digits = max(6, len(str(count - 1)))
-    jobs = [(out, first, start, min(chunk, count - first), size, digits) for first in range(0, count, chunk)]
+    jobs = [(out, first, start, min(chunk, count - first), size, digits, omit_probability)
+            for first in range(0, count, chunk)]
     if workers > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
             parts = pool.map(_write_chunk, jobs, chunksize=1)

@@ -99,6 +99,21 @@ def test_fast_breakdown_script_times_every_part():
     assert out.startswith("acceleration: \n")  # the CPU default less the one option turned off
 
 
+def test_fast_breakdown_batch_0_skips_the_batched_lines_and_sets_inductor_config():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "tools" / "fast_breakdown.py"
+    run = [sys.executable, str(script), "--tiny", "--batch", "0"]
+    out = subprocess.run(run + ["--inductor", "triton.enable_pdl=True"], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    assert [line.split("  ")[0] for line in out.splitlines() if " ms " in line][-1] == (
+        "uint8 images -> CPU (pageable memory) -> PIL")
+    bad = subprocess.run(run + ["--inductor", "no_such_setting=1"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "no_such_setting" in bad.stderr
+
+
 def test_fast_breakdown_trace_reports_each_call_and_writes_a_chrome_trace(tmp_path):
     import json
     import subprocess

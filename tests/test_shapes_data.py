@@ -71,6 +71,21 @@ def test_caption_detail_does_not_change_the_images():
     assert digests == EXPECTED_DIGESTS
 
 
+def test_omit_probability_leaves_out_more_detail_and_keeps_the_image():
+    """A higher omit probability leaves out a superset of what the default does (same stream), draws the
+    same image, and at 1 makes every single-object caption as short as "a red circle"."""
+    for seed in range(40):
+        image, _, labels = sample(seed)
+        image_0, caption_0, labels_0 = sample(seed, omit_probability=0.0)
+        image_1, caption_1, labels_1 = sample(seed, omit_probability=1.0)
+        assert image_0.tobytes() == image.tobytes() == image_1.tobytes()
+        assert labels_0["unstated"] == [] and caption_0 == data.full_caption(labels)
+        assert set(labels["unstated"]) <= set(labels_1["unstated"])
+        if labels["count"] == 1:
+            words = f"{labels['colour']} {labels['shape']}"
+            assert caption_1 in (f"a {words}", f"an {words}", f"a picture of a {words}", f"a picture of an {words}")
+
+
 def test_parse_short_prompts():
     assert parse_caption("a red circle") == {"shape": "circle", "colour": "red", "position": None, "count": 1}
     assert parse_caption("three blue crosses on an orange background") == {
@@ -129,6 +144,16 @@ def test_write_command_makes_png_txt_pairs(tmp_path):
         assert png.with_suffix(".txt").read_text().strip() == caption
         assert row["file_name"] == png.name and row["text"] == caption and row["seed"] == 40 + i
         assert {k: row[k] for k in labels} == labels
+
+
+def test_write_command_omit_probability(tmp_path):
+    subprocess.run([sys.executable, "-m", "shapes", "write", "--out", str(tmp_path), "--count", "3",
+                    "--omit-probability", "1", "--no-metadata"], check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert [p.read_text().strip() for p in sorted(tmp_path.glob("*.txt"))] == [
+        sample(i, omit_probability=1.0)[1] for i in range(3)]
+    with pytest.raises(ValueError, match="omit_probability"):
+        from shapes.writer import write_folder
+        write_folder(tmp_path, 1, omit_probability=1.5)
 
 
 def test_written_folder_reads_through_distill_indexer(tmp_path):

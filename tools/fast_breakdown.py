@@ -6,11 +6,13 @@
 Random weights of the given shapes, the default acceleration of the device (sdxl_fast.acceleration), 512²
 (64² with --tiny). Each line is the median of 20 calls after 3 untimed ones; parts run through CUDA graphs
 as `generate` runs them, so on a GPU the figures add up to roughly one `generate` call. `--without OPTION`
-turns one acceleration option off, for a comparison, `--sdpa flash` allows one attention kernel only;
-`--trace FILE` profiles whole calls instead of parts.
+turns one acceleration option off, for a comparison, `--sdpa flash` allows one attention kernel only,
+`--inductor KEY=VALUE` sets a torch._inductor.config entry (e.g. triton.enable_pdl=True), `--text-compile
+gemm` compiles the text encoders with autotuned matmuls; `--trace FILE` profiles whole calls instead of parts.
 """
 
 import argparse
+import ast
 import statistics
 import time
 from dataclasses import replace
@@ -32,7 +34,7 @@ def main() -> None:
     shapes = parser.add_mutually_exclusive_group(required=True)
     shapes.add_argument("--configs", help="folder of the SDXL configs (base/, refiner/)")
     shapes.add_argument("--tiny", action="store_true", help="tiny test shapes")
-    parser.add_argument("--batch", type=int, default=16, help="batch of the batched UNet and VAE lines")
+    parser.add_argument("--batch", type=int, default=16, help="batch of the batched lines (0: none)")
     parser.add_argument("--without", action="append", default=[], metavar="OPTION",
                         help="turn off this sdxl_fast.acceleration option (repeatable), e.g. hoist_cross_kv")
     parser.add_argument("--trace", metavar="FILE", help="instead of the parts: profile 3 generate() calls, write "
@@ -40,7 +42,14 @@ def main() -> None:
     parser.add_argument("--sdpa", default="default", choices=["default", "cudnn", "flash", "efficient"],
                         help="allow only this attention kernel in the UNet (CUDA only; the text encoders "
                         "choose theirs, sdxl_fast.text_qkv)")
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="set torch._inductor.config.KEY to the Python literal VALUE (repeatable)")
+    parser.add_argument("--text-compile", choices=["default", "gemm"], default="default",
+                        help="gemm: compile the text encoders with Inductor's autotuned matmuls (max_autotune_gemm)")
     args = parser.parse_args()
+    for setting in args.inductor:
+        key, _, value = setting.partition("=")
+        torch._inductor.config.__setattr__(key, ast.literal_eval(value))  # dotted keys reach sub-configs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -54,6 +63,9 @@ def main() -> None:
     options = replace(acceleration.Acceleration.for_device(device), **{name: False for name in args.without})
     print("acceleration:", "; ".join(acceleration.apply(models, options)))
     f = models.fast
+    if args.text_compile == "gemm" and options.compile:  # replaces apply's compile of the encoders
+        for encoder in (f.encoders.text_encoder, f.encoders.text_encoder_2):
+            encoder.compile(dynamic=False, options={"max_autotune_gemm": True})
 
     def timeit(label, fn):
         for i in range(3):
@@ -112,6 +124,8 @@ def main() -> None:
     timeit("uint8 images -> CPU -> PIL", lambda i: decoding.to_pil(decoding.to_host(images)[0]))
     timeit("uint8 images -> CPU (pageable memory) -> PIL",
            lambda i: [Image.fromarray(x.numpy()) for x in images.cpu()])
+    if not args.batch:
+        return
     timeit(f"UNet step, batch {args.batch}", lambda i: graphed(
         ("unet", args.batch), unet, batched(latents), batched(context), batched(pos.pooled),
         batched(time_ids), timestep))
