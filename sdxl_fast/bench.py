@@ -174,7 +174,8 @@ def measure(models: Models, label: str, jobs: list[Workload], default_times: dic
 
 def run_bench(configs: dict, device: torch.device, dtype: torch.dtype, repeats: int, tiny: bool,
               options: acceleration.Acceleration, compile_too: bool = False, on_row=None,
-              only: list[str] | None = None, fp8: bool = False, step_cache: int = 1) -> tuple[list[dict], list[str]]:
+              only: list[str] | None = None, fp8: bool = False, step_cache: int = 1,
+              uncompiled_rows: bool = True) -> tuple[list[dict], list[str]]:
     started = time.perf_counter()
 
     def done(phase: str) -> None:  # GPU time is rationed: say where it goes
@@ -196,8 +197,10 @@ def run_bench(configs: dict, device: torch.device, dtype: torch.dtype, repeats: 
     eager = {w.name: final_latents(models, w) for w in jobs}  # our loop, same dtype, no options
     done("eager fp32 and fp16 reference latents")
     notes = acceleration.apply(models, options)
-    rows = measure(models, "ours", jobs, default_times, fp32, eager, device, repeats, on_row)
-    done("ours")
+    rows = []
+    if uncompiled_rows or not compile_too:
+        rows = measure(models, "ours", jobs, default_times, fp32, eager, device, repeats, on_row)
+        done("ours")
     if compile_too:
         notes += acceleration.apply(models, replace(acceleration.Acceleration.none(), cuda_graphs=options.cuda_graphs,
                                                     compile=True, compile_mode=options.compile_mode))
@@ -253,6 +256,8 @@ def add_parser(commands) -> None:
                        help="then torch.compile the models too and measure again (minutes of compiling)")
     bench.add_argument("--compile-mode", default=acceleration.Acceleration.compile_mode,
                        help="torch.compile mode for --compile (without CUDA graphs: ours are recorded around it)")
+    bench.add_argument("--compiled-only", action="store_true",
+                       help="with --compile: skip the rows without it (saves GPU time on long runs)")
     bench.add_argument("--fp8", action="store_true",
                        help="then convert the UNets' transformer linears to fp8 (opt-in option) and measure again")
     bench.add_argument("--step-cache", type=int, default=1, metavar="N",
@@ -282,7 +287,7 @@ def main(args: argparse.Namespace, command: str) -> int:
                 f.write(json.dumps(row) + "\n")
 
     rows, notes = run_bench(configs, device, dtype, args.repeats, args.tiny, options, args.compile, on_row, args.only,
-                            args.fp8, args.step_cache)
+                            args.fp8, args.step_cache, uncompiled_rows=not args.compiled_only)
     table = markdown(rows, notes, device, command)
     args.output.write_text(table)
     print(table)

@@ -86,6 +86,14 @@ def test_bench_harness_runs_and_writes_its_table(tmp_path, capsys):
     assert all(float(row.split("|")[-2]) > 1e-4 for row in cached)
 
 
+def test_bench_compiled_only_skips_the_rows_without_compile(tmp_path):
+    out = tmp_path / "BENCH.md"
+    assert main(["bench", "--tiny", "--repeats", "1", "--device", "cpu", "--only", "fast 1-step", "--compile",
+                 "--compiled-only", "-o", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| fast")]
+    assert [row.split("|")[2].strip() for row in rows] == ["ours + compile"]  # on CPU compile is skipped, noted
+
+
 def test_fast_breakdown_script_times_every_part():
     import subprocess
     import sys
