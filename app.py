@@ -18,16 +18,18 @@ import threading
 import time
 import warnings
 from collections import Counter
+from dataclasses import replace
 from functools import partial
 
 import gradio as gr
 import torch
 
 import sdxl_fast
-from sdxl_fast.acceleration import warmup
+from sdxl_fast.acceleration import Acceleration, warmup
 from sdxl_fast.cli import add_model_arguments
 from sdxl_fast.conditioning import SDXL_BUCKETS, bucket_label
 from sdxl_fast.decoding import latent_preview
+from sdxl_fast.loading import pick_device_dtype
 from sdxl_fast.params import MAX_SEED
 
 try:  # On a ZeroGPU Space, `spaces.GPU` attaches a GPU for the duration of each call.
@@ -391,18 +393,24 @@ def build_demo(studio: Studio, concurrency_limit: int = 1, examples: list[str] =
     return demo
 
 
-def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None, cpu_offload=False) -> Studio:
+def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None, cpu_offload=False,
+                fp8=False) -> Studio:
     """Load both paths; when that fails, each path alone, so one missing model does not take down the other.
-    A path that cannot load is reported in the page and the log, never by crashing."""
+    A path that cannot load is reported in the page and the log, never by crashing. `fp8`: the opt-in fp8
+    matmuls on top of the device's default acceleration (skipped, with a log line, where unsupported)."""
+    acceleration = None
+    if fp8:
+        acceleration = replace(Acceleration.for_device(pick_device_dtype(device)[0]), fp8=True)
     try:
-        return Studio(sdxl_fast.load(sources=sources, device=device, dtype=dtype, cpu_offload=cpu_offload))
+        return Studio(sdxl_fast.load(sources=sources, device=device, dtype=dtype, cpu_offload=cpu_offload,
+                                     acceleration=acceleration))
     except Exception as e:  # noqa: BLE001
         log.warning("Could not load all models (%s); trying each mode on its own", e)
     models, errors = None, {}
     for mode in ("fast", "quality"):
         try:
             loaded = sdxl_fast.load(modes=(mode,), sources=sources, device=device, dtype=dtype,
-                                    cpu_offload=cpu_offload)
+                                    cpu_offload=cpu_offload, acceleration=acceleration)
         except Exception as e:  # noqa: BLE001
             errors[mode] = str(e)
             log.error("%s mode unavailable: %s", mode.title(), e)
@@ -436,7 +444,7 @@ def main(argv=None) -> None:
     except ValueError as e:
         raise SystemExit(str(e)) from e
     log.info("Model sources: %s", sources)
-    studio = load_studio(sources, args.device, args.dtype, args.cpu_offload)
+    studio = load_studio(sources, args.device, args.dtype, args.cpu_offload, args.fp8)
     if studio.models is not None and studio.models.device.type == "cuda":
         # torch.compile and CUDA-graph capture happen on the first call of each shape: pay for it now, not
         # with the first visitor's request.

@@ -65,6 +65,9 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
     parser.add_argument("--cpu-offload", action="store_true", help="keep models in CPU memory (small GPUs)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="fp8 matmuls in the UNets (Ada/Hopper GPUs), input scales calibrated on sample calls at "
+                             "load; opt-in: changes numerics, see BENCHMARKS.md")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,9 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(models)
     models.add_argument("--compile", action="store_true",
                         help="torch.compile the models (CUDA): minutes once, then faster; worth it for many images")
-    models.add_argument("--fp8", action="store_true",
-                        help="fp8 matmuls in the UNets (Ada/Hopper GPUs), input scales calibrated on sample calls at "
-                             "load; opt-in: changes numerics, see BENCHMARKS.md")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     commands.add_parser("buckets", help="list SDXL's aspect-ratio size presets")

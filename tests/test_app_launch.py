@@ -79,3 +79,15 @@ def test_without_weights_it_starts_and_says_so_in_the_page_and_the_log(launch, t
     assert "no such local folder" in page
     text = log.read_text()
     assert "Fast mode unavailable" in text and "no such local folder" in text
+
+
+def test_fp8_flag_loads_with_fp8_asked_for_and_skipped_on_cpu(tiny_sources, caplog):
+    import logging
+
+    import app
+
+    assert app.parse_args(["--fp8"]).fp8 and not app.parse_args([]).fp8
+    with caplog.at_level(logging.INFO, logger="sdxl_fast.acceleration"):
+        studio = app.load_studio(tiny_sources, device="cpu", dtype="fp32", fp8=True)
+    assert studio.models.fast is not None and studio.models.quality is not None
+    assert "fp8: skipped on cpu" in caplog.text
