@@ -151,8 +151,9 @@ def test_write_command_omit_probability(tmp_path):
                     "--omit-probability", "1", "--no-metadata"], check=True, cwd=Path(__file__).resolve().parent.parent)
     assert [p.read_text().strip() for p in sorted(tmp_path.glob("*.txt"))] == [
         sample(i, omit_probability=1.0)[1] for i in range(3)]
+    from shapes.writer import write_folder
+
     with pytest.raises(ValueError, match="omit_probability"):
-        from shapes.writer import write_folder
         write_folder(tmp_path, 1, omit_probability=1.5)
 
 

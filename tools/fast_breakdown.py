@@ -7,8 +7,8 @@ Random weights of the given shapes, the default acceleration of the device (sdxl
 (64² with --tiny). Each line is the median of 20 calls after 3 untimed ones; parts run through CUDA graphs
 as `generate` runs them, so on a GPU the figures add up to roughly one `generate` call. `--without OPTION`
 turns one acceleration option off, for a comparison, `--sdpa flash` allows one attention kernel only,
-`--inductor KEY=VALUE` sets a torch._inductor.config entry (e.g. triton.enable_pdl=True), `--text-compile
-gemm` compiles the text encoders with autotuned matmuls; `--trace FILE` profiles whole calls instead of parts.
+`--inductor KEY=VALUE` sets a torch._inductor.config entry (e.g. triton.enable_pdl=True); `--trace FILE`
+profiles whole calls instead of parts.
 """
 
 import argparse
@@ -44,12 +44,10 @@ def main() -> None:
                         "choose theirs, sdxl_fast.text_qkv)")
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                         help="set torch._inductor.config.KEY to the Python literal VALUE (repeatable)")
-    parser.add_argument("--text-compile", choices=["default", "gemm"], default="default",
-                        help="gemm: compile the text encoders with Inductor's autotuned matmuls (max_autotune_gemm)")
     args = parser.parse_args()
     for setting in args.inductor:
         key, _, value = setting.partition("=")
-        torch._inductor.config.__setattr__(key, ast.literal_eval(value))  # dotted keys reach sub-configs
+        setattr(torch._inductor.config, key, ast.literal_eval(value))  # dotted keys reach sub-configs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -63,9 +61,6 @@ def main() -> None:
     options = replace(acceleration.Acceleration.for_device(device), **{name: False for name in args.without})
     print("acceleration:", "; ".join(acceleration.apply(models, options)))
     f = models.fast
-    if args.text_compile == "gemm" and options.compile:  # replaces apply's compile of the encoders
-        for encoder in (f.encoders.text_encoder, f.encoders.text_encoder_2):
-            encoder.compile(dynamic=False, options={"max_autotune_gemm": True})
 
     def timeit(label, fn):
         for i in range(3):
