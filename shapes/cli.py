@@ -55,7 +55,8 @@ def _evaluate(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     refiner = None if args.refiner.strip().lower() in ("", "none") else args.refiner
-    rows = ROWS + (cached_rows(args.cache_interval) if args.cache_interval > 1 else ())
+    rows = tuple(r for r in ROWS if r.mode == "fast" or not args.student_only)
+    rows += cached_rows(args.cache_interval, rows) if args.cache_interval > 1 else ()
     report = evaluate(args.base, refiner, args.student, n=args.n, probe_dir=args.probe, size=args.size,
                       guidance_scale=args.guidance_scale, rows=rows, short_prompts=args.short_prompts)
     print(write_report(report, args.out, args.json))
@@ -156,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     e.add_argument("--cache-interval", type=int, default=1, metavar="N",
                    help="also run the multi-step rows with sdxl_fast's step cache at this interval (opt-in option)")
+    e.add_argument("--student-only", action="store_true",
+                   help="only the student's rows (minutes instead of the teacher's 50-step rows): to check a new "
+                   "student before shipping it")
     e.add_argument("--short-prompts", type=int, default=0, metavar="K",
                    help='also score 12 short prompts ("a red circle", ...) at seeds 0..K-1 per row (0: off)')
     e.add_argument("--out", help="write the markdown table here")

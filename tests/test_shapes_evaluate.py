@@ -65,6 +65,16 @@ def test_refiner_row_is_reported_not_run_without_a_refiner(tiny_family, probe_di
     assert rows[1][0] == "student (ADD)" and 0.0 <= float(rows[1][2]) <= 1.0
 
 
+def test_evaluate_student_only_runs_the_student_rows(tiny_family, probe_dir, tmp_path):
+    out = tmp_path / "table.md"
+    assert main(["evaluate", "--base", str(tiny_family["base"]), "--refiner", "none", "--student",
+                 str(tiny_family["student"]), "--n", "2", "--probe", str(probe_dir), "--student-only",
+                 "--out", str(out)]) == 0
+    rows = _table_rows(out.read_text())
+    assert [(r[0], r[1]) for r in rows] == [(s, n) for s, n in EXPECTED_ROWS if s == "student (ADD)"] + [
+        (REFERENCE, "–")]
+
+
 def test_evaluate_rejects_a_single_caption(tiny_family, probe_dir):
     from shapes.evaluate import evaluate
 
