@@ -82,3 +82,6 @@ class PretrainConfig:
     seed: int = 0
     workers: int = 1  # processes drawing the images
     log_every: int = 50
+    device: str = "auto"  # "auto": the GPU when there is one
+    minutes: float = 0.0  # > 0: a training-time budget; the learning-rate schedule follows whichever of steps and
+    # minutes runs out first, so a budgeted run still ends its cosine decay

@@ -84,7 +84,7 @@ def accuracy(model: Classifier, x_uint8: torch.Tensor, labels: list[dict], which
     """Held-out accuracy of the CLS heads (which=0) or the patch-token heads (which=1)."""
     model.eval()
     preds = [model(normalise(x_uint8[i:i + 128]))[which] for i in range(0, len(x_uint8), 128)]
-    predicted = {k: torch.cat([p[k] for p in preds]).argmax(1) for k in data.LABELS}
+    predicted = {k: torch.cat([p[k] for p in preds]).argmax(1).cpu() for k in data.LABELS}
     return score(predicted, label_targets(labels, data.LABELS), data.LABELS)
 
 
@@ -92,30 +92,39 @@ def pretrain(cfg: PretrainConfig, command: str = "") -> dict:
     if cfg.train_images > data.HELDOUT_START:
         raise ValueError("training seeds must stay below HELDOUT_START")
     torch.manual_seed(cfg.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     started = time.time()
     x, labels = _draw(range(cfg.train_images), cfg.workers)
-    y = label_targets(labels, data.LABELS)
-    print(f"drew {len(x)} training images in {time.time() - started:.0f} s", flush=True)
-    model = Classifier(cfg)
+    x, y = x.to(device), {k: v.to(device) for k, v in label_targets(labels, data.LABELS).items()}
+    print(f"drew {len(x)} training images in {time.time() - started:.0f} s; training on {device}", flush=True)
+    model = Classifier(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, cfg.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    budget = cfg.minutes * 60
     t0 = time.time()
     model.train()
-    for step in range(cfg.steps):
-        idx = torch.randint(len(x), (cfg.batch_size,))
-        cls_logits, token_logits = model(normalise(x[idx]))
-        loss = sum(F.cross_entropy(logits[k], y[k][idx], ignore_index=IGNORE)
-                   for logits in (cls_logits, token_logits) for k in data.LABELS)
+    step = 0
+    while True:
+        # Warm-up then cosine over the run's progress: steps done, or the time budget spent if that is further.
+        progress = max(step / cfg.steps, (time.time() - t0) / budget if budget else 0.0)
+        if progress >= 1:
+            break
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, 20 * progress + 1 / cfg.steps) * 0.5 * (1 + math.cos(math.pi * progress))
+        idx = torch.randint(len(x), (cfg.batch_size,), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            cls_logits, token_logits = model(normalise(x[idx]))
+            loss = sum(F.cross_entropy(logits[k].float(), y[k][idx], ignore_index=IGNORE)
+                       for logits in (cls_logits, token_logits) for k in data.LABELS)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
-        if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+        if cfg.log_every and step % cfg.log_every == 0:
             print(f"step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+        step += 1
+    print(f"trained {step} steps", flush=True)
     train_seconds = time.time() - t0
     held_x, held_labels = _draw(data.heldout_seeds(cfg.eval_images), cfg.workers)
+    held_x = held_x.to(device)
     acc = accuracy(model, held_x, held_labels)
     token_acc = accuracy(model, held_x, held_labels, which=1)
     for name, a in (("CLS heads", acc), ("patch-token heads", token_acc)):
@@ -124,14 +133,14 @@ def pretrain(cfg: PretrainConfig, command: str = "") -> dict:
     info = {
         "command": command, "model": cfg.model, "img_size": cfg.img_size, "backbone_kwargs": backbone_kwargs(cfg),
         "init_values_for_training": cfg.init_values,
-        "training": {"train_seeds": [0, cfg.train_images], "steps": cfg.steps, "batch_size": cfg.batch_size,
+        "training": {"train_seeds": [0, cfg.train_images], "steps": step, "batch_size": cfg.batch_size,
                      "lr": cfg.lr, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
-                     "torch_threads": torch.get_num_threads(), "train_seconds": round(train_seconds, 1),
+                     "device": str(device), "torch_threads": torch.get_num_threads(), "train_seconds": round(train_seconds, 1),
                      "labels": {k: list(map(str, v)) for k, v in data.LABELS.items()}},
         "heldout_accuracy": {"n": cfg.eval_images, **{k: round(v, 4) for k, v in acc.items()}},
         "heldout_accuracy_patch_tokens": {"n": cfg.eval_images, **{k: round(v, 4) for k, v in token_acc.items()}},
     }
-    path = save_backbone(model.features.backbone, cfg.out, info)
+    path = save_backbone(model.features.backbone.cpu(), cfg.out, info)
     missing = check_loads(path, cfg)
     print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB); loads into distill's backbone with no missing keys"
           if not missing else f"WARNING: missing keys when loading {path}: {missing}", flush=True)

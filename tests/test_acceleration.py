@@ -147,11 +147,12 @@ def test_unet_probe_script_times_each_model_and_shape(model):
     run = [sys.executable, str(script), "--tiny", "--model", model, "--shapes", "64x1", "128x2"]
     out = subprocess.run(run, capture_output=True, text=True, timeout=300, check=True).stdout
     results = [line for line in out.splitlines() if line.startswith("RESULT")]
-    assert [line.split()[4] for line in results] == ["64x1", "128x2"]
+    assert [line.split("]")[1].split()[0] for line in results] == ["64x1", "128x2"]
     assert all(float(line.split("median")[1].split()[0]) > 0 for line in results)
     if not torch.cuda.is_available():  # the GPU-only parts refuse clearly instead of failing inside CUDA
-        refused = subprocess.run(run + ["--profile"], capture_output=True, text=True, timeout=300)
-        assert refused.returncode == 2 and "need a CUDA GPU" in refused.stderr
+        for refused_run in (run + ["--profile"], run + ["--blas", "cublaslt"], [sys.executable, str(script), "--gemm-micro"]):
+            refused = subprocess.run(refused_run, capture_output=True, text=True, timeout=300)
+            assert refused.returncode == 2 and "need a CUDA GPU" in refused.stderr
 
 
 def test_warmup_runs_every_path_and_the_quality_step_cache(tiny_models, monkeypatch):

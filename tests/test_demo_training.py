@@ -150,6 +150,15 @@ def test_pretrain_vit_writes_a_backbone_distill_loads(tmp_path):
     assert check_loads(out / "vit.safetensors", PretrainConfig()) == []
 
 
+def test_pretrain_vit_time_budget_ends_the_run_early(tmp_path):
+    """`--minutes` stops a run long before its step count, and the record says how many steps it made."""
+    out = tmp_path / "vit"
+    shapes_main(["pretrain-vit", "--out", str(out), "--train-images", "16", "--eval-images", "8", "--steps", "100000",
+                 "--batch-size", "4", "--log-every", "0", "--threads", "1", "--minutes", "0.02"])
+    info = json.loads((out / "vit.json").read_text())
+    assert 1 <= info["training"]["steps"] < 100000 and info["training"]["train_seconds"] < 10
+
+
 def test_demo_student_config_runs_with_distill(work, tmp_path):
     """configs/demo-student.toml as the GPU call uses it, shrunk to 1 step of batch 2 on the CPU."""
     from distill.config import load_config

@@ -5,6 +5,9 @@
     python tools/unet_probe.py --configs ... --compile gemm       # Inductor's autotuned matmuls
     python tools/unet_probe.py --configs ... --sdpa cudnn         # only cuDNN's attention kernels allowed
     python tools/unet_probe.py --configs ... --sdpa-micro         # each attention kernel alone, SDXL's shapes
+    python tools/unet_probe.py --gemm-micro                       # each batch-1 matmul shape alone: cuBLAS,
+                                                                  # cuBLASLt and Inductor's autotuned choice
+    python tools/unet_probe.py --configs ... --blas cublaslt      # the step with cuBLASLt's matmuls
 
 Random weights with the device's default options (sdxl_fast.acceleration, as the app applies them), fp16.
 Prints the median of 20 graphed calls and, with --profile, the kernel time of 5 ungraphed calls summed per
@@ -14,6 +17,7 @@ of `--configs` runs the tiny test shapes, on the CPU too (fp32, eager, without g
 
 import argparse
 import statistics
+import sys
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -48,7 +52,7 @@ def only_sdpa(backend: str) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    shapes = p.add_mutually_exclusive_group(required=True)
+    shapes = p.add_mutually_exclusive_group(required="--gemm-micro" not in sys.argv)
     shapes.add_argument("--configs", help="folder of the SDXL configs (base/, refiner/)")
     shapes.add_argument("--tiny", action="store_true", help="tiny test shapes (a quick check, CPU too)")
     p.add_argument("--model", default="base", choices=["base", "refiner", "vae"])
@@ -58,13 +62,21 @@ def main():
     p.add_argument("--shapes", nargs="+", default=["512x1"], help="SIDExBATCH in pixels, e.g. 512x1 1024x2")
     p.add_argument("--profile", action="store_true", help="kernel time per kind (CUDA only)")
     p.add_argument("--sdpa-micro", action="store_true", help="each attention kernel alone (CUDA only)")
+    p.add_argument("--gemm-micro", action="store_true", help="each batch-1 matmul shape alone (CUDA only)")
+    p.add_argument("--blas", default="default", choices=["default", "cublas", "cublaslt"],
+                   help="torch.backends.cuda.preferred_blas_library for the step's matmuls")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda":
-        if args.sdpa_micro or args.profile or args.sdpa != "default":
-            p.error("--sdpa, --sdpa-micro and --profile need a CUDA GPU")
+        if args.sdpa_micro or args.gemm_micro or args.profile or args.sdpa != "default" or args.blas != "default":
+            p.error("--sdpa, --sdpa-micro, --gemm-micro, --blas and --profile need a CUDA GPU")
         args.compile = "none"  # Inductor on the CPU would take minutes for nothing the GPU figures need
-    tag = f"[{args.model} compile={args.compile} sdpa={args.sdpa}]"
+    tag = f"[{args.model} compile={args.compile} sdpa={args.sdpa} blas={args.blas}]"
+    if args.blas != "default":
+        torch.backends.cuda.preferred_blas_library(args.blas)
+    if args.gemm_micro:
+        gemm_micro()
+        return
 
     if args.sdpa != "default":
         only_sdpa(args.sdpa)
@@ -189,6 +201,53 @@ def sdpa_micro():
             except Exception as e:
                 row.append(f"{backend.name} failed {type(e).__name__}")
         print(f"SDPA {label:20s} " + " | ".join(row), flush=True)
+
+
+def gemm_micro():
+    """The matmul shapes of a batch-1 Fast call, each alone, 20 back to back in one CUDA graph: cuBLAS, cuBLASLt
+    and the kernel Inductor's autotuning picks (its Triton templates against ATen). Linear layers: [M, K] @ [K, N]."""
+    dev = "cuda"
+    cases = [("unet 32² qkv", 1024, 640, 1920), ("unet 32² proj", 1024, 640, 640),
+             ("unet 32² ff in", 1024, 640, 5120), ("unet 32² ff out", 1024, 2560, 640),
+             ("unet 16² qkv", 256, 1280, 3840), ("unet 16² proj", 256, 1280, 1280),
+             ("unet 16² ff in", 256, 1280, 10240), ("unet 16² ff out", 256, 5120, 1280),
+             ("bigG qkv", 77, 1280, 3840), ("bigG out", 77, 1280, 1280),
+             ("bigG fc1", 77, 1280, 5120), ("bigG fc2", 77, 5120, 1280)]
+
+    def graphed_us(fn, a, w):
+        for _ in range(3):
+            fn(a, w)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(20):
+                fn(a, w)
+        graph.replay()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / 200 * 1e6
+
+    def matmul(a, w):
+        return a @ w
+
+    for label, m, k, n in cases:
+        a = torch.randn(m, k, device=dev, dtype=torch.half)
+        w = torch.randn(n, k, device=dev, dtype=torch.half).t()  # nn.Linear's weight layout
+        row = []
+        for blas in ("cublas", "cublaslt"):
+            torch.backends.cuda.preferred_blas_library(blas)
+            row.append(f"{blas} {graphed_us(matmul, a, w):6.1f} us")
+        torch.backends.cuda.preferred_blas_library("cublas")
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        tuned = torch.compile(matmul, mode="max-autotune-no-cudagraphs", dynamic=False)
+        tuned(a, w)
+        row.append(f"autotuned {graphed_us(tuned, a, w):6.1f} us (tuning {time.perf_counter() - start:.0f} s)")
+        flop = 2 * m * k * n
+        print(f"GEMM {label:16s} {m}x{k}x{n} ({flop / 1e9:.2f} GFLOP) " + " | ".join(row), flush=True)
 
 
 if __name__ == "__main__":
