@@ -58,7 +58,8 @@ def _evaluate(args) -> int:
     rows = tuple(r for r in ROWS if r.mode == "fast" or not args.student_only)
     rows += cached_rows(args.cache_interval, rows) if args.cache_interval > 1 else ()
     report = evaluate(args.base, refiner, args.student, n=args.n, probe_dir=args.probe, size=args.size,
-                      guidance_scale=args.guidance_scale, rows=rows, short_prompts=args.short_prompts)
+                      guidance_scale=args.guidance_scale, rows=rows, short_prompts=args.short_prompts,
+                      selection=args.selection)
     print(write_report(report, args.out, args.json))
     return 0
 
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "new student before shipping it")
     e.add_argument("--short-prompts", type=int, default=0, metavar="K",
                    help='also score 12 short prompts ("a red circle", ...) at seeds 0..K-1 per row (0: off)')
+    e.add_argument("--selection", action="store_true",
+                   help="score on the selection captions (held-out seeds from 10**9 + 10**6) instead: pick among "
+                   "candidate students there, then report the pick on the evaluation captions it was not chosen on")
     e.add_argument("--out", help="write the markdown table here")
     e.add_argument("--json", help="write the raw numbers here")
     e.set_defaults(run=_evaluate)

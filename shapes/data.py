@@ -72,9 +72,14 @@ LABELS = {"shape": SHAPES, "colour": COLOUR_NAMES, "position": POSITIONS, "count
           "background": tuple(BACKGROUNDS), "texture": TEXTURES}
 
 
-def heldout_seeds(n: int) -> list[int]:
-    """The fixed held-out evaluation set: the first n seeds from HELDOUT_START."""
-    return [HELDOUT_START + i for i in range(n)]
+SELECTION_OFFSET = 10**6  # held-out seeds from HELDOUT_START + this pick among candidate models; the evaluation set
+# (from HELDOUT_START) then scores the pick without having chosen it
+
+
+def heldout_seeds(n: int, selection: bool = False) -> list[int]:
+    """The fixed held-out evaluation set, the first n seeds from HELDOUT_START; or the selection set."""
+    start = HELDOUT_START + (SELECTION_OFFSET if selection else 0)
+    return [start + i for i in range(n)]
 
 
 def _article(word: str) -> str:

@@ -84,20 +84,20 @@ def short_prompt_accuracy(generate_one, probe, seeds: int) -> float:
 
 def evaluate(base: str, refiner: str | None, student: str, n: int = 200, probe_dir: str | Path = DEFAULT_DIR,
              size: int = data.DEFAULT_SIZE, guidance_scale: float = 5.0, rows: tuple[Row, ...] = ROWS,
-             short_prompts: int = 0, log=_log) -> dict:
-    """Run every row on the first n held-out captions; returns {"rows": [...], "reference": {...}, "setup": {...}}.
+             short_prompts: int = 0, selection: bool = False, log=_log) -> dict:
+    """Run every row on the first n held-out captions (of the selection set if `selection`); returns {"rows": [...], "reference": {...}, "setup": {...}}.
     Rows that need a refiner are skipped (reported as not run) when `refiner` is None."""
     import sdxl_fast
 
     if n < 2:
         raise ValueError("n must be at least 2 (the Fréchet distance needs a covariance)")
     probe = load_probe(probe_dir)
-    seeds = data.heldout_seeds(n)
+    seeds = data.heldout_seeds(n, selection)
     real_x, labels = render(seeds, probe.config.input_size)
     captions = [data.full_caption(lab) for lab in labels]  # every attribute stated: comparable across attempts
     targets = label_targets(labels)
     real_features = features(probe, real_x)
-    floor_x, _ = render(data.heldout_seeds(2 * n)[n:], probe.config.input_size)
+    floor_x, _ = render(data.heldout_seeds(2 * n, selection)[n:], probe.config.input_size)
     reference = {"sampler": REFERENCE, "steps": None, "accuracy": score(predict_indices(probe, real_x), targets),
                  "frechet": frechet_distance(features(probe, floor_x), real_features), "ms_per_image": None}
 
@@ -135,7 +135,7 @@ def evaluate(base: str, refiner: str | None, student: str, n: int = 200, probe_d
             f"Fréchet {result['frechet']:.2f}, {result['ms_per_image']:.0f} ms/image")
         results.append(result)
 
-    setup = {"n": n, "heldout_seeds": [seeds[0], seeds[-1]], "size": size, "guidance_scale": guidance_scale,
+    setup = {"n": n, "heldout_seeds": [seeds[0], seeds[-1]], "selection": selection, "size": size, "guidance_scale": guidance_scale,
              "short_prompt_seeds": short_prompts,
              "probe": str(probe_dir), "torch_threads": torch.get_num_threads(), "base": str(base),
              "refiner": refiner and str(refiner), "student": str(student)}
@@ -168,7 +168,8 @@ def markdown(report: dict) -> str:
         lines += ["", f"| sampler | steps | short prompts read as asked ({len(SHORT_PROMPTS)} prompts x "
                       f"{s['short_prompt_seeds']} seeds) |", "|---|---|---|"]
         lines += [f"| {r['sampler']} | {r['steps']} | {r['short_prompts']:.3f} |" for r in short]
-    lines += ["", f"n = {s['n']} held-out captions (seeds {s['heldout_seeds'][0]}..{s['heldout_seeds'][1]}), "
+    which = "selection" if s.get("selection") else "evaluation"
+    lines += ["", f"n = {s['n']} held-out {which} captions (seeds {s['heldout_seeds'][0]}..{s['heldout_seeds'][1]}), "
                   f"{s['size']}x{s['size']} px, teacher guidance {s['guidance_scale']}, "
                   f"CPU with {s['torch_threads']} torch threads; probe: {s['probe']}."]
     return "\n".join(lines) + "\n"

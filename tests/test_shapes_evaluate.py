@@ -75,6 +75,19 @@ def test_evaluate_student_only_runs_the_student_rows(tiny_family, probe_dir, tmp
         (REFERENCE, "–")]
 
 
+def test_evaluate_selection_scores_other_heldout_captions(tiny_family, probe_dir, tmp_path):
+    """--selection: candidates are compared on held-out seeds the evaluation set does not use."""
+    from shapes import data
+
+    out = tmp_path / "table.md"
+    assert main(["evaluate", "--base", str(tiny_family["base"]), "--refiner", "none", "--student",
+                 str(tiny_family["student"]), "--n", "2", "--probe", str(probe_dir), "--student-only",
+                 "--selection", "--out", str(out)]) == 0
+    first = data.HELDOUT_START + data.SELECTION_OFFSET
+    assert f"held-out selection captions (seeds {first}..{first + 1})" in out.read_text()
+    assert not set(data.heldout_seeds(200)) & set(data.heldout_seeds(200, selection=True))
+
+
 def test_evaluate_rejects_a_single_caption(tiny_family, probe_dir):
     from shapes.evaluate import evaluate
 
