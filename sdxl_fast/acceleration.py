@@ -26,18 +26,21 @@ log = logging.getLogger(__name__)
 RECOMPILE_LIMIT = 64
 
 
-def compile_models(unets, vaes, text_encoders, mode: str | None, backend="inductor") -> None:
+def compile_models(unets, vaes, text_encoders, mode: str | None, backend="inductor", combo_kernels=False) -> None:
     """torch.compile with static shapes: one graph per shape. With torch's default (dynamic after the first
     recompile) the second shape served, e.g. the 1024² base after the 512² student, compiled as a
     dynamic-shape graph that had not finished after minutes on an H200, where the same shapes compiled
     alone took three minutes (BENCHMARKS.md)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    how = {"mode": mode}
+    if backend == "inductor":  # torch.compile takes a mode or options, not both: the mode's options, and ours
+        how = {"options": {**torch._inductor.list_mode_options(mode or "default"), "combo_kernels": combo_kernels}}
     for unet in unets:
-        unet.compile(mode=mode, fullgraph=True, dynamic=False, backend=backend)
+        unet.compile(fullgraph=True, dynamic=False, backend=backend, **how)
     for vae in vaes:
-        vae.decoder.compile(mode=mode, dynamic=False, backend=backend)
+        vae.decoder.compile(dynamic=False, backend=backend, **how)
     for encoder in text_encoders:  # fuses the many small kernels of a batch-1 prompt: 3.3 -> 2.7 ms (H200)
-        encoder.compile(mode=mode, dynamic=False, backend=backend)
+        encoder.compile(dynamic=False, backend=backend, **how)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,9 @@ class Acceleration:
     # "default": measured 46 -> 18 ms for a Fast 1-step 512² call on an H200 (BENCHMARKS.md), compiling in
     # about a minute. Never a mode with CUDA graphs inside torch.compile: ours record more than one module.
     compile_mode: str = "default"
+    # Inductor's combo kernels: independent small kernels (norms, elementwise) launched as one. Exact; a Fast
+    # 1-step 512² call 17.0 -> 16.6 ms, 4-step 40.6 -> 40.3 ms on an H200, in both orders (BENCHMARKS.md).
+    combo_kernels: bool = True
 
     @classmethod
     def none(cls) -> "Acceleration":
@@ -151,8 +157,9 @@ def apply(models: Models, options: Acceleration) -> list[str]:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "sdxl-fast" / "inductor"))
             for unet in unets:  # now, so that using the opt-in step cache later compiles nothing again
                 step_cache.prepare(unet)
-            compile_models(unets, vaes, text_encoders, options.compile_mode)
-            notes.append(f"compile: applied (mode={options.compile_mode}, static shapes)")
+            compile_models(unets, vaes, text_encoders, options.compile_mode, combo_kernels=options.combo_kernels)
+            notes.append(f"compile: applied (mode={options.compile_mode}, static shapes"
+                         f"{', combo kernels' if options.combo_kernels else ''})")
     if options.cuda_graphs:
         if models.device.type != "cuda":
             notes.append(f"cuda_graphs: skipped on {models.device.type} (CUDA only)")

@@ -69,6 +69,21 @@ def test_compiled_models_get_one_static_graph_per_shape(tiny_family):
         torch._dynamo.reset()
 
 
+def test_inductor_gets_the_modes_options_plus_combo_kernels(monkeypatch):
+    """torch.compile refuses a mode together with options, so the mode's options travel with ours."""
+    from sdxl_fast.acceleration import Acceleration, compile_models
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    layer = torch.nn.Linear(2, 2)
+    compile_models([layer], [], [], mode="max-autotune-no-cudagraphs", combo_kernels=True)
+    assert calls == [{"fullgraph": True, "dynamic": False, "backend": "inductor", "options": {
+        "max_autotune": True, "coordinate_descent_tuning": True, "combo_kernels": True}}]
+    compile_models([], [], [layer], mode=None)  # torch's default mode: no options but ours
+    assert calls[1] == {"dynamic": False, "backend": "inductor", "options": {"combo_kernels": False}}
+    assert Acceleration().combo_kernels and Acceleration().compile_mode == "default"
+
+
 def test_bench_harness_runs_and_writes_its_table(tmp_path, capsys):
     out = tmp_path / "BENCH.md"
     assert main(["bench", "--tiny", "--repeats", "1", "--device", "cpu", "--step-cache", "2", "-o", str(out)]) == 0
