@@ -85,8 +85,9 @@ def short_prompt_accuracy(generate_one, probe, seeds: int) -> float:
 def evaluate(base: str, refiner: str | None, student: str, n: int = 200, probe_dir: str | Path = DEFAULT_DIR,
              size: int = data.DEFAULT_SIZE, guidance_scale: float = 5.0, rows: tuple[Row, ...] = ROWS,
              short_prompts: int = 0, selection: bool = False, log=_log) -> dict:
-    """Run every row on the first n held-out captions (of the selection set if `selection`); returns {"rows": [...], "reference": {...}, "setup": {...}}.
-    Rows that need a refiner are skipped (reported as not run) when `refiner` is None."""
+    """Run every row on the first n held-out captions (of the selection set if `selection`); returns
+    {"rows": [...], "reference": {...}, "setup": {...}}. Rows that need a refiner are skipped (reported as not run)
+    when `refiner` is None."""
     import sdxl_fast
 
     if n < 2:
@@ -135,8 +136,8 @@ def evaluate(base: str, refiner: str | None, student: str, n: int = 200, probe_d
             f"Fréchet {result['frechet']:.2f}, {result['ms_per_image']:.0f} ms/image")
         results.append(result)
 
-    setup = {"n": n, "heldout_seeds": [seeds[0], seeds[-1]], "selection": selection, "size": size, "guidance_scale": guidance_scale,
-             "short_prompt_seeds": short_prompts,
+    setup = {"n": n, "heldout_seeds": [seeds[0], seeds[-1]], "selection": selection, "size": size,
+             "guidance_scale": guidance_scale, "short_prompt_seeds": short_prompts,
              "probe": str(probe_dir), "torch_threads": torch.get_num_threads(), "base": str(base),
              "refiner": refiner and str(refiner), "student": str(student)}
     return {"rows": results, "reference": reference, "setup": setup}
