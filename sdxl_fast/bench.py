@@ -203,7 +203,8 @@ def run_bench(configs: dict, device: torch.device, dtype: torch.dtype, repeats: 
         done("ours")
     if compile_too:
         notes += acceleration.apply(models, replace(acceleration.Acceleration.none(), cuda_graphs=options.cuda_graphs,
-                                                    compile=True, compile_mode=options.compile_mode))
+                                                    compile=True, compile_mode=options.compile_mode,
+                                                    combo_kernels=options.combo_kernels))
         rows += measure(models, label(), jobs, default_times, fp32, eager, device, repeats, on_row)
         done(label())
     if fp8:

@@ -94,8 +94,9 @@ def main():
                    "gemm-cd": {"max_autotune_gemm": True, "coordinate_descent_tuning": True}}.get(args.compile)
         if options:
             model.compile(fullgraph=True, dynamic=False, options=options)
-        else:
-            model.compile(mode=args.compile, fullgraph=True, dynamic=False)
+        else:  # as the app compiles it (acceleration.compile_models), combo kernels included
+            acceleration.compile_models([model], [], [], args.compile,
+                                        combo_kernels=acceleration.Acceleration.combo_kernels)
     graphs = CudaGraphs() if device.type == "cuda" else None
     refiner = args.model == "refiner"
     context_dim = cfg["refiner_unet" if refiner else "unet"]["cross_attention_dim"]
