@@ -257,6 +257,8 @@ def add_parser(commands) -> None:
                        help="then torch.compile the models too and measure again (minutes of compiling)")
     bench.add_argument("--compile-mode", default=acceleration.Acceleration.compile_mode,
                        help="torch.compile mode for --compile (without CUDA graphs: ours are recorded around it)")
+    bench.add_argument("--no-combo-kernels", dest="combo_kernels", action="store_false",
+                       help="with --compile: without Inductor's combo kernels (for an A/B of that default)")
     bench.add_argument("--compiled-only", action="store_true",
                        help="with --compile: skip the rows without it (saves GPU time on long runs)")
     bench.add_argument("--fp8", action="store_true",
@@ -277,7 +279,7 @@ def main(args: argparse.Namespace, command: str) -> int:
     configs = random_weights.tiny_configs() if args.tiny else random_weights.full_configs(args.configs)
     # First without torch.compile, then (--compile) with it, so each lever's share is visible.
     options = replace(acceleration.Acceleration.for_device(device), compile=False,
-                      compile_mode=args.compile_mode)
+                      compile_mode=args.compile_mode, combo_kernels=args.combo_kernels)
     if args.no_graphs:
         options = replace(options, cuda_graphs=False)
 

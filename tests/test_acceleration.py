@@ -109,6 +109,18 @@ def test_bench_compiled_only_skips_the_rows_without_compile(tmp_path):
     assert [row.split("|")[2].strip() for row in rows] == ["ours + compile"]  # on CPU compile is skipped, noted
 
 
+def test_bench_no_combo_kernels_compiles_without_them(tmp_path, monkeypatch):
+    from sdxl_fast import acceleration
+
+    applied, apply = [], acceleration.apply
+    monkeypatch.setattr(acceleration, "apply", lambda models, options: applied.append(options) or apply(models, options))
+    for flag, expected in (([], True), (["--no-combo-kernels"], False)):
+        applied.clear()
+        assert main(["bench", "--tiny", "--repeats", "1", "--device", "cpu", "--only", "fast 1-step", "--compile",
+                     "--compiled-only", *flag, "-o", str(tmp_path / "BENCH.md")]) == 0
+        assert [o.combo_kernels for o in applied if o.compile] == [expected]
+
+
 def test_fast_breakdown_script_times_every_part():
     import subprocess
     import sys
