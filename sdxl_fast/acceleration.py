@@ -57,6 +57,9 @@ class Acceleration:
     # Every cross-attention's text keys and values in one matmul per call instead of two small ones per layer
     # and step (sdxl_fast.cross_kv); needs fuse_qkv.
     hoist_cross_kv: bool = True
+    # Group norms from per-channel sums (sdxl_fast.group_norm), for Inductor's slow batch-1 channels_last group
+    # norms. Off until measured on a GPU: written in session 12, after the GPU time was spent.
+    group_norm_rewrite: bool = False
     fp8: bool = False  # opt-in, changes numerics: fp8 matmuls in the UNets' transformer blocks (sdxl_fast.fp8)
     cuda_graphs: bool = True  # replay recorded kernels: the whole Fast call, each Quality UNet step (CUDA only)
     compile: bool = True  # torch.compile the UNets, VAE decoder, text encoders (CUDA only; minutes at start-up)
@@ -118,6 +121,10 @@ def apply(models: Models, options: Acceleration) -> list[str]:
         for module in unets + vaes:
             module.fuse_qkv_projections()
         notes.append("fuse_qkv: applied")
+    if options.group_norm_rewrite:
+        from . import group_norm
+
+        notes.append(f"group_norm_rewrite: {sum(group_norm.convert(module) for module in unets + vaes)} group norms")
     if options.fp8:
         from . import fp8
 

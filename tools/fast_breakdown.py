@@ -6,13 +6,12 @@
 Random weights of the given shapes, the default acceleration of the device (sdxl_fast.acceleration), 512²
 (64² with --tiny). Each line is the median of 20 calls after 3 untimed ones; parts run through CUDA graphs
 as `generate` runs them, so on a GPU the figures add up to roughly one `generate` call. `--without OPTION`
-turns one acceleration option off, for a comparison, `--sdpa flash` allows one attention kernel only,
+(`--with OPTION`) turns one acceleration option off (on), for a comparison, `--sdpa flash` allows one attention kernel only,
 `--inductor KEY=VALUE` sets a torch._inductor.config entry (e.g. triton.enable_pdl=True); `--trace FILE`
 profiles whole calls instead of parts.
 """
 
 import argparse
-import ast
 import statistics
 import time
 from dataclasses import replace
@@ -26,7 +25,7 @@ from sdxl_fast import (acceleration, conditioning, cross_kv, decoding, prompts, 
 from sdxl_fast.bench import PROMPT, build_models, new_prompt, synchronize
 from sdxl_fast.generate import fast_call, generate
 from sdxl_fast.params import GenerationParams
-from unet_probe import only_sdpa
+from unet_probe import only_sdpa, set_inductor
 
 
 def main() -> None:
@@ -37,6 +36,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="batch of the batched lines (0: none)")
     parser.add_argument("--without", action="append", default=[], metavar="OPTION",
                         help="turn off this sdxl_fast.acceleration option (repeatable), e.g. hoist_cross_kv")
+    parser.add_argument("--with", dest="with_", action="append", default=[], metavar="OPTION",
+                        help="turn on this sdxl_fast.acceleration option (repeatable), e.g. group_norm_rewrite")
     parser.add_argument("--trace", metavar="FILE", help="instead of the parts: profile 3 generate() calls, write "
                         "their Chrome trace here and print where the GPU waits within each call")
     parser.add_argument("--sdpa", default="default", choices=["default", "cudnn", "flash", "efficient"],
@@ -45,9 +46,7 @@ def main() -> None:
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                         help="set torch._inductor.config.KEY to the Python literal VALUE (repeatable)")
     args = parser.parse_args()
-    for setting in args.inductor:
-        key, _, value = setting.partition("=")
-        setattr(torch._inductor.config, key, ast.literal_eval(value))  # dotted keys reach sub-configs
+    set_inductor(args.inductor)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -58,7 +57,8 @@ def main() -> None:
         if device.type != "cuda":
             parser.error("--sdpa needs a CUDA GPU")
         only_sdpa(args.sdpa)
-    options = replace(acceleration.Acceleration.for_device(device), **{name: False for name in args.without})
+    options = replace(acceleration.Acceleration.for_device(device), **{name: False for name in args.without},
+                      **{name: True for name in args.with_})
     print("acceleration:", "; ".join(acceleration.apply(models, options)))
     f = models.fast
 

@@ -8,6 +8,8 @@
     python tools/unet_probe.py --gemm-micro                       # each batch-1 matmul shape alone: cuBLAS,
                                                                   # cuBLASLt and Inductor's autotuned choice
     python tools/unet_probe.py --configs ... --blas cublaslt      # the step with cuBLASLt's matmuls
+    python tools/unet_probe.py --configs ... --model vae --inductor coordinate_descent_tuning=True
+    python tools/unet_probe.py --configs ... --model vae --without channels_last
 
 Random weights with the device's default options (sdxl_fast.acceleration, as the app applies them), fp16.
 Prints the median of 20 graphed calls and, with --profile, the kernel time of 5 ungraphed calls summed per
@@ -16,6 +18,7 @@ of `--configs` runs the tiny test shapes, on the CPU too (fp32, eager, without g
 """
 
 import argparse
+import ast
 import statistics
 import sys
 import time
@@ -29,17 +32,24 @@ from sdxl_fast.bench import build_models, synchronize
 from sdxl_fast.cuda_graphs import CudaGraphs
 
 
-def build(cfg: dict, which: str, device: torch.device, dtype: torch.dtype):
+def build(cfg: dict, which: str, device: torch.device, dtype: torch.dtype, switched: dict[str, bool] | None = None):
     """The module, with the device's default options applied as the app applies them (compiled here, alone,
-    below), and its call: fn(latents, timestep, context, pooled, time_ids) -> output."""
+    below) and those in `switched` set as given, and its call: fn(latents, timestep, context, pooled, time_ids)."""
     models = build_models(random_weights.build_random_components(cfg, device=device), device, dtype)
     acceleration.apply(models, replace(acceleration.Acceleration.for_device(device), compile=False,
-                                       cuda_graphs=False))
+                                       cuda_graphs=False, **(switched or {})))
     q = models.quality
     if which == "vae":
         return q.vae.decoder, lambda x, t, ctx, pooled, ids: q.vae.decoder(x)
     unet = q.base if which == "base" else q.refiner
     return unet, lambda x, t, ctx, pooled, ids: sampling.UNetInputs(ctx, pooled, ids)(unet, x, t)
+
+
+def set_inductor(settings: list[str]) -> None:
+    """KEY=VALUE strings -> torch._inductor.config.KEY = the Python literal VALUE (dotted keys reach sub-configs)."""
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        setattr(torch._inductor.config, key, ast.literal_eval(value))
 
 
 def only_sdpa(backend: str) -> None:
@@ -65,13 +75,23 @@ def main():
     p.add_argument("--gemm-micro", action="store_true", help="each batch-1 matmul shape alone (CUDA only)")
     p.add_argument("--blas", default="default", choices=["default", "cublas", "cublaslt"],
                    help="torch.backends.cuda.preferred_blas_library for the step's matmuls")
+    p.add_argument("--without", action="append", default=[], metavar="OPTION",
+                   help="turn off this sdxl_fast.acceleration option (repeatable), e.g. channels_last")
+    p.add_argument("--with", dest="with_", action="append", default=[], metavar="OPTION",
+                   help="turn on this sdxl_fast.acceleration option (repeatable), e.g. group_norm_rewrite")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config.KEY to the Python literal VALUE (repeatable), on top of the "
+                        "app's compile options, e.g. coordinate_descent_tuning=True")
     args = p.parse_args()
+    set_inductor(args.inductor)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda":
         if args.sdpa_micro or args.gemm_micro or args.profile or args.sdpa != "default" or args.blas != "default":
             p.error("--sdpa, --sdpa-micro, --gemm-micro, --blas and --profile need a CUDA GPU")
         args.compile = "none"  # Inductor on the CPU would take minutes for nothing the GPU figures need
-    tag = f"[{args.model} compile={args.compile} sdpa={args.sdpa} blas={args.blas}]"
+    tag = (f"[{args.model} compile={args.compile} sdpa={args.sdpa} blas={args.blas}"
+           + "".join(f" without={name}" for name in args.without) + "".join(f" with={name}" for name in args.with_)
+           + "".join(f" {s}" for s in args.inductor) + "]")
     if args.blas != "default":
         torch.backends.cuda.preferred_blas_library(args.blas)
     if args.gemm_micro:
@@ -87,7 +107,8 @@ def main():
     dtype = torch.half if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     cfg = random_weights.tiny_configs() if args.tiny else random_weights.full_configs(args.configs)
-    model, fwd = build(cfg, args.model, device, dtype)
+    switched = {**{name: False for name in args.without}, **{name: True for name in args.with_}}
+    model, fwd = build(cfg, args.model, device, dtype, switched)
     if args.compile != "none":
         torch._dynamo.config.recompile_limit = 64
         options = {"gemm": {"max_autotune_gemm": True},
@@ -138,14 +159,14 @@ def main():
 def category(name: str) -> str:
     """Kernel kind from its name (cuDNN, cuBLAS and Inductor name their kernels consistently)."""
     n = name.lower()
+    if "triton" in n:  # first: Inductor names its kernels after the fused ops, e.g. "..._convolution_group_norm"
+        return "triton (fused elementwise/norm)"
     if any(k in n for k in ("flash", "fmha", "attention", "sdpa")):
         return "attention"
     if "conv" in n or "fprop" in n:  # cuDNN's implicit-GEMM convolutions are "..._fprop_implicit_gemm_..."
         return "conv"
     if "gemm" in n or "cutlass" in n or "sm90_xmma" in n or "nvjet" in n or "cublas" in n:
         return "gemm"
-    if "triton" in n:
-        return "triton (fused elementwise/norm)"
     return "other"
 
 
