@@ -3,10 +3,11 @@
 At batch 1 a group norm has only 32 statistics to compute (one per group), each over a group's channels at
 every pixel, and in channels_last memory a group's values are strided by the channel count. In session 12's
 trace of a Fast 1-step 512² call (BENCHMARKS.md) Inductor's group-norm kernels took ~2.7 ms of the VAE
-decoder's ~6 ms: about a fifth of the H200's memory bandwidth, for the bytes a group norm must move. Here the statistics come from sums over
-the pixels per channel, the reduction batch norm uses, which reads channels_last memory in order; the 32 group
-statistics are then sums of their channels'. The output equals nn.GroupNorm's up to rounding (fp32 sums, a
-two-pass variance as PyTorch's kernel computes it).
+decoder's ~6 ms: about a fifth of the H200's memory bandwidth, for the bytes a group norm must move. Here the
+statistics come from sums over the pixels per channel, the reduction batch norm uses, which reads
+channels_last memory in order; the 32 group statistics are then sums of their channels'. The output equals
+nn.GroupNorm's up to rounding: fp32 sums, and the variance from a second pass over the centred values, not
+from E[x²] - E[x]².
 """
 
 from __future__ import annotations

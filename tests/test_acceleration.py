@@ -113,7 +113,8 @@ def test_bench_no_combo_kernels_compiles_without_them(tmp_path, monkeypatch):
     from sdxl_fast import acceleration
 
     applied, apply = [], acceleration.apply
-    monkeypatch.setattr(acceleration, "apply", lambda models, options: applied.append(options) or apply(models, options))
+    monkeypatch.setattr(acceleration, "apply",
+                        lambda models, options: applied.append(options) or apply(models, options))
     for flag, expected in (([], True), (["--no-combo-kernels"], False)):
         applied.clear()
         assert main(["bench", "--tiny", "--repeats", "1", "--device", "cpu", "--only", "fast 1-step", "--compile",

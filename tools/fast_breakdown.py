@@ -6,9 +6,9 @@
 Random weights of the given shapes, the default acceleration of the device (sdxl_fast.acceleration), 512²
 (64² with --tiny). Each line is the median of 20 calls after 3 untimed ones; parts run through CUDA graphs
 as `generate` runs them, so on a GPU the figures add up to roughly one `generate` call. `--without OPTION`
-(`--with OPTION`) turns one acceleration option off (on), for a comparison, `--sdpa flash` allows one attention kernel only,
-`--inductor KEY=VALUE` sets a torch._inductor.config entry (e.g. triton.enable_pdl=True); `--trace FILE`
-profiles whole calls instead of parts.
+(`--with OPTION`) turns one acceleration option off (on), for a comparison, `--sdpa flash` allows one
+attention kernel only, `--inductor KEY=VALUE` sets a torch._inductor.config entry (e.g.
+triton.enable_pdl=True); `--trace FILE` profiles whole calls instead of parts.
 """
 
 import argparse
