@@ -57,7 +57,7 @@ class Acceleration:
     # Every cross-attention's text keys and values in one matmul per call instead of two small ones per layer
     # and step (sdxl_fast.cross_kv); needs fuse_qkv.
     hoist_cross_kv: bool = True
-    # Group norms from per-channel sums (sdxl_fast.group_norm), for Inductor's slow batch-1 channels_last group
+    # Group norms from per-channel statistics (sdxl_fast.group_norm), for Inductor's slow channels_last group
     # norms. Off until measured on a GPU: written in session 12, after the GPU time was spent.
     group_norm_rewrite: bool = False
     fp8: bool = False  # opt-in, changes numerics: fp8 matmuls in the UNets' transformer blocks (sdxl_fast.fp8)

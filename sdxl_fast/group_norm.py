@@ -4,44 +4,35 @@ At batch 1 a group norm has only 32 statistics to compute (one per group), each 
 every pixel, and in channels_last memory a group's values are strided by the channel count. In session 12's
 trace of a Fast 1-step 512² call (BENCHMARKS.md) Inductor's group-norm kernels took ~2.7 ms of the VAE
 decoder's ~6 ms: about a fifth of the H200's memory bandwidth, for the bytes a group norm must move. Here the
-statistics come from sums over the pixels per channel, the reduction batch norm uses, which reads
-channels_last memory in order; the 32 group statistics are then sums of their channels'. The output equals
-nn.GroupNorm's up to rounding: fp32 sums, and the variance from a second pass over the centred values, not
-from E[x²] - E[x]².
+statistics come from each channel's mean and variance over the pixels (one pass, the reduction batch norm
+uses, which reads channels_last memory in order); a group's are then those of its channels combined, exactly,
+by the law of total variance (equal counts per channel). The output equals nn.GroupNorm's up to rounding.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 
 class ChannelsLastGroupNorm(nn.GroupNorm):
-    """nn.GroupNorm with the same parameters, computed from per-channel sums. Input [B, C, *]."""
+    """nn.GroupNorm with the same parameters, computed from per-channel statistics. Input [B, C, *]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, g = x.shape[0], x.shape[1], self.num_groups
         pixels = tuple(range(2, x.dim()))
+        var, mean = torch.var_mean(x.float(), dim=pixels, correction=0)  # per channel: [B, C] each
+        var, mean = var.view(b, g, c // g), mean.view(b, g, c // g)
+        group_mean = mean.mean(-1, keepdim=True)  # [B, G, 1]
+        group_var = var.mean(-1, keepdim=True) + ((mean - group_mean) ** 2).mean(-1, keepdim=True)
+        scale = torch.rsqrt(group_var + self.eps).expand(b, g, c // g)
+        if self.affine:
+            scale = scale * self.weight.float().view(g, c // g)
+        shift = -group_mean * scale
+        if self.affine:
+            shift = shift + self.bias.float().view(g, c // g)
         per_channel = (b, c) + (1,) * len(pixels)
-        affine = (c,) + (1,) * len(pixels)
-        count = (c // g) * math.prod(x.shape[2:])  # values per group
-
-        def group_mean(per_channel_sums: torch.Tensor) -> torch.Tensor:  # [B, C] -> [B, C], each its group's mean
-            means = per_channel_sums.view(b, g, c // g).sum(-1, keepdim=True) / count
-            return means.expand(b, g, c // g).reshape(per_channel)
-
-        xf = x.float()
-        mean = group_mean(xf.sum(pixels))
-        var = group_mean(((xf - mean) ** 2).sum(pixels))
-        scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight.float().view(affine)
-        shift = -mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias.float().view(affine)
-        return (xf * scale + shift).to(x.dtype)
+        return (x.float() * scale.reshape(per_channel) + shift.reshape(per_channel)).to(x.dtype)
 
 
 def convert(module: nn.Module) -> int:
