@@ -25,7 +25,7 @@ from sdxl_fast import (acceleration, conditioning, cross_kv, decoding, prompts, 
 from sdxl_fast.bench import PROMPT, build_models, new_prompt, synchronize
 from sdxl_fast.generate import fast_call, generate
 from sdxl_fast.params import GenerationParams
-from unet_probe import only_sdpa, set_inductor
+from unet_probe import add_switches, only_sdpa, switches
 
 
 def main() -> None:
@@ -34,19 +34,14 @@ def main() -> None:
     shapes.add_argument("--configs", help="folder of the SDXL configs (base/, refiner/)")
     shapes.add_argument("--tiny", action="store_true", help="tiny test shapes")
     parser.add_argument("--batch", type=int, default=16, help="batch of the batched lines (0: none)")
-    parser.add_argument("--without", action="append", default=[], metavar="OPTION",
-                        help="turn off this sdxl_fast.acceleration option (repeatable), e.g. hoist_cross_kv")
-    parser.add_argument("--with", dest="with_", action="append", default=[], metavar="OPTION",
-                        help="turn on this sdxl_fast.acceleration option (repeatable), e.g. group_norm_rewrite")
+    add_switches(parser)
     parser.add_argument("--trace", metavar="FILE", help="instead of the parts: profile 3 generate() calls, write "
                         "their Chrome trace here and print where the GPU waits within each call")
     parser.add_argument("--sdpa", default="default", choices=["default", "cudnn", "flash", "efficient"],
                         help="allow only this attention kernel in the UNet (CUDA only; the text encoders "
                         "choose theirs, sdxl_fast.text_qkv)")
-    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
-                        help="set torch._inductor.config.KEY to the Python literal VALUE (repeatable)")
     args = parser.parse_args()
-    set_inductor(args.inductor)
+    switched = switches(args)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -57,8 +52,7 @@ def main() -> None:
         if device.type != "cuda":
             parser.error("--sdpa needs a CUDA GPU")
         only_sdpa(args.sdpa)
-    options = replace(acceleration.Acceleration.for_device(device), **{name: False for name in args.without},
-                      **{name: True for name in args.with_})
+    options = replace(acceleration.Acceleration.for_device(device), **switched)
     print("acceleration:", "; ".join(acceleration.apply(models, options)))
     f = models.fast
 

@@ -45,11 +45,23 @@ def build(cfg: dict, which: str, device: torch.device, dtype: torch.dtype, switc
     return unet, lambda x, t, ctx, pooled, ids: sampling.UNetInputs(ctx, pooled, ids)(unet, x, t)
 
 
-def set_inductor(settings: list[str]) -> None:
-    """KEY=VALUE strings -> torch._inductor.config.KEY = the Python literal VALUE (dotted keys reach sub-configs)."""
-    for setting in settings:
+def add_switches(parser: argparse.ArgumentParser) -> None:
+    """--without / --with OPTION (sdxl_fast.acceleration options) and --inductor KEY=VALUE, shared with
+    fast_breakdown.py; `switches(args)` applies the Inductor settings and returns the options to set."""
+    parser.add_argument("--without", action="append", default=[], metavar="OPTION",
+                        help="turn off this sdxl_fast.acceleration option (repeatable), e.g. channels_last")
+    parser.add_argument("--with", dest="with_", action="append", default=[], metavar="OPTION",
+                        help="turn on this sdxl_fast.acceleration option (repeatable), e.g. group_norm_rewrite")
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="set torch._inductor.config.KEY to the Python literal VALUE (repeatable), on top of "
+                             "the app's compile options, e.g. coordinate_descent_tuning=True")
+
+
+def switches(args: argparse.Namespace) -> dict[str, bool]:
+    for setting in args.inductor:  # dotted keys reach sub-configs, e.g. triton.enable_pdl=True
         key, _, value = setting.partition("=")
         setattr(torch._inductor.config, key, ast.literal_eval(value))
+    return {**{name: False for name in args.without}, **{name: True for name in args.with_}}
 
 
 def only_sdpa(backend: str) -> None:
@@ -75,15 +87,9 @@ def main():
     p.add_argument("--gemm-micro", action="store_true", help="each batch-1 matmul shape alone (CUDA only)")
     p.add_argument("--blas", default="default", choices=["default", "cublas", "cublaslt"],
                    help="torch.backends.cuda.preferred_blas_library for the step's matmuls")
-    p.add_argument("--without", action="append", default=[], metavar="OPTION",
-                   help="turn off this sdxl_fast.acceleration option (repeatable), e.g. channels_last")
-    p.add_argument("--with", dest="with_", action="append", default=[], metavar="OPTION",
-                   help="turn on this sdxl_fast.acceleration option (repeatable), e.g. group_norm_rewrite")
-    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
-                   help="set torch._inductor.config.KEY to the Python literal VALUE (repeatable), on top of the "
-                        "app's compile options, e.g. coordinate_descent_tuning=True")
+    add_switches(p)
     args = p.parse_args()
-    set_inductor(args.inductor)
+    switched = switches(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda":
         if args.sdpa_micro or args.gemm_micro or args.profile or args.sdpa != "default" or args.blas != "default":
@@ -107,7 +113,6 @@ def main():
     dtype = torch.half if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     cfg = random_weights.tiny_configs() if args.tiny else random_weights.full_configs(args.configs)
-    switched = {**{name: False for name in args.without}, **{name: True for name in args.with_}}
     model, fwd = build(cfg, args.model, device, dtype, switched)
     if args.compile != "none":
         torch._dynamo.config.recompile_limit = 64
