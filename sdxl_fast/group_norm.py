@@ -21,7 +21,8 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, g = x.shape[0], x.shape[1], self.num_groups
         pixels = tuple(range(2, x.dim()))
-        var, mean = torch.var_mean(x.float(), dim=pixels, correction=0)  # per channel: [B, C] each
+        xf = x.float()
+        var, mean = torch.var_mean(xf, dim=pixels, correction=0)  # per channel: [B, C] each
         var, mean = var.view(b, g, c // g), mean.view(b, g, c // g)
         group_mean = mean.mean(-1, keepdim=True)  # [B, G, 1]
         group_var = var.mean(-1, keepdim=True) + ((mean - group_mean) ** 2).mean(-1, keepdim=True)
@@ -32,7 +33,7 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
         if self.affine:
             shift = shift + self.bias.float().view(g, c // g)
         per_channel = (b, c) + (1,) * len(pixels)
-        return (x.float() * scale.reshape(per_channel) + shift.reshape(per_channel)).to(x.dtype)
+        return (xf * scale.reshape(per_channel) + shift.reshape(per_channel)).to(x.dtype)
 
 
 def convert(module: nn.Module) -> int:
