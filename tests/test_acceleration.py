@@ -15,6 +15,7 @@ def test_cpu_default_is_eager_with_only_the_upsampler_rewrite():
     assert Acceleration.for_device(torch.device("cpu")) == replace(Acceleration.none(), subpixel_upsample=True)
     on_gpu = Acceleration.for_device(torch.device("cuda"))
     assert on_gpu.cuda_graphs and on_gpu.channels_last and on_gpu.fuse_qkv and on_gpu.subpixel_upsample
+    assert on_gpu.group_norm_rewrite and not Acceleration.for_device(torch.device("cpu")).group_norm_rewrite
     assert on_gpu.compile and on_gpu.compile_mode in ("default", "max-autotune-no-cudagraphs")  # no graphs inside ours
 
 
@@ -25,11 +26,12 @@ def test_options_on_cpu_apply_or_skip_with_reason_and_stay_faithful(tiny_sources
     notes = acceleration.apply(fast_models, Acceleration())  # everything asked for, on a CPU
     assert notes[0] == "subpixel_upsample: 4 upsamplers"  # the tiny VAE decoder's 3 and the student's 1
     assert notes[1] == "channels_last: applied" and notes[2] == "fuse_qkv: applied"
-    assert notes[3] == "fuse_text_qkv: 4 layers"  # the tiny encoders' 2 + 2
-    assert notes[4] == "vae_matmul_attention: applied"
-    assert notes[5] == "hoist_cross_kv: 8 cross-attentions"  # the tiny student's
-    assert notes[6].startswith("compile: skipped on cpu")
-    assert notes[7].startswith("cuda_graphs: skipped on cpu") and fast_models.graphs is None
+    assert notes[3].startswith("group_norm_rewrite: ")
+    assert notes[4] == "fuse_text_qkv: 4 layers"  # the tiny encoders' 2 + 2
+    assert notes[5] == "vae_matmul_attention: applied"
+    assert notes[6] == "hoist_cross_kv: 8 cross-attentions"  # the tiny student's
+    assert notes[7].startswith("compile: skipped on cpu")
+    assert notes[8].startswith("cuda_graphs: skipped on cpu") and fast_models.graphs is None
     assert fast_models.fast.student.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     params = GenerationParams("a tower", mode="fast", steps=2, seed=4, width=64, height=64)
     fused = np.asarray(generate(fast_models, params)[0]).astype(int)
