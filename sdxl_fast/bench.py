@@ -229,7 +229,7 @@ def markdown(rows: list[dict], notes: list[str], device: torch.device, command: 
         "# Benchmarks", "",
         f"- device: {gpu}", f"- torch {torch.__version__}, diffusers {diffusers.__version__}, "
         f"transformers {transformers.__version__}, Python {platform.python_version()}",
-        f"- command: `{command}`", f"- acceleration: {'; '.join(notes) or 'none'}", "",
+        f"- command: `{command}`", f"- acceleration: {'; '.join(dict.fromkeys(notes)) or 'none'}", "",
         "| workload | path | size | batch | median (min–max) ms | diffusers default median ms | speed-up | "
         "images/s | peak GiB | latent rel. error vs eager fp32 | vs our eager loop, same dtype |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

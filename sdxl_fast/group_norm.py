@@ -7,6 +7,8 @@ decoder's ~6 ms: about a fifth of the H200's memory bandwidth, for the bytes a g
 statistics come from each channel's mean and variance over the pixels (one pass, the reduction batch norm
 uses, which reads channels_last memory in order); a group's are then those of its channels combined, exactly,
 by the law of total variance (equal counts per channel). The output equals nn.GroupNorm's up to rounding.
+Compiled on an H200 this took the decoder from 6.2 to 5.3 ms at 512² and from 28.5 to 20.7 ms at 1024²
+(BENCHMARKS.md, session 13). Eager on a CPU it is slower, being more operations, so it is a GPU default only.
 """
 
 from __future__ import annotations
