@@ -20,6 +20,8 @@ def test_matches_nearest_upsample_then_conv(in_ch, out_ch, h, w):
     assert got.shape == want.shape == (2, out_ch, 2 * h, 2 * w)
     assert (got - want).abs().max() < 1e-5 * want.abs().max()
     assert (got_channels_last - want).abs().max() < 1e-5 * want.abs().max()
+    # each keeps its input's layout: an NCHW output after channels_last layers slows every kernel that mixes them
+    assert got.is_contiguous() and got_channels_last.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_an_output_size_other_than_twice_the_input_uses_the_original():
