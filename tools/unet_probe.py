@@ -51,7 +51,7 @@ def add_switches(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--without", action="append", default=[], metavar="OPTION",
                         help="turn off this sdxl_fast.acceleration option (repeatable), e.g. channels_last")
     parser.add_argument("--with", dest="with_", action="append", default=[], metavar="OPTION",
-                        help="turn on this sdxl_fast.acceleration option (repeatable), e.g. group_norm_rewrite")
+                        help="turn on this sdxl_fast.acceleration option (repeatable), e.g. fp8")
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                         help="set torch._inductor.config.KEY to the Python literal VALUE (repeatable), on top of "
                              "the app's compile options, e.g. coordinate_descent_tuning=True")
