@@ -28,12 +28,11 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
         var, mean = var.view(b, g, c // g), mean.view(b, g, c // g)
         group_mean = mean.mean(-1, keepdim=True)  # [B, G, 1]
         group_var = var.mean(-1, keepdim=True) + ((mean - group_mean) ** 2).mean(-1, keepdim=True)
-        scale = torch.rsqrt(group_var + self.eps).expand(b, g, c // g)
-        if self.affine:
-            scale = scale * self.weight.float().view(g, c // g)
+        scale = torch.rsqrt(group_var + self.eps).expand(b, g, c // g)  # per channel: [B, G, C / G]
         shift = -group_mean * scale
         if self.affine:
-            shift = shift + self.bias.float().view(g, c // g)
+            weight = self.weight.float().view(g, c // g)
+            scale, shift = scale * weight, shift * weight + self.bias.float().view(g, c // g)
         per_channel = (b, c) + (1,) * len(pixels)
         return (xf * scale.reshape(per_channel) + shift.reshape(per_channel)).to(x.dtype)
 
