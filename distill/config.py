@@ -75,6 +75,11 @@ class TrainConfig:
     disc_blocks: tuple[int, ...] = (2, 5, 8, 11)  # backbone blocks whose tokens feed one head each
     disc_head_channels: int = 64
     disc_cond_dim: int = 64  # width of the projection-conditioning map
+    # Which samples D sees conditioned on the real image's embedding. "all": every one, as in the paper, whose
+    # student input at 999 still shows a trace of the image (SDXL's schedule stops short of pure noise).
+    # "noised": only those whose student input showed the image; our input at s = 999 is pure noise, so those
+    # get a zero embedding, and D judges them (and the reals they are paired with) on the text alone.
+    disc_image_condition: str = "all"
 
     # --- logging, checkpoints, validation, export -----------------------------------------------------
     log_every: int = 10
@@ -93,6 +98,7 @@ class TrainConfig:
             (self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision must be no, fp16 or bf16"),
             (self.distill_weighting in ("exponential", "sds"), "distill_weighting must be exponential or sds"),
             (self.distill_space in ("pixel", "latent"), "distill_space must be pixel or latent"),
+            (self.disc_image_condition in ("all", "noised"), "disc_image_condition must be all or noised"),
             (0 <= self.teacher_t_min <= self.teacher_t_max <= 999, "need 0 <= teacher_t_min <= teacher_t_max <= 999"),
             (all(0 <= s <= 999 for s in self.student_timesteps) and self.student_timesteps, "student_timesteps"),
             (not self.student_timestep_weights

@@ -181,6 +181,15 @@ def build_discriminator(cfg, text_dim: int) -> tuple[FeatureNetwork, Discriminat
     return features, heads
 
 
+def image_condition(image_emb: torch.Tensor, saw_image: torch.Tensor, mode: str) -> torch.Tensor:
+    """The image embedding D is conditioned on, per sample: image_emb [B, C] where the student's input showed
+    the real image (saw_image [B], bool) or mode is "all", zeros elsewhere. A student that started from pure
+    noise cannot match one particular image, so conditioning D on it only teaches D to tell such fakes by it."""
+    if mode == "all":
+        return image_emb
+    return image_emb * saw_image.view(-1, 1).to(image_emb.dtype)
+
+
 def discriminate(features: FeatureNetwork, heads: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
                  image_emb: torch.Tensor) -> torch.Tensor:
     """D(images | text, image embedding) -> logits [B, K]."""

@@ -35,7 +35,7 @@ from sdxl_fast.loading import DTYPES, FastModels, find_local_folder
 from . import checkpoints, data, losses
 from .cache import EncodingCache
 from .config import TrainConfig
-from .discriminator import build_discriminator, discriminate
+from .discriminator import build_discriminator, discriminate, image_condition
 from .export import export_student
 
 log = logging.getLogger("distill")
@@ -238,7 +238,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         s = draw_student_timesteps(student_ts, student_ts_weights, b)  # [B]
         noise = torch.randn_like(x0)
         alpha_s = alphas_cumprod[s].view(b, 1, 1, 1)
-        x_s = torch.where((s == last_t).view(b, 1, 1, 1), noise, sampling.add_noise(x0, noise, alpha_s))
+        pure_noise = s == last_t  # [B]
+        x_s = torch.where(pure_noise.view(b, 1, 1, 1), noise, sampling.add_noise(x0, noise, alpha_s))
+        image_emb = image_condition(image_emb, ~pure_noise, cfg.disc_image_condition)
         out_s = sampling.UNetInputs(context, pooled, time_ids)(student, x_s, s).float()
         student_x0 = sampling.predicted_x0(out_s, x_s, alpha_s, prediction_type)  # [B, 4, h, w]
         fake_images = _decode(vae, student_x0)  # gradients flow through the frozen decoder

@@ -6,7 +6,8 @@ from safetensors.torch import save_file
 
 from distill import losses
 from distill.config import TrainConfig
-from distill.discriminator import FeatureNetworkError, build_discriminator, discriminate, load_backbone
+from distill.discriminator import (FeatureNetworkError, build_discriminator, discriminate, image_condition,
+                                  load_backbone)
 
 TINY_VIT = {"depth": 3, "embed_dim": 32, "num_heads": 2}
 
@@ -72,3 +73,23 @@ def test_hub_weights_offline_give_a_clear_error(monkeypatch):
 def test_block_index_out_of_range():
     with pytest.raises(ValueError, match="out of range"):
         build_discriminator(tiny_cfg().__class__(**{**tiny_cfg().to_dict(), "disc_blocks": (0, 7)}), text_dim=4)
+
+
+def test_noised_image_condition_hides_the_real_image_from_d_for_pure_noise_samples():
+    torch.manual_seed(0)
+    features, heads = build_discriminator(tiny_cfg(), text_dim=4)
+    fake, text = torch.rand(2, 3, 64, 64) * 2 - 1, torch.randn(2, 4)
+    saw_image = torch.tensor([True, False])  # sample 1's student input was pure noise
+    emb_a, emb_b = torch.randn(2, 32), torch.randn(2, 32)
+
+    def logits(emb, mode):
+        return discriminate(features, heads, fake, text, image_condition(emb, saw_image, mode))
+
+    noised_a, noised_b = logits(emb_a, "noised"), logits(emb_b, "noised")
+    assert not torch.allclose(noised_a[0], noised_b[0])  # a sample that saw its image is judged against it
+    assert torch.equal(noised_a[1], noised_b[1])  # a pure-noise one on the text alone
+    all_a, all_b = logits(emb_a, "all"), logits(emb_b, "all")
+    assert not torch.allclose(all_a[1], all_b[1])  # the paper's setting conditions every sample
+    assert torch.equal(image_condition(emb_a, saw_image, "all"), emb_a)
+    with pytest.raises(ValueError, match="disc_image_condition"):
+        tiny_cfg(disc_image_condition="some").validate()
