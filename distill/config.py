@@ -75,10 +75,9 @@ class TrainConfig:
     disc_blocks: tuple[int, ...] = (2, 5, 8, 11)  # backbone blocks whose tokens feed one head each
     disc_head_channels: int = 64
     disc_cond_dim: int = 64  # width of the projection-conditioning map
-    # Which samples D sees conditioned on the real image's embedding. "all": every one, as in the paper, whose
-    # student input at 999 still shows a trace of the image (SDXL's schedule stops short of pure noise).
-    # "noised": only those whose student input showed the image; our input at s = 999 is pure noise, so those
-    # get a zero embedding, and D judges them (and the reals they are paired with) on the text alone.
+    # Which samples D judges against the real image's embedding. "all": every one, as in the paper. "noised":
+    # only those whose student input showed that image; at s = 999 our input is pure noise, so those get a zero
+    # embedding and are judged on the text alone (on the demo family no better: docs/DEMO_MODELS.md, session 14).
     disc_image_condition: str = "all"
 
     # --- logging, checkpoints, validation, export -----------------------------------------------------

@@ -50,7 +50,7 @@ def test_cli_trains_and_writes_a_student_the_fast_path_runs(tmp_path, tiny_famil
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"max_steps": 2, "gradient_accumulation_steps": 2}))
     overrides = tiny_overrides(str(tiny_family["base"]), source, str(tmp_path / "run"))
-    if fmt == "folder":  # one format also runs validation and the latent-space, SDS-weighted, noised-condition variant
+    if fmt == "folder":  # one format also runs validation and the other loss variants
         overrides.update(validate_every=2, distill_space="latent", distill_weighting="sds",
                          disc_image_condition="noised")
     summary, stderr = _cli(["--config", str(config), *_as_cli(overrides)])
