@@ -90,7 +90,8 @@ def test_bench_harness_runs_and_writes_its_table(tmp_path, capsys):
     out = tmp_path / "BENCH.md"
     assert main(["bench", "--tiny", "--repeats", "1", "--device", "cpu", "--step-cache", "2", "-o", str(out)]) == 0
     table = out.read_text()
-    for workload in ("fast 1-step", "fast 4-step", "fast 1-step batch 16", "quality 50-step base+refiner CFG 5"):
+    for workload in ("fast 1-step", "fast 4-step", "fast 1-step batch 16", "quality 50-step base+refiner CFG 5",
+                     "quality 30-step base CFG 5"):
         assert f"| {workload} | ours |" in table
     assert "sdxl-fast bench --tiny --repeats 1" in table and "torch 2.14.1" in table
     rows = [line for line in table.splitlines() if line.startswith("| fast") or line.startswith("| quality")]
@@ -99,7 +100,8 @@ def test_bench_harness_runs_and_writes_its_table(tmp_path, capsys):
     assert all(float(row.split("|")[-3]) < 1e-3 for row in exact)  # fp32 on CPU: the same as the fp32 reference
     # The opt-in step cache gets rows of its own for the multi-step workloads, with the error it adds.
     cached = [row for row in rows if "| ours + step cache 2 |" in row]
-    assert [row.split("|")[1].strip() for row in cached] == ["fast 4-step", "quality 50-step base+refiner CFG 5"]
+    assert [row.split("|")[1].strip() for row in cached] == ["fast 4-step", "quality 50-step base+refiner CFG 5",
+                                                              "quality 30-step base CFG 5"]
     assert all(float(row.split("|")[-2]) > 1e-4 for row in cached)
 
 
