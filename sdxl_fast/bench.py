@@ -276,7 +276,7 @@ def add_parser(commands) -> None:
     bench.add_argument("--step-cache", type=int, default=1, metavar="N",
                        help="then measure the multi-step workloads again with cache_interval N (opt-in, approximate: "
                             "sdxl_fast.step_cache)")
-    bench.add_argument("--only", action="append", metavar="WORKLOAD",
+    bench.add_argument("--only", action="append", metavar="WORKLOAD", choices=[w.name for w in workloads(tiny=False)],
                        help='measure only this workload (repeatable), e.g. --only "fast 1-step"')
     bench.add_argument("--json", type=Path, help="also write the rows here, one JSON line per row as measured")
     bench.add_argument("-o", "--output", type=Path, default=Path("BENCHMARKS.md"), help="markdown table")

@@ -113,6 +113,17 @@ def test_bench_compiled_only_skips_the_rows_without_compile(tmp_path):
     assert [row.split("|")[2].strip() for row in rows] == ["ours + compile"]  # on CPU compile is skipped, noted
 
 
+def test_bench_refuses_an_unknown_workload_before_building_anything(capsys, monkeypatch):
+    from sdxl_fast import bench
+
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("the bench ran"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--tiny", "--only", "fast 1 step"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'fast 1 step'" in err and "'fast 1-step'" in err  # the valid names, listed
+
+
 def test_bench_no_combo_kernels_compiles_without_them(tmp_path, monkeypatch):
     from sdxl_fast import acceleration
 
