@@ -150,6 +150,23 @@ def test_fast_breakdown_script_times_every_part():
     assert out.startswith("acceleration: \n")  # the CPU default less the one option turned off
 
 
+def test_fast_breakdown_timeline_lists_the_stages_of_a_call_in_order():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "tools" / "fast_breakdown.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny", "--timeline"], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    stages = out.split("host, ms from the call's start")[1].splitlines()[1:]
+    names = [line.rsplit(None, 1)[0].strip() for line in stages]
+    times = [float(line.rsplit(None, 1)[1]) for line in stages]
+    assert names == ["generate() starts", "tokenising starts", "tokenising returns",
+                     "waiting for the GPU, copying to the CPU starts", "waiting for the GPU, copying to the CPU returns",
+                     "uint8 -> PIL starts", "uint8 -> PIL returns", "generate() returns"]  # on CPU: no graphs
+    assert times == sorted(times) and times[0] == 0.0 < times[-1]
+
+
 def test_fast_breakdown_batch_0_skips_the_batched_lines_and_sets_inductor_config():
     import subprocess
     import sys

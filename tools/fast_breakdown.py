@@ -8,7 +8,8 @@ Random weights of the given shapes, the default acceleration of the device (sdxl
 as `generate` runs them, so on a GPU the figures add up to roughly one `generate` call. `--without OPTION`
 (`--with OPTION`) turns one acceleration option off (on), for a comparison, `--sdpa flash` allows one
 attention kernel only, `--inductor KEY=VALUE` sets a torch._inductor.config entry (e.g.
-triton.enable_pdl=True); `--trace FILE` profiles whole calls instead of parts.
+triton.enable_pdl=True); `--trace FILE` profiles whole calls instead of parts, and `--timeline` times the
+stages of whole calls with host clocks and CUDA events, without the profiler's overhead.
 """
 
 import argparse
@@ -37,6 +38,8 @@ def main() -> None:
     add_switches(parser)
     parser.add_argument("--trace", metavar="FILE", help="instead of the parts: profile 3 generate() calls, write "
                         "their Chrome trace here and print where the GPU waits within each call")
+    parser.add_argument("--timeline", action="store_true", help="instead of the parts: when each stage of 20 "
+                        "generate() calls starts on the host, and the GPU time of each CUDA graph, without the profiler")
     parser.add_argument("--sdpa", default="default", choices=["default", "cudnn", "flash", "efficient"],
                         help="allow only this attention kernel in the UNet (CUDA only; the text encoders "
                         "choose theirs, sdxl_fast.text_qkv)")
@@ -104,6 +107,8 @@ def main() -> None:
     timeit("generate(): prompt in -> PIL image out", one_call)
     if args.trace:
         return trace(args.trace, one_call)
+    if args.timeline:
+        return timeline(one_call, device)
     timeit("tokenise both prompts (CPU)", lambda i: prompts.tokenize(f.encoders, [f"{PROMPT} {i}"]))
     timeit("tokenise + both text encoders", text)
     timeit("the Fast graph: UNet step, VAE decode, uint8", lambda i: graphed(
@@ -120,6 +125,56 @@ def main() -> None:
         batched(time_ids), timestep))
     timeit(f"VAE decode + uint8, batch {args.batch}", lambda i: graphed(("vae", args.batch), vae, batched(latents)))
     timeit(f"generate(), batch {args.batch}", lambda i: one_call(i, args.batch))
+
+
+def timeline(call, device: torch.device, calls: int = 20) -> None:
+    """Medians over `calls` calls: when each stage starts and ends on the host (ms from the call's start), and
+    on a GPU each graph's time there (CUDA events around its replay). The stages are found by wrapping the
+    functions `generate` calls, as the profiler's trace would, but at the cost of a clock read each."""
+    from sdxl_fast import cuda_graphs
+
+    cuda = device.type == "cuda"
+    marks = []  # (stage, host seconds, CUDA event or None)
+
+    def mark(stage):
+        event = torch.cuda.Event(enable_timing=True) if cuda else None
+        if event is not None:
+            event.record()
+        marks.append((stage, time.perf_counter(), event))
+
+    def wrap(owner, name, stage):
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            mark(f"{stage} starts")
+            out = original(*args, **kwargs)
+            mark(f"{stage} returns")
+            return out
+        setattr(owner, name, timed)
+
+    wrap(prompts, "tokenize", "tokenising")
+    wrap(cuda_graphs.Graphed, "__call__", "a graph's input copies and launch")
+    wrap(decoding, "to_host", "waiting for the GPU, copying to the CPU")
+    wrap(decoding, "to_pil", "uint8 -> PIL")
+    host, gpu = {}, {}
+    for i in range(3 + calls):
+        marks.clear()
+        mark("generate() starts")
+        call(3000 + i)
+        mark("generate() returns")
+        synchronize(device)
+        if i < 3:
+            continue
+        for n, (stage, seconds, _) in enumerate(marks):
+            host.setdefault((n, stage), []).append((seconds - marks[0][1]) * 1e3)
+        launches = [event for stage, _, event in marks if stage.startswith("a graph's")]
+        for n, (start, end) in enumerate(zip(launches[::2], launches[1::2])):
+            gpu.setdefault(n, []).append(start.elapsed_time(end))
+    print(f"host, ms from the call's start (medians of {calls} calls, each with a new prompt):")
+    for (_, stage), ms in host.items():
+        print(f"  {stage:52s} {statistics.median(ms):8.3f}")
+    for n, ms in gpu.items():  # a new prompt's call replays the text encoders' graph, then the Fast graph
+        print(f"GPU, the call's graph {n + 1}, its input copies included {statistics.median(ms):21.3f} ms")
 
 
 def trace(path: str, call) -> None:
