@@ -1,6 +1,9 @@
 """GPU options fall back cleanly on CPU, and the ones that also run on CPU keep the output faithful."""
 
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +12,12 @@ import torch
 from sdxl_fast import GenerationParams, generate, load
 from sdxl_fast.acceleration import Acceleration
 from sdxl_fast.cli import main
+
+
+def _tool(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run tools/SCRIPT with the given arguments, as a user would, capturing its output."""
+    path = Path(__file__).parent.parent / "tools" / script
+    return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=300, check=check)
 
 
 def test_cpu_default_is_eager_with_only_the_upsampler_rewrite():
@@ -138,26 +147,14 @@ def test_bench_no_combo_kernels_compiles_without_them(tmp_path, monkeypatch):
 
 
 def test_fast_breakdown_script_times_every_part():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parent.parent / "tools" / "fast_breakdown.py"
-    out = subprocess.run([sys.executable, str(script), "--tiny", "--batch", "2", "--without", "subpixel_upsample"],
-                         capture_output=True, text=True, timeout=300, check=True).stdout
+    out = _tool("fast_breakdown.py", "--tiny", "--batch", "2", "--without", "subpixel_upsample").stdout
     lines = [line for line in out.splitlines() if " ms " in line]
     assert len(lines) == 11 and all("median" in line for line in lines)
     assert out.startswith("acceleration: \n")  # the CPU default less the one option turned off
 
 
 def test_fast_breakdown_timeline_lists_the_stages_of_a_call_in_order():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parent.parent / "tools" / "fast_breakdown.py"
-    out = subprocess.run([sys.executable, str(script), "--tiny", "--timeline"], capture_output=True, text=True,
-                         timeout=300, check=True).stdout
+    out = _tool("fast_breakdown.py", "--tiny", "--timeline").stdout
     stages = out.split("host, ms from the call's start")[1].splitlines()[1:]
     names = [line.rsplit(None, 1)[0].strip() for line in stages]
     times = [float(line.rsplit(None, 1)[1]) for line in stages]
@@ -168,29 +165,18 @@ def test_fast_breakdown_timeline_lists_the_stages_of_a_call_in_order():
 
 
 def test_fast_breakdown_batch_0_skips_the_batched_lines_and_sets_inductor_config():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parent.parent / "tools" / "fast_breakdown.py"
-    run = [sys.executable, str(script), "--tiny", "--batch", "0"]
-    out = subprocess.run(run + ["--inductor", "triton.enable_pdl=True"], capture_output=True, text=True,
-                         timeout=300, check=True).stdout
+    run = ("fast_breakdown.py", "--tiny", "--batch", "0")
+    out = _tool(*run, "--inductor", "triton.enable_pdl=True").stdout
     assert [line.split("  ")[0] for line in out.splitlines() if " ms " in line][-1] == (
         "uint8 images -> CPU (pageable memory) -> PIL")
-    bad = subprocess.run(run + ["--inductor", "no_such_setting=1"], capture_output=True, text=True, timeout=300)
+    bad = _tool(*run, "--inductor", "no_such_setting=1", check=False)
     assert bad.returncode != 0 and "no_such_setting" in bad.stderr
 
 
 def test_fast_breakdown_trace_reports_each_call_and_writes_a_chrome_trace(tmp_path):
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    script = Path(__file__).parent.parent / "tools" / "fast_breakdown.py"
-    out = subprocess.run([sys.executable, str(script), "--tiny", "--trace", str(tmp_path / "t.json")],
-                         capture_output=True, text=True, timeout=300, check=True).stdout
+    out = _tool("fast_breakdown.py", "--tiny", "--trace", str(tmp_path / "t.json")).stdout
     calls = [line for line in out.splitlines() if line.startswith("call ")]
     assert len(calls) == 3 and all("GPU busy 0.000 ms" in line for line in calls)  # a CPU has no kernels
     assert "aten::" in out  # the CPU operations under each gap
@@ -199,25 +185,18 @@ def test_fast_breakdown_trace_reports_each_call_and_writes_a_chrome_trace(tmp_pa
 
 @pytest.mark.parametrize("model", ["base", "refiner", "vae"])
 def test_unet_probe_script_times_each_model_and_shape(model):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parent.parent / "tools" / "unet_probe.py"
-    run = [sys.executable, str(script), "--tiny", "--model", model, "--shapes", "64x1", "128x2"]
-    out = subprocess.run(run, capture_output=True, text=True, timeout=300, check=True).stdout
+    run = ("unet_probe.py", "--tiny", "--model", model, "--shapes", "64x1", "128x2")
+    out = _tool(*run).stdout
     results = [line for line in out.splitlines() if line.startswith("RESULT")]
     assert [line.split("]")[1].split()[0] for line in results] == ["64x1", "128x2"]
     assert all(float(line.split("median")[1].split()[0]) > 0 for line in results)
     if not torch.cuda.is_available():  # the GPU-only parts refuse clearly instead of failing inside CUDA
-        for refused_run in (run + ["--profile"], run + ["--blas", "cublaslt"], [sys.executable, str(script), "--gemm-micro"]):
-            refused = subprocess.run(refused_run, capture_output=True, text=True, timeout=300)
+        for refused_run in (run + ("--profile",), run + ("--blas", "cublaslt"), ("unet_probe.py", "--gemm-micro")):
+            refused = _tool(*refused_run, check=False)
             assert refused.returncode == 2 and "need a CUDA GPU" in refused.stderr
 
 
 def test_warmup_runs_every_path_and_the_quality_step_cache(tiny_models, monkeypatch):
-    import sys
-
     from sdxl_fast import acceleration, step_cache
 
     generate_module = sys.modules["sdxl_fast.generate"]  # the package's `generate` is the function
