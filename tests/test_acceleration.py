@@ -122,6 +122,17 @@ def test_bench_compiled_only_skips_the_rows_without_compile(tmp_path):
     assert [row.split("|")[2].strip() for row in rows] == ["ours + compile"]  # on CPU compile is skipped, noted
 
 
+def test_bench_reference_stays_fp32_while_the_same_modules_are_measured_in_half_precision():
+    """The fp32 error baseline runs first on the very modules that are then cast in place (one copy of the
+    weights on the GPU); with no options, ours is our eager loop exactly, and only the cast differs from fp32."""
+    from sdxl_fast import bench, random_weights
+
+    rows, _ = bench.run_bench(random_weights.tiny_configs(), torch.device("cpu"), torch.bfloat16, 1, True,
+                              Acceleration.none(), only=["fast 1-step"])
+    assert rows[0]["error_eager"] == 0.0
+    assert 1e-4 < rows[0]["error_fp32"] < 5e-2  # bf16 against fp32: the reference was not cast first
+
+
 def test_bench_refuses_an_unknown_workload_before_building_anything(capsys, monkeypatch):
     from sdxl_fast import bench
 
