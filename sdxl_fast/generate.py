@@ -169,6 +169,7 @@ def _resolved(models: Models, params: GenerationParams) -> GenerationParams:
     return params.resolved(native_side(models, params.mode) if loaded else None)
 
 
+@torch.no_grad()  # nothing here is trained: no activations kept for a backward pass, whatever the modules ask
 def generate_tensors(models: Models, params: GenerationParams, callback: sampling.StepCallback | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """`generate` without the PIL step: (final latents [B, 4, h, w] on the models' device, uint8 images

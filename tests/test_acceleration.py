@@ -232,3 +232,20 @@ def test_bench_prompts_are_new_on_every_call_unless_a_workload_repeats_one():
     new = [prompt for same_prompt, prompt in seen if not same_prompt]
     assert len(new) == 8 and len(set(new)) == 8 and PROMPT not in new  # never served from the prompt cache
     assert [prompt for same_prompt, prompt in seen if same_prompt] == [PROMPT] * 4
+
+
+def test_generation_keeps_no_autograd_state_even_for_modules_that_require_grad(tiny_models):
+    """A full-size fp32 bench reference ran out of GPU memory keeping the VAE's activations for a backward pass
+    that never comes: its random modules required grad. Nothing in a generation may record for autograd."""
+    from sdxl_fast.generate import generate_tensors
+
+    models = tiny_models
+    seen = []
+    hook = models.fast.vae.decoder.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    models.fast.vae.requires_grad_(True)
+    try:
+        generate_tensors(models, GenerationParams("a red circle", mode="fast", steps=1, seed=0))
+    finally:
+        hook.remove()
+        models.fast.vae.requires_grad_(False)
+    assert seen == [False]
