@@ -25,12 +25,10 @@ import gradio as gr
 import torch
 
 import sdxl_fast
-from sdxl_fast.acceleration import Acceleration, warmup
+from sdxl_fast import accel
 from sdxl_fast.cli import add_model_arguments
-from sdxl_fast.conditioning import SDXL_BUCKETS, bucket_label
-from sdxl_fast.decoding import latent_preview
-from sdxl_fast.loading import pick_device_dtype
-from sdxl_fast.params import MAX_SEED
+from sdxl_fast.params import MAX_SEED, SDXL_BUCKETS, bucket_label
+from sdxl_fast.pipeline.decoding import latent_preview
 
 try:  # On a ZeroGPU Space, `spaces.GPU` attaches a GPU for the duration of each call.
     import spaces
@@ -331,7 +329,7 @@ def build_demo(studio: Studio, concurrency_limit: int = 1, examples: list[str] =
                 guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="Guidance scale", visible=False)
                 switch = gr.Slider(0.5, 1.0, value=0.8, step=0.05, visible=False,
                                    label="Refiner switch point (share of the noise levels the base handles; 1 = no refiner)")
-                # Opt-in and labelled as approximate (sdxl_fast.step_cache): 0.90 s instead of 1.61 s per SDXL
+                # Opt-in and labelled as approximate (sdxl_fast.pipeline.step_cache): 0.90 s instead of 1.61 s per SDXL
                 # image at 2 on an H200 (BENCHMARKS.md), with a small change to the picture.
                 cache = gr.Slider(1, 4, value=1, step=1, visible=False, elem_id="step-cache",
                                   label="Step cache: whole UNet every N steps (faster, approximate; 1 = off)")
@@ -398,28 +396,29 @@ def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None,
     """Load both paths; when that fails, each path alone, so one missing model does not take down the other.
     A path that cannot load is reported in the page and the log, never by crashing. `fp8`: the opt-in fp8
     matmuls on top of the device's default acceleration (skipped, with a log line, where unsupported)."""
-    acceleration = None
-    if fp8:
-        acceleration = replace(Acceleration.for_device(pick_device_dtype(device)[0]), fp8=True)
+    def loaded(studio: Studio) -> Studio:
+        if studio.models is not None and not cpu_offload:
+            options = replace(accel.Acceleration.for_device(studio.models.device), fp8=fp8)
+            accel.apply(studio.models, options)
+        return studio
+
     try:
-        return Studio(sdxl_fast.load(sources=sources, device=device, dtype=dtype, cpu_offload=cpu_offload,
-                                     acceleration=acceleration))
+        return loaded(Studio(sdxl_fast.load(sources=sources, device=device, dtype=dtype, cpu_offload=cpu_offload)))
     except Exception as e:  # noqa: BLE001
         log.warning("Could not load all models (%s); trying each mode on its own", e)
     models, errors = None, {}
     for mode in ("fast", "quality"):
         try:
-            loaded = sdxl_fast.load(modes=(mode,), sources=sources, device=device, dtype=dtype,
-                                    cpu_offload=cpu_offload, acceleration=acceleration)
+            one = sdxl_fast.load(modes=(mode,), sources=sources, device=device, dtype=dtype, cpu_offload=cpu_offload)
         except Exception as e:  # noqa: BLE001
             errors[mode] = str(e)
             log.error("%s mode unavailable: %s", mode.title(), e)
             continue
         if models is None:
-            models = loaded
+            models = one
         else:
-            models.quality = loaded.quality
-    return Studio(models, errors)
+            models.quality = one.quality
+    return loaded(Studio(models, errors))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -449,7 +448,7 @@ def main(argv=None) -> None:
         # torch.compile and CUDA-graph capture happen on the first call of each shape: pay for it now, not
         # with the first visitor's request.
         log.info("Warming up the compiled models (first start takes a few minutes; later starts reuse the cache)")
-        warmup(studio.models)
+        accel.warmup(studio.models)
     demo_family = sources == sdxl_fast.PRESETS["demo"]
     demo = build_demo(studio, concurrency_limit=args.concurrency, examples=DEMO_EXAMPLES if demo_family else EXAMPLES,
                       note=DEMO_NOTE if demo_family else "")

@@ -17,8 +17,8 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from . import bench, conditioning, metadata
-from .params import DEFAULT_SIDE, MAX_SEED, GenerationParams
+from . import __version__, metadata
+from .params import DEFAULT_SIDE, MAX_SEED, SDXL_BUCKETS, GenerationParams, bucket_label, parse_size
 
 EXAMPLES = """examples:
   sdxl-fast generate "a lighthouse at dusk, oil painting" --mode quality --seed 1 -o lighthouse.png
@@ -32,14 +32,9 @@ then the shipped demo models, then the SDXL hub ids (downloaded)."""
 def _size(text: str) -> tuple[int, int]:
     """'WxH' (or a single number for a square) -> (width, height)."""
     try:
-        parts = [int(v) for v in text.lower().replace("*", "x").split("x")]
+        return parse_size(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x768, got {text!r}") from None
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x768, got {text!r}")
-    return parts[0], parts[1]
 
 
 def _hw(text: str) -> tuple[int, int]:
@@ -72,7 +67,7 @@ def add_model_arguments(parser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdxl-fast", description="SDXL text-to-image: quality and fast paths.")
-    parser.add_argument("--version", action="version", version=f"sdxl-fast {metadata.VERSION}")
+    parser.add_argument("--version", action="version", version=f"sdxl-fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = commands.add_parser("generate", help="make images from a prompt", epilog=EXAMPLES,
@@ -121,7 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     commands.add_parser("buckets", help="list SDXL's aspect-ratio size presets")
-    bench.add_parser(commands)
     return parser
 
 
@@ -168,8 +162,8 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     import sdxl_fast  # heavy imports (diffusers, transformers) only once the arguments are known to be good
-    from sdxl_fast.acceleration import Acceleration
-    from sdxl_fast.loading import pick_device_dtype
+    from sdxl_fast import accel
+    from sdxl_fast.models import pick_device_dtype
 
     try:
         sources = sdxl_fast.resolve_sources(args.preset, args.base, args.refiner, args.fast)
@@ -178,10 +172,10 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     try:
         device, _ = pick_device_dtype(args.device)
-        # A single CLI run would spend longer compiling than generating: compile only when asked.
-        options = replace(Acceleration.for_device(device), compile=args.compile, fp8=args.fp8)
         models = sdxl_fast.load(modes=(params.mode,), sources=sources, device=device, dtype=args.dtype,
-                                cpu_offload=args.cpu_offload, acceleration=options)
+                                cpu_offload=args.cpu_offload)
+        if not args.cpu_offload:  # a single CLI run would spend longer compiling than generating: only if asked
+            accel.apply(models, replace(accel.Acceleration.for_device(device), compile=args.compile, fp8=args.fp8))
     except sdxl_fast.ModelNotFoundError as err:
         print(f"sdxl-fast generate: {err}", file=sys.stderr)
         return 1
@@ -208,11 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.command == "buckets":
-        for width, height in conditioning.SDXL_BUCKETS:
-            print(conditioning.bucket_label(width, height))
+        for width, height in SDXL_BUCKETS:
+            print(bucket_label(width, height))
         return 0
-    if args.command == "bench":
-        return bench.main(args, "sdxl-fast " + " ".join(argv if argv is not None else sys.argv[1:]))
     return _generate(args)
 
 

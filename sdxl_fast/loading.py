@@ -16,15 +16,15 @@ import logging
 import os
 import re
 import socket
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.schedulers import SchedulerMixin
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .models import FastModels, Models, QualityModels, TextEncoders, pick_device_dtype
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,11 @@ _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 _WEIGHT_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
 
 
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE asks for no network at all."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """One TCP connect instead of huggingface_hub's retry loop, which takes a minute to give up."""
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
@@ -146,7 +151,7 @@ def find_local_folder(source: str, role: str, subfolders: list[str] | None = Non
         return Path(snapshot_download(source, allow_patterns=patterns, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         raise _not_found(source, role, "not in the Hugging Face cache and HF_HUB_OFFLINE is set")
     if not hub_reachable():
         raise _not_found(source, role, "not in the Hugging Face cache, and the Hugging Face Hub is unreachable")
@@ -160,97 +165,6 @@ def is_unet_only(folder: Path) -> bool:
         return False
     config = folder / "config.json"
     return config.is_file() and json.loads(config.read_text()).get("_class_name") == "UNet2DConditionModel"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loaded components.
-
-@dataclass
-class TextEncoders:
-    """SDXL's two CLIP encoders. `text_encoder` is None for a refiner-only family."""
-
-    tokenizer: CLIPTokenizer | None
-    text_encoder: CLIPTextModel | None
-    tokenizer_2: CLIPTokenizer
-    text_encoder_2: CLIPTextModelWithProjection
-    # prompt -> embeddings, filled by prompts.encode_prompt_cached
-    cache: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
-
-
-@dataclass
-class QualityModels:
-    encoders: TextEncoders
-    vae: AutoencoderKL
-    base: UNet2DConditionModel
-    refiner: UNet2DConditionModel | None
-    scheduler: SchedulerMixin
-    force_zeros_for_empty_prompt: bool
-    names: dict[str, str]
-
-
-@dataclass
-class FastModels:
-    encoders: TextEncoders
-    vae: AutoencoderKL
-    student: UNet2DConditionModel
-    scheduler: SchedulerMixin  # only its noise schedule (alphas_cumprod) and prediction type are used
-    names: dict[str, str]
-
-
-@dataclass
-class Models:
-    """Everything `generate` needs; either path may be absent when only the other was loaded."""
-
-    device: torch.device
-    dtype: torch.dtype
-    quality: QualityModels | None = None
-    fast: FastModels | None = None
-    offload_hooks: list = field(default_factory=list)
-    graphs: "CudaGraphs | None" = None  # set by acceleration.apply on CUDA (sdxl_fast.cuda_graphs)
-
-
-def native_side(models: Models, mode: str) -> int:
-    """The image side the loaded `mode` models were trained at: UNet sample size × the VAE's downsampling
-    (SDXL base 1024, SDXL-Turbo 512, the demo family 128). What `generate` and the app use by default."""
-    family = getattr(models, mode)
-    if family is None:
-        raise RuntimeError(f"The {mode} models are not loaded")
-    unet = family.student if mode == "fast" else family.base
-    return unet.config.sample_size * 2 ** (len(family.vae.config.block_out_channels) - 1)
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on GPUs (SDXL's published weights are fp16; bf16 is a choice), fp32 on CPU where fp16 is slow."""
-    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
-
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def weight_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The dtype of a model's first weight, what diffusers' `module.dtype` returns, for per-call code: that
-    property walks every submodule first (0.3 ms for SDXL's VAE, 2.6 ms for its UNet on our CPU)."""
-    return next(module.parameters()).dtype
-
-
-def pick_device_dtype(device: str | torch.device | None = None,
-                      dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
-    """The device and dtype to run on: the given ones (dtype as a torch dtype or "fp32"/"fp16"/"bf16"),
-    else the best available device and its default dtype."""
-    device = torch.device(device) if device is not None else default_device()
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"Unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}.")
-        dtype = DTYPES[dtype]
-    return device, dtype or default_dtype(device)
 
 
 def model_name(source: str) -> str:
@@ -295,12 +209,12 @@ class _Loader:
 
 def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | None = None,
          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-         cpu_offload: bool = False, acceleration=None) -> Models:
-    """Load the models for the given paths ("quality", "fast") onto one device.
+         cpu_offload: bool = False) -> Models:
+    """Load the models for the given paths ("quality", "fast") onto one device, as their weights are.
 
     `sources` defaults to `resolve_sources()`. `dtype` may be a torch dtype or "fp32"/"fp16"/"bf16".
     With `cpu_offload` each model sits in CPU memory and moves to the GPU only while it runs.
-    `acceleration` (an `acceleration.Acceleration`) defaults to everything on a CUDA GPU, nothing on CPU.
+    The speed-ups are applied by the caller: `sdxl_fast.accel.apply(models, options)`.
     """
     unknown = set(modes) - {"quality", "fast"}
     if unknown or not modes:
@@ -346,10 +260,6 @@ def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | N
 
     if cpu_offload:
         models.offload_hooks = _enable_cpu_offload(loader, device)
-    else:
-        from .acceleration import Acceleration, apply
-
-        apply(models, acceleration if acceleration is not None else Acceleration.for_device(device))
     return models
 
 

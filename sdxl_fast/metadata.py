@@ -21,9 +21,10 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .params import GenerationParams
+from . import __version__ as VERSION
+from .params import (DEFAULT_AESTHETIC_SCORE, DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_AESTHETIC_SCORE,
+                     DEFAULT_REFINER_SWITCH, GenerationParams, parse_size)
 
-VERSION = "0.1.0"
 SAMPLERS = {"quality": "Euler", "fast": "ADD"}
 _FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
@@ -33,8 +34,9 @@ def _size(hw) -> str:
 
 
 def _parse_size(text: str) -> tuple[int, int]:
-    width, height = text.lower().split("x")
-    return int(height), int(width)
+    """WxH -> (height, width)."""
+    width, height = parse_size(text)
+    return height, width
 
 
 def _quote(value) -> str:
@@ -71,7 +73,7 @@ def infotext(params: GenerationParams, model_names: dict[str, str]) -> str:
         if tuple(value) != tuple(default):
             fields[key] = fmt(value)
     if p.mode == "quality" and p.use_refiner and "Refiner" in fields:
-        if p.aesthetic_score != 6.0 or p.negative_aesthetic_score != 2.5:
+        if (p.aesthetic_score, p.negative_aesthetic_score) != (DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE):
             fields["Aesthetic score"] = p.aesthetic_score
             fields["Negative aesthetic score"] = p.negative_aesthetic_score
     fields["Version"] = f"sdxl-fast {VERSION}"
@@ -104,11 +106,12 @@ def parse_infotext(text: str) -> tuple[GenerationParams, dict[str, str]]:
         cache_interval=int(fields.get("Step cache interval", 1)),
     )
     if mode == "quality":
-        params = replace(params, guidance_scale=float(fields.get("CFG scale", 5.0)),
+        params = replace(params, guidance_scale=float(fields.get("CFG scale", DEFAULT_GUIDANCE_SCALE)),
                          use_refiner="Refiner" in fields,
-                         refiner_switch=float(fields.get("Refiner switch at", 0.8)),
-                         aesthetic_score=float(fields.get("Aesthetic score", 6.0)),
-                         negative_aesthetic_score=float(fields.get("Negative aesthetic score", 2.5)))
+                         refiner_switch=float(fields.get("Refiner switch at", DEFAULT_REFINER_SWITCH)),
+                         aesthetic_score=float(fields.get("Aesthetic score", DEFAULT_AESTHETIC_SCORE)),
+                         negative_aesthetic_score=float(fields.get("Negative aesthetic score",
+                                                                   DEFAULT_NEGATIVE_AESTHETIC_SCORE)))
     parsers = {"Original size": ("original_size", _parse_size), "Target size": ("target_size", _parse_size),
                "Negative original size": ("negative_original_size", _parse_size),
                "Negative target size": ("negative_target_size", _parse_size),

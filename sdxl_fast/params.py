@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import asdict, dataclass, replace
+from math import gcd
 
 MODES = ("fast", "quality")
 DEFAULT_STEPS = {"quality": 50, "fast": 1}
@@ -14,6 +16,46 @@ MAX_SEED = 2**32 - 1  # the range other SDXL tools use, so seeds carry over betw
 MIN_SIDE, MAX_SIDE = 64, 4096
 MAX_IMAGES = 16
 MAX_CACHE_INTERVAL = 10
+DEFAULT_GUIDANCE_SCALE = 5.0
+DEFAULT_REFINER_SWITCH = 0.8  # fraction of the noise levels the base handles before the refiner takes over
+# The refiner's aesthetic-score conditioning, as SDXL's refiner was trained and diffusers defaults it.
+DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
+
+
+# (width, height) of SDXL's multi-aspect training buckets: about 1024² pixels, sides multiples of 64
+# (SDXL paper, appendix I). The list is symmetric, so it reads the same as (height, width).
+SDXL_BUCKETS: list[tuple[int, int]] = [
+    (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664), (640, 1600),
+    (640, 1536), (704, 1472), (704, 1408), (704, 1344), (768, 1344), (768, 1280), (832, 1216), (832, 1152),
+    (896, 1152), (896, 1088), (960, 1088), (960, 1024), (1024, 1024), (1024, 960), (1088, 960), (1088, 896),
+    (1152, 896), (1152, 832), (1216, 832), (1280, 768), (1344, 768), (1344, 704), (1408, 704), (1472, 704),
+    (1536, 640), (1600, 640), (1664, 576), (1728, 576), (1792, 576), (1856, 512), (1920, 512), (1984, 512),
+    (2048, 512),
+]
+
+
+def nearest_bucket(width: int, height: int) -> tuple[int, int]:
+    """The training bucket whose aspect ratio is closest to width/height."""
+    return min(SDXL_BUCKETS, key=lambda b: abs(b[0] / b[1] - width / height))
+
+
+def bucket_label(width: int, height: int) -> str:
+    g = gcd(width, height)
+    return f"{width}×{height} ({width // g}:{height // g})"
+
+
+_SIZE = re.compile(r"\s*(\d+)\s*(?:[x×*X]\s*(\d+))?\s*")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"1024x768" (also "1024×768", "1024*768", or "1024" for a square) -> (width, height), the way
+    AUTOMATIC1111 and ComfyUI write sizes. Only the form is checked here; `GenerationParams.validate` checks
+    the range."""
+    match = _SIZE.fullmatch(str(text if text is not None else ""))
+    if not match:
+        raise ValueError(f"a size looks like 1024x768 (width x height), got {text!r}")
+    width = int(match[1])
+    return width, int(match[2]) if match[2] else width
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -38,12 +80,12 @@ class GenerationParams:
     width: int | None = None
     height: int | None = None
     num_images: int = 1
-    # Opt-in, approximate: the whole UNet every Nth step, only its outer level in between (sdxl_fast.step_cache).
+    # Opt-in, approximate: the whole UNet every Nth step, only its outer level in between (sdxl_fast.pipeline.step_cache).
     cache_interval: int = 1
     # Quality path only.
-    guidance_scale: float = 5.0
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     use_refiner: bool = True
-    refiner_switch: float = 0.8  # fraction of the noise levels the base handles before the refiner takes over
+    refiner_switch: float = DEFAULT_REFINER_SWITCH
     # SDXL micro-conditioning.
     original_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] = (0, 0)
@@ -51,8 +93,8 @@ class GenerationParams:
     negative_original_size: tuple[int, int] | None = None
     negative_crops_coords_top_left: tuple[int, int] | None = None
     negative_target_size: tuple[int, int] | None = None
-    aesthetic_score: float = 6.0  # refiner only
-    negative_aesthetic_score: float = 2.5  # refiner only
+    aesthetic_score: float = DEFAULT_AESTHETIC_SCORE  # refiner only
+    negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE  # refiner only
 
     def resolved(self, default_side: int | None = None) -> "GenerationParams":
         """Fill the mode-dependent defaults and validate; the result is fully explicit and reproducible.

@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
+from sdxl_fast import accel
 from sdxl_fast.loading import ENV_VARS, PRESET_ENV_VAR, ModelSources, load
-from sdxl_fast.random_weights import save_random_family
+from sdxl_fast.testing.random_weights import save_random_family
 
 
 @pytest.fixture(autouse=True)
@@ -32,4 +33,6 @@ def tiny_sources(tiny_family) -> ModelSources:
 @pytest.fixture(scope="session")
 def tiny_models(tiny_sources):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    return load(sources=tiny_sources, device="cpu", dtype=torch.float32)
+    models = load(sources=tiny_sources, device="cpu", dtype=torch.float32)
+    accel.apply(models, accel.Acceleration.for_device(models.device))  # as the app and the CLI do
+    return models

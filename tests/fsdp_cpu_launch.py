@@ -1,4 +1,4 @@
-"""`python -m distill` under FSDP2 on CPU processes (gloo), for tests only: run it with torchrun and the FSDP_*
+"""`python -m sdxl_fast.distill` under FSDP2 on CPU processes (gloo), for tests only: run it with torchrun and the FSDP_*
 environment that `accelerate launch --config_file configs/accelerate/fsdp.yaml` would set.
 
 accelerate enables FSDP only on accelerators (its MULTI_CPU type ignores the FSDP plugin), although torch's
@@ -14,6 +14,6 @@ from accelerate.utils import DistributedType
 
 PartialState(cpu=True).distributed_type = DistributedType.MULTI_GPU
 
-from distill.__main__ import main  # noqa: E402
+from sdxl_fast.distill.__main__ import main  # noqa: E402
 
 sys.exit(main())

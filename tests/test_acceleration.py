@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.bench import main as bench_main
 from sdxl_fast import GenerationParams, generate, load
-from sdxl_fast.acceleration import Acceleration
-from sdxl_fast.cli import main
+from sdxl_fast.accel.options import Acceleration
 
 
 def _tool(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run tools/SCRIPT with the given arguments, as a user would, capturing its output."""
-    path = Path(__file__).parent.parent / "tools" / script
-    return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=300, check=check)
+    """Run `python -m benchmarks.SCRIPT` with the given arguments, as a user would, capturing its output."""
+    module = "benchmarks." + script.removesuffix(".py")
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300,
+                          check=check, cwd=Path(__file__).parent.parent)
 
 
 def test_cpu_default_is_eager_with_only_the_upsampler_rewrite():
@@ -29,9 +30,9 @@ def test_cpu_default_is_eager_with_only_the_upsampler_rewrite():
 
 
 def test_options_on_cpu_apply_or_skip_with_reason_and_stay_faithful(tiny_sources, tiny_models):
-    from sdxl_fast import acceleration
+    from sdxl_fast import accel as acceleration
 
-    fast_models = load(modes=("fast",), sources=tiny_sources, device="cpu", acceleration=Acceleration.none())
+    fast_models = load(modes=("fast",), sources=tiny_sources, device="cpu")
     notes = acceleration.apply(fast_models, Acceleration())  # everything asked for, on a CPU
     assert notes[0] == "subpixel_upsample: 4 upsamplers"  # the tiny VAE decoder's 3 and the student's 1
     assert notes[1] == "channels_last: applied" and notes[2] == "fuse_qkv: applied"
@@ -40,7 +41,7 @@ def test_options_on_cpu_apply_or_skip_with_reason_and_stay_faithful(tiny_sources
     assert notes[5] == "vae_matmul_attention: applied"
     assert notes[6] == "hoist_cross_kv: 8 cross-attentions"  # the tiny student's
     assert notes[7].startswith("compile: skipped on cpu")
-    assert notes[8].startswith("cuda_graphs: skipped on cpu") and fast_models.graphs is None
+    assert notes[8].startswith("cuda_graphs: skipped on cpu") and getattr(fast_models.runner, "graphs", None) is None
     assert fast_models.fast.student.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     params = GenerationParams("a tower", mode="fast", steps=2, seed=4, width=64, height=64)
     fused = np.asarray(generate(fast_models, params)[0]).astype(int)
@@ -53,7 +54,7 @@ def test_compiled_models_get_one_static_graph_per_shape(tiny_family):
     symbolic sizes), not turn the frame dynamic. Run on CPU with a recording backend instead of Inductor."""
     from diffusers import UNet2DConditionModel
 
-    from sdxl_fast.acceleration import compile_models
+    from sdxl_fast.accel.compile import compile_models
 
     graphs = []
 
@@ -82,7 +83,8 @@ def test_compiled_models_get_one_static_graph_per_shape(tiny_family):
 
 def test_inductor_gets_the_modes_options_plus_combo_kernels(monkeypatch):
     """torch.compile refuses a mode together with options, so the mode's options travel with ours."""
-    from sdxl_fast.acceleration import Acceleration, compile_models
+    from sdxl_fast.accel.compile import compile_models
+    from sdxl_fast.accel.options import Acceleration
 
     calls = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
@@ -97,12 +99,12 @@ def test_inductor_gets_the_modes_options_plus_combo_kernels(monkeypatch):
 
 def test_bench_harness_runs_and_writes_its_table(tmp_path, capsys):
     out = tmp_path / "BENCH.md"
-    assert main(["bench", "--tiny", "--repeats", "1", "--device", "cpu", "--step-cache", "2", "-o", str(out)]) == 0
+    assert bench_main(["--tiny", "--repeats", "1", "--device", "cpu", "--step-cache", "2", "-o", str(out)]) == 0
     table = out.read_text()
     for workload in ("fast 1-step", "fast 4-step", "fast 1-step batch 16", "quality 50-step base+refiner CFG 5",
                      "quality 30-step base CFG 5"):
         assert f"| {workload} | ours |" in table
-    assert "sdxl-fast bench --tiny --repeats 1" in table and "torch 2.14.1" in table
+    assert "python -m benchmarks.bench --tiny --repeats 1" in table and "torch 2.14.1" in table
     rows = [line for line in table.splitlines() if line.startswith("| fast") or line.startswith("| quality")]
     exact = [row for row in rows if "step cache" not in row]
     assert all(float(row.split("|")[-2]) < 1e-5 for row in exact)  # on CPU only the upsampler rewrite: rounding
@@ -116,8 +118,8 @@ def test_bench_harness_runs_and_writes_its_table(tmp_path, capsys):
 
 def test_bench_compiled_only_skips_the_rows_without_compile(tmp_path):
     out = tmp_path / "BENCH.md"
-    assert main(["bench", "--tiny", "--repeats", "1", "--device", "cpu", "--only", "fast 1-step", "--compile",
-                 "--compiled-only", "-o", str(out)]) == 0
+    assert bench_main(["--tiny", "--repeats", "1", "--device", "cpu", "--only", "fast 1-step", "--compile",
+                       "--compiled-only", "-o", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| fast")]
     assert [row.split("|")[2].strip() for row in rows] == ["ours + compile"]  # on CPU compile is skipped, noted
 
@@ -125,7 +127,8 @@ def test_bench_compiled_only_skips_the_rows_without_compile(tmp_path):
 def test_bench_reference_stays_fp32_while_the_same_modules_are_measured_in_half_precision():
     """The fp32 error baseline runs first on the very modules that are then cast in place (one copy of the
     weights on the GPU); with no options, ours is our eager loop exactly, and only the cast differs from fp32."""
-    from sdxl_fast import bench, random_weights
+    from benchmarks import bench
+    from sdxl_fast.testing import random_weights
 
     rows, _ = bench.run_bench(random_weights.tiny_configs(), torch.device("cpu"), torch.bfloat16, 1, True,
                               Acceleration.none(), only=["fast 1-step"])
@@ -134,26 +137,27 @@ def test_bench_reference_stays_fp32_while_the_same_modules_are_measured_in_half_
 
 
 def test_bench_refuses_an_unknown_workload_before_building_anything(capsys, monkeypatch):
-    from sdxl_fast import bench
+    from benchmarks import bench
 
     monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("the bench ran"))
     with pytest.raises(SystemExit) as exit_:
-        main(["bench", "--tiny", "--only", "fast 1 step"])
+        bench.main(["--tiny", "--only", "fast 1 step"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'fast 1 step'" in err and "'fast 1-step'" in err  # the valid names, listed
 
 
 def test_bench_no_combo_kernels_compiles_without_them(tmp_path, monkeypatch):
-    from sdxl_fast import acceleration
+    from benchmarks import bench
+    from sdxl_fast import accel as acceleration
 
     applied, apply = [], acceleration.apply
-    monkeypatch.setattr(acceleration, "apply",
+    monkeypatch.setattr(bench.acceleration, "apply",
                         lambda models, options: applied.append(options) or apply(models, options))
     for flag, expected in (([], True), (["--no-combo-kernels"], False)):
         applied.clear()
-        assert main(["bench", "--tiny", "--repeats", "1", "--device", "cpu", "--only", "fast 1-step", "--compile",
-                     "--compiled-only", *flag, "-o", str(tmp_path / "BENCH.md")]) == 0
+        assert bench_main(["--tiny", "--repeats", "1", "--device", "cpu", "--only", "fast 1-step", "--compile",
+                           "--compiled-only", *flag, "-o", str(tmp_path / "BENCH.md")]) == 0
         assert [o.combo_kernels for o in applied if o.compile] == [expected]
 
 
@@ -208,21 +212,22 @@ def test_unet_probe_script_times_each_model_and_shape(model):
 
 
 def test_warmup_runs_every_path_and_the_quality_step_cache(tiny_models, monkeypatch):
-    from sdxl_fast import acceleration, step_cache
+    from sdxl_fast.accel import startup as warmup_module
+    from sdxl_fast.pipeline import step_cache
 
-    generate_module = sys.modules["sdxl_fast.generate"]  # the package's `generate` is the function
+    generate_module = warmup_module  # where warm-up looks its `generate` up
     calls, cached_unets = [], []
     real_generate, real_cached = generate_module.generate, step_cache.cached_step
     monkeypatch.setattr(generate_module, "generate", lambda models, p, *a: calls.append(p) or real_generate(models, p, *a))
     monkeypatch.setattr(step_cache, "cached_step", lambda unet, *a: cached_unets.append(unet) or real_cached(unet, *a))
-    acceleration.warmup(tiny_models)
+    warmup_module.warmup(tiny_models)
     assert [(p.mode, p.steps, p.cache_interval) for p in calls] == [("fast", 1, 1), ("quality", 2, 1), ("quality", 4, 2)]
     q = tiny_models.quality
     assert cached_unets == [q.base, q.refiner]  # each Quality UNet's cached step has run (and compiled, on a GPU)
 
 
 def test_bench_prompts_are_new_on_every_call_unless_a_workload_repeats_one():
-    from sdxl_fast.bench import PROMPT, time_calls, workloads
+    from benchmarks.bench import PROMPT, time_calls, workloads
 
     seen = []
     fast, same = (next(w for w in workloads(tiny=True) if w.name == name)
@@ -237,7 +242,7 @@ def test_bench_prompts_are_new_on_every_call_unless_a_workload_repeats_one():
 def test_generation_keeps_no_autograd_state_even_for_modules_that_require_grad(tiny_models):
     """A full-size fp32 bench reference ran out of GPU memory keeping the VAE's activations for a backward pass
     that never comes: its random modules required grad. Nothing in a generation may record for autograd."""
-    from sdxl_fast.generate import generate_tensors
+    from sdxl_fast.pipeline.generate import generate_tensors
 
     models = tiny_models
     seen = []

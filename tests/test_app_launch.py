@@ -87,7 +87,7 @@ def test_fp8_flag_loads_with_fp8_asked_for_and_skipped_on_cpu(tiny_sources, capl
     import app
 
     assert app.parse_args(["--fp8"]).fp8 and not app.parse_args([]).fp8
-    with caplog.at_level(logging.INFO, logger="sdxl_fast.acceleration"):
+    with caplog.at_level(logging.INFO, logger="sdxl_fast.accel.options"):
         studio = app.load_studio(tiny_sources, device="cpu", dtype="fp32", fp8=True)
     assert studio.models.fast is not None and studio.models.quality is not None
     assert "fp8: skipped on cpu" in caplog.text

@@ -1,7 +1,7 @@
 import torch
 
 from sdxl_fast import GenerationParams, generate
-from sdxl_fast.conditioning import SDXL_BUCKETS, nearest_bucket
+from sdxl_fast.params import SDXL_BUCKETS, nearest_bucket
 
 from recording import record_unet_calls
 

@@ -7,9 +7,11 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from sdxl_fast import GenerationParams, cross_kv, load, random_weights
-from sdxl_fast.acceleration import Acceleration
-from sdxl_fast.generate import generate_tensors
+from sdxl_fast import GenerationParams, load
+from sdxl_fast.accel import cross_kv
+from sdxl_fast.testing import random_weights
+from sdxl_fast.accel.options import Acceleration, apply
+from sdxl_fast.pipeline.generate import generate_tensors
 
 
 def _unet(unet, latents, context, time_ids):
@@ -58,8 +60,9 @@ def test_hoist_refuses_unfused_projections_and_project_passes_plain_unets_throug
 ])
 def test_generate_with_hoisted_keys_and_values_matches_without(tiny_sources, params):
     hoisted_options = Acceleration(channels_last=False, subpixel_upsample=False, cuda_graphs=False, compile=False)
-    plain = load(sources=tiny_sources, device="cpu", acceleration=replace(hoisted_options, hoist_cross_kv=False))
-    hoisted = load(sources=tiny_sources, device="cpu", acceleration=hoisted_options)
+    plain, hoisted = load(sources=tiny_sources, device="cpu"), load(sources=tiny_sources, device="cpu")
+    apply(plain, replace(hoisted_options, hoist_cross_kv=False))
+    apply(hoisted, hoisted_options)
     widths = []
     for unet in (hoisted.quality.base, hoisted.quality.refiner, hoisted.fast.student):
         unet.register_forward_pre_hook(lambda m, args, kwargs: widths.append(

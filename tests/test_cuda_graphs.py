@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from sdxl_fast import GenerationParams, generate
-from sdxl_fast import cuda_graphs
-from sdxl_fast.cuda_graphs import CudaGraphs
+from sdxl_fast.accel import cuda_graphs
+from sdxl_fast.accel.cuda_graphs import AcceleratedRunner, CudaGraphs
+from sdxl_fast.models import Runner
 
 
 class RecordedOnCPU:
@@ -43,7 +44,7 @@ def cpu_graphs(monkeypatch):
 
 
 def _use_graphs(models, graphs):
-    models.graphs = graphs
+    models.runner = AcceleratedRunner(graphs) if graphs is not None else Runner()
     for path in (models.quality, models.fast):
         path.encoders.cache.clear()  # so the encoders run (through their graph) rather than hit the cache
 

@@ -3,7 +3,7 @@ import logging
 import torch
 from diffusers import AutoencoderKL
 
-from sdxl_fast.decoding import decode, latent_preview
+from sdxl_fast.pipeline.decoding import decode, latent_preview
 
 
 def test_fp16_overflow_is_decoded_again_in_fp32(tiny_family, caplog):
@@ -34,7 +34,7 @@ def test_vae_attention_as_matmuls_decodes_like_sdpa():
     """acceleration's vae_matmul_attention: diffusers' AttnProcessor in place of SDPA, same images."""
     from diffusers.models.attention_processor import AttnProcessor
 
-    from sdxl_fast import random_weights
+    from sdxl_fast.testing import random_weights
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**random_weights.tiny_configs()["vae"]).eval()

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import sdxl_fast
-from shapes.cli import main as shapes_main
+from sdxl_fast.shapes.cli import main as shapes_main
 
 ROOT = Path(__file__).resolve().parent.parent
-VIT = ROOT / "shapes" / "vit_weights" / "vit.safetensors"
+VIT = ROOT / "sdxl_fast" / "shapes" / "vit_weights" / "vit.safetensors"
 TINY = ["--pool-size", "12", "--workers", "1", "--batch-size", "2", "--log-every", "1", "--threads", "1",
         "--eval-images", "16"]
 
@@ -72,11 +72,11 @@ def test_time_budget_stops_the_run(work):
 def test_export_loads_and_generates(work, tmp_path):
     from safetensors import safe_open
 
-    from shapes.export_demo import export_demo
+    from sdxl_fast.shapes.export_demo import export_demo
 
     student = tmp_path / "student"  # stands in for distill's output: a UNet-only fp32 folder
-    from shapes import demo_family
-    from shapes.train_demo import load_weights
+    from sdxl_fast.shapes import demo_family
+    from sdxl_fast.shapes.train_demo import load_weights
 
     unet = demo_family.build_base_unet()
     load_weights(unet, work / "base", ema=True)
@@ -102,9 +102,9 @@ def test_export_loads_and_generates(work, tmp_path):
 
 
 def test_caption_encoding_matches_inference(work):
-    from sdxl_fast.loading import TextEncoders
-    from sdxl_fast.prompts import encode_prompts
-    from shapes.train_demo import encode_captions, load_encoders
+    from sdxl_fast.models import TextEncoders
+    from sdxl_fast.pipeline.prompts import encode_prompts
+    from sdxl_fast.shapes.train_demo import encode_captions, load_encoders
 
     enc = load_encoders(work, "cpu")
     caps = ["a red circle", "", "two small green squares on a gray gradient background", "a red circle"]
@@ -118,12 +118,12 @@ def test_caption_encoding_matches_inference(work):
 def test_shipped_vit_loads_into_the_discriminator_with_no_missing_keys():
     from safetensors.torch import load_file
 
-    from distill.discriminator import load_backbone
-    from shapes.demo_config import PretrainConfig
-    from shapes.feature_net import check_loads
+    from sdxl_fast.distill.discriminator import load_backbone
+    from sdxl_fast.shapes.demo_config import PretrainConfig
+    from sdxl_fast.shapes.feature_net import check_loads
 
     cfg = tomllib.loads((ROOT / "configs" / "demo-student.toml").read_text())
-    assert cfg["disc_weights"] == "shapes/vit_weights/vit.safetensors"
+    assert cfg["disc_weights"] == "sdxl_fast/shapes/vit_weights/vit.safetensors"
     info = json.loads(VIT.with_suffix(".json").read_text())
     assert info["backbone_kwargs"] == cfg["disc_backbone_kwargs"] and info["img_size"] == cfg["disc_image_size"]
     assert info["training"]["train_seeds"][1] <= 10**9  # never trained on held-out seeds
@@ -138,9 +138,9 @@ def test_shipped_vit_loads_into_the_discriminator_with_no_missing_keys():
 
 def test_pretrain_vit_writes_a_backbone_distill_loads(tmp_path):
     """`pretrain-vit` end to end at a few images and steps: accuracy per label, a loadable backbone."""
-    from shapes.data import LABELS
-    from shapes.demo_config import PretrainConfig
-    from shapes.feature_net import check_loads
+    from sdxl_fast.shapes.data import LABELS
+    from sdxl_fast.shapes.demo_config import PretrainConfig
+    from sdxl_fast.shapes.feature_net import check_loads
 
     out = tmp_path / "vit"
     shapes_main(["pretrain-vit", "--out", str(out), "--train-images", "16", "--eval-images", "8", "--steps", "2",
@@ -161,10 +161,10 @@ def test_pretrain_vit_time_budget_ends_the_run_early(tmp_path):
 
 def test_demo_student_config_runs_with_distill(work, tmp_path):
     """configs/demo-student.toml as the GPU call uses it, shrunk to 1 step of batch 2 on the CPU."""
-    from distill.config import load_config
-    from distill.train import train
-    from shapes.export_demo import export_demo
-    from shapes.writer import write_folder
+    from sdxl_fast.distill.config import load_config
+    from sdxl_fast.distill.train import train
+    from sdxl_fast.shapes.export_demo import export_demo
+    from sdxl_fast.shapes.writer import write_folder
 
     export_demo(work, tmp_path / "teacher", parts=("base",))
     write_folder(tmp_path / "data", 4, metadata=False)
@@ -183,8 +183,8 @@ def test_demo_student_config_runs_with_distill(work, tmp_path):
 
 
 def test_parallel_drawing_equals_serial(tmp_path):
-    from shapes.pool import draw_pool
-    from shapes.writer import write_folder
+    from sdxl_fast.shapes.pool import draw_pool
+    from sdxl_fast.shapes.writer import write_folder
 
     serial = draw_pool(6, start=3, workers=1, chunk=2)
     parallel = draw_pool(6, start=3, workers=2, chunk=2)

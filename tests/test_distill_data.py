@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from distill import data
-from distill.testing import make_dataset
+from sdxl_fast.distill import data
+from sdxl_fast.testing.tiny_data import make_dataset
 
 
 @pytest.mark.parametrize("fmt", ["folder", "jsonl", "webdataset"])
@@ -59,7 +59,7 @@ def test_random_crop_is_reproducible_per_epoch_and_index(tmp_path):
 
 
 def test_aspect_ratio_buckets(tmp_path):
-    from distill.config import TrainConfig
+    from sdxl_fast.distill.config import TrainConfig
 
     root = tmp_path / "mixed"
     root.mkdir()

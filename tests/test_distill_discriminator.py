@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from distill import losses
-from distill.config import TrainConfig
-from distill.discriminator import (FeatureNetworkError, build_discriminator, discriminate, image_condition,
+from sdxl_fast.distill import losses
+from sdxl_fast.distill.config import TrainConfig
+from sdxl_fast.distill.discriminator import (FeatureNetworkError, build_discriminator, discriminate, image_condition,
                                   load_backbone)
 
 TINY_VIT = {"depth": 3, "embed_dim": 32, "num_heads": 2}

@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from distill.testing import make_dataset, tiny_overrides
+from sdxl_fast.testing.tiny_data import make_dataset, tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,7 @@ def _run(overrides: dict, *extra: str, fsdp: bool = True) -> dict:
                  if isinstance(value, (dict, tuple)) else str(value)]
     env = dict(os.environ, ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO), **(_fsdp_env() if fsdp else {}))
-    program = [str(REPO / "tests" / "fsdp_cpu_launch.py")] if fsdp else ["-m", "distill"]  # else DDP
+    program = [str(REPO / "tests" / "fsdp_cpu_launch.py")] if fsdp else ["-m", "sdxl_fast.distill"]  # else DDP
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
          *program, *args], cwd=REPO, env=env, capture_output=True, text=True,

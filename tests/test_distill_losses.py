@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from distill import losses
-from distill.config import TrainConfig, load_config
+from sdxl_fast.distill import losses
+from sdxl_fast.distill.config import TrainConfig, load_config
 
 
 def test_hinge_d_loss_by_hand():
@@ -118,7 +118,7 @@ def test_example_configs_load():
 
 
 def test_student_timestep_weights_set_how_often_each_timestep_is_drawn():
-    from distill.train import draw_student_timesteps
+    from sdxl_fast.distill.train import draw_student_timesteps
 
     timesteps = torch.tensor([999, 749, 499, 249])
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from distill.testing import make_dataset, tiny_overrides
+from sdxl_fast.testing.tiny_data import make_dataset, tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def test_two_cpu_processes_train_in_sync(tmp_path, tiny_family):
                PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         "-m", "distill", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+         "-m", "sdxl_fast.distill", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])  # printed by rank 0 only
     assert summary["num_processes"] == 2

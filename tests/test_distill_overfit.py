@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import torch
 from diffusers import UNet2DConditionModel
 
-from distill import losses
-from distill.train import _teacher_x0
-from sdxl_fast import sampling
-from sdxl_fast.random_weights import SDXL_SCHEDULER
+from sdxl_fast.distill import losses
+from sdxl_fast.distill.train import _teacher_x0
+from sdxl_fast.pipeline import sampling
+from sdxl_fast.testing.random_weights import SDXL_SCHEDULER
 
 
 class PointTeacher(torch.nn.Module):

@@ -13,11 +13,11 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 import sdxl_fast
-from distill import losses
-from distill.checkpoints import list_checkpoints
-from distill.config import load_config
-from distill.testing import make_dataset, tiny_overrides
-from distill.train import NonFiniteLossError, train
+from sdxl_fast.distill import losses
+from sdxl_fast.distill.checkpoints import list_checkpoints
+from sdxl_fast.distill.config import load_config
+from sdxl_fast.testing.tiny_data import make_dataset, tiny_overrides
+from sdxl_fast.distill.train import NonFiniteLossError, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ def _two_threads():
 
 def _cli(args: list[str], timeout=300) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, "-m", "distill", *args], cwd=REPO, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "sdxl_fast.distill", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
@@ -139,7 +139,7 @@ def test_encoding_cache_is_used_and_changes_nothing(tmp_path, tiny_family):
 def test_aspect_ratio_bucketing_trains_on_non_square_latents(tmp_path, tiny_family, monkeypatch):
     from PIL import Image
 
-    from distill import train as train_module
+    from sdxl_fast.distill import train as train_module
 
     root = tmp_path / "mixed"
     root.mkdir()

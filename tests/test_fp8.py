@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from sdxl_fast import GenerationParams
-from sdxl_fast.acceleration import Acceleration, apply
-from sdxl_fast.fp8 import Fp8Linear, calibrate, convert_unet
-from sdxl_fast.generate import generate_tensors
+from sdxl_fast.accel.options import Acceleration, apply
+from sdxl_fast.accel.fp8 import Fp8Linear, calibrate, convert_unet
+from sdxl_fast.pipeline.generate import generate_tensors
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -43,7 +43,7 @@ def test_converted_student_stays_close_to_the_eager_one(tiny_models):
 def test_fp8_is_skipped_on_cpu_with_the_reason(tiny_sources):
     from sdxl_fast import load
 
-    models = load(modes=("fast",), sources=tiny_sources, device="cpu", acceleration=Acceleration.none())
+    models = load(modes=("fast",), sources=tiny_sources, device="cpu")
     notes = apply(models, replace(Acceleration.none(), fp8=True))
     assert notes == ["fp8: skipped on cpu (fp8 tensor cores are on CUDA GPUs of compute capability 8.9+)"]
     assert not any(isinstance(m, Fp8Linear) for m in models.fast.student.modules())
@@ -65,8 +65,8 @@ def test_a_calibrated_linear_uses_its_fixed_scale_and_saturates_beyond_it():
 
 
 def test_calibration_on_sample_calls_fixes_every_layer_and_stays_close(tiny_models, monkeypatch):
-    from sdxl_fast import fp8
-    from sdxl_fast.acceleration import _sample_calls
+    from sdxl_fast.accel import fp8
+    from sdxl_fast.accel.startup import sample_calls as _sample_calls
 
     models = copy.copy(tiny_models)
     models.fast = copy.copy(tiny_models.fast)
@@ -81,7 +81,7 @@ def test_calibration_on_sample_calls_fixes_every_layer_and_stays_close(tiny_mode
 
 
 def test_fp8_leaves_the_text_projections_to_the_hoisted_keys_and_values(tiny_models):
-    from sdxl_fast import cross_kv
+    from sdxl_fast.accel import cross_kv
 
     models = copy.copy(tiny_models)
     models.fast = copy.copy(tiny_models.fast)

@@ -92,7 +92,7 @@ def test_an_unset_size_is_the_models_own(tiny_models):
 
 
 def test_the_fast_schedule_is_copied_to_the_device_once(tiny_models):
-    from sdxl_fast.generate import _schedule_on
+    from sdxl_fast.pipeline.generate import _schedule_on
 
     scheduler = tiny_models.fast.scheduler
     first = _schedule_on(scheduler, tiny_models.device)

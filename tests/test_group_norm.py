@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sdxl_fast import group_norm, random_weights
-from sdxl_fast.acceleration import Acceleration, apply
-from sdxl_fast.bench import build_models
+from sdxl_fast.accel import group_norm
+from sdxl_fast.testing import random_weights
+from sdxl_fast.accel.options import Acceleration, apply
+from benchmarks.bench import build_models
 
 
 @pytest.mark.parametrize("shape, channels_last, affine", [((2, 64, 8, 8), True, True), ((2, 64, 8, 8), False, False),
@@ -60,11 +61,7 @@ def test_acceleration_option_converts_the_unets_and_vae_and_keeps_the_output():
 
 
 def test_unet_probe_counts_inductor_kernels_named_after_convolutions_as_triton():
-    sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
-    try:
-        from unet_probe import category
-    finally:
-        sys.path.pop(0)
+    from benchmarks.unet_probe import category
     assert category("triton_per_fused_clone_convolution_native_group_norm_silu_50") == "triton (fused elementwise/norm)"
     assert category("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc") == "conv"
     assert category("pytorch_flash::flash_fwd_kernel") == "attention"

@@ -140,7 +140,7 @@ def test_cpu_offload_on_a_cpu_only_machine_still_generates(tiny_sources):
 
 
 def test_weight_dtype_is_diffusers_module_dtype_without_the_walk(tiny_models):
-    from sdxl_fast.loading import weight_dtype
+    from sdxl_fast.models import weight_dtype
 
     vae = copy.deepcopy(tiny_models.fast.vae)
     for dtype in (torch.float32, torch.bfloat16):

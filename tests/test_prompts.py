@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sdxl_fast import PromptTruncatedWarning
-from sdxl_fast.prompts import encode_prompts, tokenize
+from sdxl_fast.pipeline.prompts import encode_prompts, tokenize
 
 
 def test_embeddings_use_both_encoders_penultimate_layer(tiny_models):
@@ -39,7 +39,7 @@ def test_tokenize_pads_and_cuts_as_the_tokenizers_own_options_do(tiny_models):
 
 
 def test_cache_returns_the_same_embeddings_rewarns_and_forgets_the_oldest(tiny_models, monkeypatch):
-    from sdxl_fast import prompts
+    from sdxl_fast.pipeline import prompts
 
     enc = tiny_models.quality.encoders
     enc.cache.clear()

@@ -1,6 +1,6 @@
 import open_clip
 
-from sdxl_fast.random_weights import clip_tokenizer
+from sdxl_fast.testing.random_weights import clip_tokenizer
 
 # No "!" in the text: it is tokenizer_2's pad token (as in SDXL's own tokenizer_2), so it is matched as a special token.
 TEXT = "a photo of a cat, trending on artstation. Ünïcode 🐱 #1"

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sdxl_fast import GenerationParams, generate
-from sdxl_fast.schedules import refiner_cutoff, student_timesteps
+from sdxl_fast.pipeline.schedules import refiner_cutoff, student_timesteps
 
 from recording import record_unet_calls
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shapes import data
-from shapes.data import HELDOUT_START, heldout_seeds, parse_caption, sample
+from sdxl_fast.shapes import data
+from sdxl_fast.shapes.data import HELDOUT_START, heldout_seeds, parse_caption, sample
 
 PROBE_KEYS = ("shape", "colour", "position", "count")
 
@@ -132,7 +132,7 @@ def test_heldout_split_is_fixed_and_disjoint_from_training_seeds():
 
 def test_write_command_makes_png_txt_pairs(tmp_path):
     out = tmp_path / "folder"
-    subprocess.run([sys.executable, "-m", "shapes", "write", "--out", str(out), "--count", "5", "--start", "40"],
+    subprocess.run([sys.executable, "-m", "sdxl_fast.shapes", "write", "--out", str(out), "--count", "5", "--start", "40"],
                    check=True, cwd=Path(__file__).resolve().parent.parent)
     pngs = sorted(out.glob("*.png"))
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
@@ -147,11 +147,11 @@ def test_write_command_makes_png_txt_pairs(tmp_path):
 
 
 def test_write_command_omit_probability(tmp_path):
-    subprocess.run([sys.executable, "-m", "shapes", "write", "--out", str(tmp_path), "--count", "3",
+    subprocess.run([sys.executable, "-m", "sdxl_fast.shapes", "write", "--out", str(tmp_path), "--count", "3",
                     "--omit-probability", "1", "--no-metadata"], check=True, cwd=Path(__file__).resolve().parent.parent)
     assert [p.read_text().strip() for p in sorted(tmp_path.glob("*.txt"))] == [
         sample(i, omit_probability=1.0)[1] for i in range(3)]
-    from shapes.writer import write_folder
+    from sdxl_fast.shapes.writer import write_folder
 
     with pytest.raises(ValueError, match="omit_probability"):
         write_folder(tmp_path, 1, omit_probability=1.5)
@@ -160,7 +160,7 @@ def test_write_command_omit_probability(tmp_path):
 def test_written_folder_reads_through_distill_indexer(tmp_path):
     """The format is the one `distill` reads: same-name .txt captions next to the images."""
     distill_data = pytest.importorskip("distill.data")
-    from shapes.writer import write_folder
+    from sdxl_fast.shapes.writer import write_folder
 
     write_folder(tmp_path, 3, start=7)
     records = distill_data.index_folder(str(tmp_path))

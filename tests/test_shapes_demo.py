@@ -6,7 +6,7 @@ import torch
 
 import sdxl_fast
 from sdxl_fast.loading import demo_models_available
-from shapes.probe import DEFAULT_DIR, load_probe, predict
+from sdxl_fast.shapes.probe import DEFAULT_DIR, load_probe, predict
 
 pytestmark = pytest.mark.skipif(
     not (demo_models_available() and (DEFAULT_DIR / "probe.safetensors").is_file()),

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from shapes.cli import main
-from shapes.evaluate import HEADER, REFERENCE, ROWS
-from shapes.probe import save_probe, train_probe
+from sdxl_fast.shapes.cli import main
+from sdxl_fast.shapes.evaluate import HEADER, REFERENCE, ROWS
+from sdxl_fast.shapes.probe import save_probe, train_probe
 
 EXPECTED_ROWS = [("teacher base+refiner", "50"), ("teacher base", "50"), ("teacher base", "1"), ("teacher base", "4"),
                  ("student (ADD)", "1"), ("student (ADD)", "2"), ("student (ADD)", "4")]
@@ -55,7 +55,7 @@ def test_evaluate_command_writes_the_full_table(tiny_family, probe_dir, tmp_path
 
 
 def test_refiner_row_is_reported_not_run_without_a_refiner(tiny_family, probe_dir, tmp_path):
-    from shapes.evaluate import Row, evaluate, markdown
+    from sdxl_fast.shapes.evaluate import Row, evaluate, markdown
 
     report = evaluate(tiny_family["base"], None, tiny_family["student"], n=2, probe_dir=probe_dir,
                       rows=(Row("teacher base+refiner", "quality", 2, use_refiner=True),
@@ -77,7 +77,7 @@ def test_evaluate_student_only_runs_the_student_rows(tiny_family, probe_dir, tmp
 
 def test_evaluate_selection_scores_other_heldout_captions(tiny_family, probe_dir, tmp_path):
     """--selection: candidates are compared on held-out seeds the evaluation set does not use."""
-    from shapes import data
+    from sdxl_fast.shapes import data
 
     out = tmp_path / "table.md"
     assert main(["evaluate", "--base", str(tiny_family["base"]), "--refiner", "none", "--student",
@@ -89,16 +89,16 @@ def test_evaluate_selection_scores_other_heldout_captions(tiny_family, probe_dir
 
 
 def test_evaluate_rejects_a_single_caption(tiny_family, probe_dir):
-    from shapes.evaluate import evaluate
+    from sdxl_fast.shapes.evaluate import evaluate
 
     with pytest.raises(ValueError):
         evaluate(tiny_family["base"], None, tiny_family["student"], n=1, probe_dir=probe_dir)
 
 
 def test_short_prompt_accuracy_counts_images_read_as_the_asked_shape_and_colour():
-    from shapes import data
-    from shapes.evaluate import SHORT_PROMPTS, short_prompt_accuracy
-    from shapes.probe import load_probe
+    from sdxl_fast.shapes import data
+    from sdxl_fast.shapes.evaluate import SHORT_PROMPTS, short_prompt_accuracy
+    from sdxl_fast.shapes.probe import load_probe
 
     drawn = {}  # (shape, colour) -> a real generated-by-code image of one such object
     for seed in range(5000):
@@ -118,7 +118,7 @@ def test_short_prompt_accuracy_counts_images_read_as_the_asked_shape_and_colour(
 
 
 def test_evaluate_adds_the_short_prompt_column_when_asked(tiny_family, probe_dir):
-    from shapes.evaluate import Row, evaluate, markdown
+    from sdxl_fast.shapes.evaluate import Row, evaluate, markdown
 
     report = evaluate(tiny_family["base"], None, tiny_family["student"], n=2, probe_dir=probe_dir,
                       rows=(Row("student (ADD)", "fast", 1),), short_prompts=1)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from shapes.frechet import frechet_distance, frechet_from_statistics, statistics
+from sdxl_fast.shapes.frechet import frechet_distance, frechet_from_statistics, statistics
 
 
 def test_one_dimensional_hand_computed():

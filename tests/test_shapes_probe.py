@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from shapes import data
-from shapes.probe import (DEFAULT_DIR, HEADS, IGNORE, evaluate_real, features, label_targets, load_probe,
+from sdxl_fast.shapes import data
+from sdxl_fast.shapes.probe import (DEFAULT_DIR, HEADS, IGNORE, evaluate_real, features, label_targets, load_probe,
                           predict, predict_indices, render, save_probe, score, train_probe)
 
 CHANCE = {"shape": 1 / 6, "colour": 1 / 8, "position": 1 / 9, "count": 1 / 3}

@@ -6,7 +6,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from sdxl_fast import GenerationParams, generate, random_weights, step_cache
+from sdxl_fast import GenerationParams, generate
+from sdxl_fast.pipeline import step_cache
+from sdxl_fast.testing import random_weights
 
 
 @pytest.fixture(scope="module", params=["unet", "refiner_unet"])

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from shapes import data, demo_family, text_pretrain
-from shapes.cli import main as shapes_main
-from shapes.probe import IGNORE, label_targets
+from sdxl_fast.shapes import data, demo_family, text_pretrain
+from sdxl_fast.shapes.cli import main as shapes_main
+from sdxl_fast.shapes.probe import IGNORE, label_targets
 
 
 def _fresh():
@@ -23,8 +23,8 @@ def encoders_and_tokenizers():
 
 
 def test_features_are_what_the_unets_read(encoders_and_tokenizers):
-    from sdxl_fast.loading import TextEncoders
-    from sdxl_fast.prompts import encode_prompts
+    from sdxl_fast.models import TextEncoders
+    from sdxl_fast.pipeline.prompts import encode_prompts
 
     encoders, tokenizers = encoders_and_tokenizers
     captions = ["a red circle", "two small green squares on a gray gradient background"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from sdxl_fast import text_qkv
+from sdxl_fast.accel import text_qkv
 
 
 @torch.no_grad()

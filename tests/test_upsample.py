@@ -1,10 +1,10 @@
-"""The upsampler rewrite (sdxl_fast.upsample) computes what diffusers' Upsample2D computes."""
+"""The upsampler rewrite (sdxl_fast.accel.upsample) computes what diffusers' Upsample2D computes."""
 
 import pytest
 import torch
 from diffusers.models.upsampling import Upsample2D
 
-from sdxl_fast.upsample import SubpixelUpsample, convert
+from sdxl_fast.accel.upsample import SubpixelUpsample, convert
 
 
 @pytest.mark.parametrize("in_ch,out_ch,h,w", [(8, 8, 7, 9), (8, 16, 4, 4), (16, 8, 1, 3)])

@@ -1,0 +1,35 @@
+"""Calls made at start-up: fp8's calibration calls, and the warm-up that compiles and records graphs."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models import Models, Runner
+from ..params import GenerationParams
+from ..pipeline.generate import generate
+
+
+def sample_calls(models: Models) -> None:
+    """Eager calls at the models' own size that reach every UNet: the student at each of its 4 timesteps,
+    base and refiner over a 10-step schedule with both guidance branches. fp8's calibration watches them."""
+    runner, models.runner = models.runner, Runner()  # recorded graphs would replay the layers as they were
+    try:
+        with torch.compiler.set_stance("force_eager"):  # a compiled UNet would trace the watching hooks
+            for mode, steps in (("fast", 4), ("quality", 10)):
+                if getattr(models, mode) is not None:
+                    generate(models, GenerationParams("a photograph of a city street", mode=mode, steps=steps,
+                                                      seed=0))
+    finally:
+        models.runner = runner
+
+
+def warmup(models: Models) -> None:
+    """Run each loaded path once at the models' own size (generate's default), so compilation, autotuning and
+    graph recording happen now: Fast at 1 step; Quality at 2 steps (one on the base, one on the refiner), then
+    at 4 with the step cache, which the app offers for Quality (a whole and a cached step on each UNet)."""
+    calls = {"fast": [dict(steps=1)], "quality": [dict(steps=2), dict(steps=4, refiner_switch=0.5, cache_interval=2)]}
+    for mode, kwargs in calls.items():
+        if getattr(models, mode) is None:
+            continue
+        for kw in kwargs:
+            generate(models, GenerationParams("warm-up", mode=mode, seed=0, **kw))
