@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import queue
 import random
 import re
@@ -29,6 +30,8 @@ from sdxl_fast import accel
 from sdxl_fast.cli import add_model_arguments
 from sdxl_fast.params import MAX_SEED, SDXL_BUCKETS, bucket_label
 from sdxl_fast.pipeline.decoding import latent_preview
+from sdxl_fast.pipeline.generate import batch_key, generate_many
+from sdxl_fast.serving.compiler import BackgroundCompiler, load_cache
 
 try:  # On a ZeroGPU Space, `spaces.GPU` attaches a GPU for the duration of each call.
     import spaces
@@ -44,6 +47,7 @@ FAST, QUALITY = "Fast", "Quality"
 QUALITY_MAX_STEPS = 100
 FAST_MAX_STEPS = 4
 MAX_IMAGES_UI = 4
+LIVE_BATCH = 16  # typists whose keystrokes may share one batched Fast call
 QUALITY_SIZES = [(bucket_label(w, h), f"{w}x{h}") for w, h in SDXL_BUCKETS]
 FAST_SIZES = [(bucket_label(512, 512), "512x512")] + QUALITY_SIZES
 DEFAULT_SIZE = {FAST: "512x512", QUALITY: "1024x1024"}
@@ -104,6 +108,22 @@ class Studio:
         self.models = models
         self.load_errors = load_errors or {}
         self._stop_flags: dict[str, threading.Event] = {}
+        # Compiles each new (mode, size, images) in the background while it is served eagerly (GPU only).
+        self.compiler: BackgroundCompiler | None = None
+
+    def prepare(self, params: sdxl_fast.GenerationParams, notify: bool = True) -> None:
+        """Queue this request's shape for compiling if it is new, and tell the user why it may be slower."""
+        if self.compiler is None:
+            return
+        if self.compiler.request(params) == "queued" and notify:
+            gr.Info(f"First request at {params.width}×{params.height} × {params.num_images}: it runs uncompiled "
+                    "(a little slower) while a faster version is prepared in the background.")
+
+    def status(self) -> dict:
+        """Which shapes run compiled, are being compiled, or wait for it."""
+        compiled = self.compiler.status() if self.compiler is not None else {"compiled": [], "compiling": [],
+                                                                               "queued": [], "failed": {}}
+        return {"models": {mode: self.unavailable(mode) is None for mode in ("fast", "quality")}, **compiled}
 
     def unavailable(self, mode: str) -> str | None:
         loaded = self.models is not None and getattr(self.models, mode) is not None
@@ -134,6 +154,7 @@ class Studio:
         reason = self.unavailable(params.mode)
         if reason:
             raise gr.Error(reason)
+        self.prepare(params)
         with _generations_lock:
             generations[params.mode] += 1
         log.info("generation %d (%s): %d steps, %dx%d, seed %d, prompt %r", generations[params.mode],
@@ -142,22 +163,31 @@ class Studio:
         # (a single concurrency group for the models, see build_demo).
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", sdxl_fast.PromptTruncatedWarning)
-            try:
-                images = sdxl_fast.generate(self.models, params, callback)
-            except Stopped:
-                raise
-            except torch.cuda.OutOfMemoryError as e:
-                torch.cuda.empty_cache()
-                raise gr.Error("The GPU ran out of memory. Try a smaller size or fewer images.") from e
-            except FloatingPointError as e:
-                raise gr.Error(f"The image came out as NaN/inf and was discarded: {e}") from e
-            except ValueError as e:
-                raise gr.Error(str(e)) from e
-            except Exception as e:  # noqa: BLE001 - any failure must reach the user, not kill the worker
-                log.exception("generation failed")
-                raise gr.Error(f"Generation failed: {type(e).__name__}: {e}") from e
+            started = time.perf_counter()
+            images = self._run_errors(sdxl_fast.generate, self.models, params, callback)
+            log.info("generate() took %.1f ms (%s, %dx%d x%d)", (time.perf_counter() - started) * 1e3, params.mode,
+                     params.width, params.height, params.num_images)
         notes = [str(w.message) for w in caught if issubclass(w.category, sdxl_fast.PromptTruncatedWarning)]
         return images, notes
+
+    @staticmethod
+    def _run_errors(fn, *args):
+        """fn(*args), every failure turned into a gr.Error with a readable message, so the UI shows it and the
+        worker goes on to the next request."""
+        try:
+            return fn(*args)
+        except Stopped:
+            raise
+        except torch.cuda.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            raise gr.Error("The GPU ran out of memory. Try a smaller size or fewer images.") from e
+        except FloatingPointError as e:
+            raise gr.Error(f"The image came out as NaN/inf and was discarded: {e}") from e
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - any failure must reach the user, not kill the worker
+            log.exception("generation failed")
+            raise gr.Error(f"Generation failed: {type(e).__name__}: {e}") from e
 
     # -- event handlers ---------------------------------------------------------------------------------
 
@@ -172,6 +202,37 @@ class Studio:
         for note in notes:
             gr.Warning(note)
         return [(im, im.info["parameters"]) for im in images], params.seed
+
+    def live_fast_batch(self, modes, prompts, steps, seeds, sizes, num_images, *micro):
+        """As-you-type generation for every typist whose keystroke is waiting, as Gradio batches them: the
+        requests of one shape share one batched call (`generate_many`). A request that cannot run (Quality mode,
+        an empty prompt, a bad field: the Generate button says why) leaves that typist's image as it is."""
+        results, seeds_out = [gr.skip()] * len(prompts), [gr.skip()] * len(prompts)
+        groups: dict[tuple, list[tuple[int, sdxl_fast.GenerationParams]]] = {}
+        for i, (mode, prompt) in enumerate(zip(modes, prompts)):
+            if mode != FAST or not (prompt or "").strip() or self.unavailable("fast"):
+                continue
+            try:
+                params = self.params("fast", prompt, "", steps[i], seeds[i], sizes[i], 0.0, 1.0, num_images[i],
+                                     *(values[i] for values in micro), 6.0, 2.5)
+            except gr.Error as e:
+                log.info("live request skipped: %s", e)
+                continue
+            groups.setdefault(batch_key(params), []).append((i, params))
+        for group in groups.values():
+            requests = [params for _, params in group]
+            # Padded to a power of two by repeating the last request: five batch sizes to compile, not sixteen.
+            padded = requests + requests[-1:] * (2 ** math.ceil(math.log2(len(requests))) - len(requests))
+            self.prepare(replace(padded[0], num_images=sum(p.num_images for p in padded)), notify=False)
+            with _generations_lock:
+                generations["fast"] += len(requests)
+            started = time.perf_counter()
+            made = self._run_errors(generate_many, self.models, padded)
+            log.info("generate() took %.1f ms (fast live, %d requests as a batch of %d)",
+                     (time.perf_counter() - started) * 1e3, len(requests), len(padded))
+            for (i, params), images in zip(group, made):
+                results[i], seeds_out[i] = [(im, im.info["parameters"]) for im in images], params.seed
+        return results, seeds_out
 
     def live_fast(self, mode, prompt, steps, seed, size, num_images,
                   orig_w, orig_h, crop_top, crop_left, target_w, target_h):
@@ -362,9 +423,11 @@ def build_demo(studio: Studio, concurrency_limit: int = 1, examples: list[str] =
 
         micro = [orig_w, orig_h, crop_top, crop_left, target_w, target_h]
         fast_inputs = [prompt, steps_fast, seed, randomize, size, num_images, *micro]
+        # Batched: the keystrokes of every typist waiting when the GPU frees up run as one call (live_fast_batch).
         gr.on([prompt.change, steps_fast.release, seed.input, size.input, num_images.release, mode.input],
-              gpu(studio.live_fast), inputs=[mode, *fast_inputs[:3], *fast_inputs[4:]], outputs=[result, seed],
-              trigger_mode="always_last", show_progress="hidden", api_visibility="private", **gpu_events,
+              gpu(studio.live_fast_batch), inputs=[mode, *fast_inputs[:3], *fast_inputs[4:]], outputs=[result, seed],
+              trigger_mode="always_last", show_progress="hidden", api_name="live", api_visibility="undocumented", batch=True,
+              max_batch_size=LIVE_BATCH, **gpu_events,
               ).success(add_live_to_history, [result, history_state], [history, history_state], queue=False,
                   api_visibility="private")
         fast_button.click(gpu(studio.generate_fast), fast_inputs, [result, seed], api_name="generate_fast",
@@ -379,6 +442,7 @@ def build_demo(studio: Studio, concurrency_limit: int = 1, examples: list[str] =
                   api_visibility="private")
         stop_button.click(studio.request_stop, None, None, cancels=[quality_event], queue=False,
                           api_visibility="private")
+        gr.api(studio.status, api_name="status", queue=False)  # which shapes run compiled
         # A fresh seed per visitor; live typing then keeps it fixed.
         demo.load(lambda: random.randint(0, MAX_SEED), None, seed, queue=False, api_visibility="private")
         mode.change(partial(on_mode_change, studio), [mode, size],
@@ -398,7 +462,8 @@ def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None,
     matmuls on top of the device's default acceleration (skipped, with a log line, where unsupported)."""
     def loaded(studio: Studio) -> Studio:
         if studio.models is not None and not cpu_offload:
-            options = replace(accel.Acceleration.for_device(studio.models.device), fp8=fp8)
+            # compile_new_shapes=False: a new shape runs uncompiled until the background compiler is done with it
+            options = replace(accel.Acceleration.for_device(studio.models.device), fp8=fp8, compile_new_shapes=False)
             accel.apply(studio.models, options)
         return studio
 
@@ -419,6 +484,22 @@ def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None,
         else:
             models.quality = one.quality
     return loaded(Studio(models, errors))
+
+
+def start_compiling(studio: Studio) -> None:
+    """Serve at once, compile in the background: record the default shapes' CUDA graphs around the eager
+    models (seconds), then compile those shapes, and each new one a request brings, in another thread."""
+    models = studio.models
+    load_cache()
+    log.info("Recording the default shapes' CUDA graphs (uncompiled)")
+    accel.warmup(models)
+    studio.compiler = BackgroundCompiler(models).start()
+    # The models' own size: Fast at 1 image, Quality at 1 image, then Fast at the live batches' sizes.
+    for mode, images in (("fast", 1), ("quality", 1), *(("fast", n) for n in (2, 4, 8, LIVE_BATCH))):
+        if getattr(models, mode) is not None:
+            side = sdxl_fast.native_side(models, mode)
+            studio.compiler.request(sdxl_fast.GenerationParams("", mode=mode, seed=0, width=side, height=side,
+                                                               num_images=images).resolved())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -443,12 +524,11 @@ def main(argv=None) -> None:
     except ValueError as e:
         raise SystemExit(str(e)) from e
     log.info("Model sources: %s", sources)
+    started = time.monotonic()
     studio = load_studio(sources, args.device, args.dtype, args.cpu_offload, args.fp8)
     if studio.models is not None and studio.models.device.type == "cuda":
-        # torch.compile and CUDA-graph capture happen on the first call of each shape: pay for it now, not
-        # with the first visitor's request.
-        log.info("Warming up the compiled models (first start takes a few minutes; later starts reuse the cache)")
-        accel.warmup(studio.models)
+        start_compiling(studio)
+    log.info("Models ready after %.1f s", time.monotonic() - started)
     demo_family = sources == sdxl_fast.PRESETS["demo"]
     demo = build_demo(studio, concurrency_limit=args.concurrency, examples=DEMO_EXAMPLES if demo_family else EXAMPLES,
                       note=DEMO_NOTE if demo_family else "")

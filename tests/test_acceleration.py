@@ -87,7 +87,7 @@ def test_inductor_gets_the_modes_options_plus_combo_kernels(monkeypatch):
     from sdxl_fast.accel.options import Acceleration
 
     calls = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
     layer = torch.nn.Linear(2, 2)
     compile_models([layer], [], [], mode="max-autotune-no-cudagraphs", combo_kernels=True)
     assert calls == [{"fullgraph": True, "dynamic": False, "backend": "inductor", "options": {

@@ -98,3 +98,22 @@ def test_the_fast_schedule_is_copied_to_the_device_once(tiny_models):
     first = _schedule_on(scheduler, tiny_models.device)
     assert _schedule_on(scheduler, tiny_models.device) is first  # not a new copy per call
     assert torch.equal(first, scheduler.alphas_cumprod)
+
+
+def test_requests_batched_together_get_the_images_each_gets_alone(tiny_models):
+    """A server batches the Fast requests that arrive together: each keeps its own prompt, seed, image count and
+    micro-conditioning, and gets the images `generate` makes for it alone (up to a batch's rounding)."""
+    from sdxl_fast.pipeline.generate import generate_many
+
+    requests = [GenerationParams("a red fox", mode="fast", steps=2, seed=3, width=64, height=64),
+                GenerationParams("a blue bird", mode="fast", steps=2, seed=9, width=64, height=64, num_images=2),
+                GenerationParams("a tree", mode="fast", steps=2, seed=1, width=64, height=64, original_size=(32, 48))]
+    together = generate_many(tiny_models, requests)
+    assert [len(images) for images in together] == [1, 2, 1]
+    for params, images in zip(requests, together):
+        alone = generate(tiny_models, params)
+        for got, want in zip(images, alone):
+            assert np.abs(np.asarray(got).astype(int) - np.asarray(want).astype(int)).max() <= 1
+            assert got.info["parameters"] == want.info["parameters"]
+    with pytest.raises(ValueError, match="batch_key"):
+        generate_many(tiny_models, [requests[0], GenerationParams("x", mode="fast", steps=1, width=64, height=64)])

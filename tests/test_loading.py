@@ -6,7 +6,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from sdxl_fast import ModelNotFoundError, ModelSources, load, resolve_sources
-from sdxl_fast import loading
+from sdxl_fast import loading, models
 
 
 def test_sources_resolve_argument_then_env_then_preset(monkeypatch):
@@ -126,8 +126,8 @@ def test_bad_mode_and_dtype_are_rejected(tiny_sources):
 
 
 def test_device_and_dtype_defaults():
-    assert loading.default_dtype(torch.device("cpu")) == torch.float32
-    assert loading.default_dtype(torch.device("cuda")) == torch.float16
+    assert models.default_dtype(torch.device("cpu")) == torch.float32
+    assert models.default_dtype(torch.device("cuda")) == torch.float16
 
 
 def test_cpu_offload_on_a_cpu_only_machine_still_generates(tiny_sources):

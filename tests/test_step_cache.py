@@ -7,6 +7,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from sdxl_fast import GenerationParams, generate
+from sdxl_fast.accel.compile import compile_models
 from sdxl_fast.pipeline import step_cache
 from sdxl_fast.testing import random_weights
 
@@ -51,11 +52,12 @@ def test_cached_step_reuses_the_deep_features_and_recomputes_the_outer_level(une
 def test_caching_unet_runs_every_nth_call_in_full(unet_and_inputs, monkeypatch):
     unet, (latents, t, context, pooled, time_ids) = unet_and_inputs
     kinds = []
-    caching = step_cache.CachingUNet(
-        unet, 3, full=lambda *a: kinds.append("full") or step_cache.full_step(unet, *a),
-        cached=lambda *a: kinds.append("cached") or step_cache.cached_step(unet, *a))
+    caching = step_cache.StepCache(
+        lambda x, t: kinds.append("full") or step_cache.full_step(unet, x, t, context, pooled, time_ids),
+        lambda x, t, deep: kinds.append("cached") or step_cache.cached_step(unet, x, t, context, pooled, time_ids, deep),
+        3)
     for _ in range(7):
-        out = caching(latents, t, context, {"text_embeds": pooled, "time_ids": time_ids}).sample
+        out = caching(latents, t)
         assert out.shape == latents.shape
     assert kinds == ["full", "cached", "cached"] * 2 + ["full"]
 
@@ -87,5 +89,5 @@ def test_the_cached_step_is_compiled_when_the_unet_is(unet_and_inputs):
     unet, _ = unet_and_inputs
     assert step_cache.cached_step_for(unet) is step_cache.cached_step
     compiled = UNet2DConditionModel(**random_weights.tiny_configs()["unet"])
-    compiled.compile()  # lazy: nothing is compiled until a call
+    compile_models([compiled], [], [], mode=None)  # as sdxl_fast.accel compiles; lazy: nothing until a call
     assert step_cache.cached_step_for(compiled) is not step_cache.cached_step

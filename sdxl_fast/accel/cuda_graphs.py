@@ -43,7 +43,8 @@ class Graphed:
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool), torch.no_grad():
+        # thread_local: a background thread compiling new shapes may use the GPU meanwhile, on its own stream
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"), torch.no_grad():
             self.outputs = fn(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor):
@@ -61,6 +62,10 @@ class CudaGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, Graphed] = {}
         self.failed: set[tuple] = set()
+
+    def clear(self) -> None:
+        """Forget every graph (each is recorded again on its next use), e.g. once new shapes are compiled."""
+        self.graphs, self.failed = {}, set()
 
     def run(self, name: tuple, fn: Callable, *inputs: torch.Tensor):
         """fn(*inputs) through the graph for `name` and the inputs' shapes. `name` must identify everything

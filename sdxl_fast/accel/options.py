@@ -47,6 +47,9 @@ class Acceleration:
     # "default": measured 46 -> 18 ms for a Fast 1-step 512² call on an H200 (BENCHMARKS.md), compiling in
     # about a minute. Never a mode with CUDA graphs inside torch.compile: ours record more than one module.
     compile_mode: str = "default"
+    # False for a server: a shape not compiled yet runs eagerly (through CUDA graphs) until a background thread
+    # has compiled it (sdxl_fast.serving.compiler), instead of stalling its first request for minutes.
+    compile_new_shapes: bool = True
     # Inductor's combo kernels: independent small kernels (norms, elementwise) launched as one. Exact; a Fast
     # 1-step 512² call 17.0 -> 16.6 ms, 4-step 40.6 -> 40.3 ms on an H200, in both orders (BENCHMARKS.md).
     combo_kernels: bool = True
@@ -156,7 +159,8 @@ def _compile(t: Target) -> str:
                 "for these models, and compiling costs minutes)")
     for unet in t.unets:  # now, so that using the opt-in step cache later compiles nothing again
         step_cache.prepare(unet)
-    compile_models(t.unets, t.vaes, t.text_encoders, t.options.compile_mode, combo_kernels=t.options.combo_kernels)
+    compile_models(t.unets, t.vaes, t.text_encoders, t.options.compile_mode, combo_kernels=t.options.combo_kernels,
+                   compile_new=t.options.compile_new_shapes)
     return f"applied (mode={t.options.compile_mode}, static shapes{', combo kernels' if t.options.combo_kernels else ''})"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import replace
 from functools import partial
@@ -145,21 +146,29 @@ def _schedule_on(scheduler, device: torch.device) -> torch.Tensor:
     return on_device[device]
 
 
-def _fast(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _fast(models: Models, ps: list[GenerationParams], callback) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One Fast call for one or more requests that share steps, size and step cache (`generate_many`); their
+    images are stacked along the batch in request order."""
     f = models.fast
     if f is None:
         raise RuntimeError("The fast models are not loaded; load them with sdxl_fast.load(modes=('fast',))")
-    device, dtype, batch = models.device, models.dtype, p.num_images
+    device, dtype, p = models.device, models.dtype, ps[0]
     timesteps = schedules.student_timesteps(p.steps)
-    pos = _encode(models, f.encoders, p.prompt)
+    embeddings = [_encode(models, f.encoders, q.prompt) for q in ps]
     # What follows is host work done while the GPU runs the text encoders; its copies must not wait for them.
-    _, ids_pos = conditioning.time_ids(p, refiner=False, device="cpu", dtype=dtype)
+    time_ids = [conditioning.time_ids(q, refiner=False, device="cpu", dtype=dtype)[1] for q in ps]
+    context, pooled = embeddings[0].base_context, embeddings[0].pooled  # [1, 77, D], [1, P]: expanded in the call
+    if len(ps) > 1:  # one row per image: request i's rows repeated num_images times
+        def rows(tensors):
+            return torch.cat([t.expand(q.num_images, *t.shape[1:]) for t, q in zip(tensors, ps)])
+        context, pooled = rows([e.base_context for e in embeddings]), rows([e.pooled for e in embeddings])
+        time_ids = [rows(time_ids)]
     # All the call's noise up front, drawn per image in the order the loop uses it (start, then each
     # re-noising), so image i is the same whatever the batch, graph or not.
-    generators = _generators(p.seed, batch)
+    generators = [g for q in ps for g in _generators(q.seed, q.num_images)]
     latent_shape = (f.student.config.in_channels, p.height // 8, p.width // 8)
     noise = torch.stack([sampling.randn(latent_shape, generators, "cpu", dtype) for _ in timesteps])
-    args = (_schedule_on(f.scheduler, device), pos.base_context, pos.pooled, _to_device(ids_pos, device),
+    args = (_schedule_on(f.scheduler, device), context, pooled, _to_device(time_ids[0], device),
             _to_device(noise, device))
     run = partial(fast_call, f, timesteps, cache_interval=p.cache_interval, runner=models.runner)
     if callback is None:
@@ -185,7 +194,16 @@ def generate_tensors(models: Models, params: GenerationParams, callback: samplin
     """`generate` without the PIL step: (final latents [B, 4, h, w] on the models' device, uint8 images
     [B, H, W, 3] on the CPU, model names). Benchmarks compare the latents; `generate` wraps the images."""
     p = _resolved(models, params)
-    return (_quality if p.mode == "quality" else _fast)(models, p, callback)
+    return _quality(models, p, callback) if p.mode == "quality" else _fast(models, [p], callback)
+
+
+def _with_parameters(images: torch.Tensor, p: GenerationParams, names: dict) -> list[Image.Image]:
+    """PIL images, image i with the `parameters` text of seed + i in `image.info` (written into PNGs)."""
+    out = []
+    for i, image in enumerate(decoding.to_pil(images)):
+        image.info["parameters"] = metadata.infotext(replace(p, seed=image_seed(p.seed, i), num_images=1), names)
+        out.append(image)
+    return out
 
 
 def generate(models: Models, params: GenerationParams, callback: sampling.StepCallback | None = None) -> list[Image.Image]:
@@ -197,8 +215,22 @@ def generate(models: Models, params: GenerationParams, callback: sampling.StepCa
     """
     p = _resolved(models, params)
     _, images, names = generate_tensors(models, p, callback)
-    out = []
-    for i, image in enumerate(decoding.to_pil(images)):
-        image.info["parameters"] = metadata.infotext(replace(p, seed=image_seed(p.seed, i), num_images=1), names)
-        out.append(image)
-    return out
+    return _with_parameters(images, p, names)
+
+
+def batch_key(params: GenerationParams) -> tuple:
+    """Requests with the same key can share one `generate_many` call: Fast, same steps, size and step cache."""
+    return params.mode, params.steps, params.width, params.height, params.cache_interval
+
+
+@torch.no_grad()
+def generate_many(models: Models, requests: list[GenerationParams]) -> list[list[Image.Image]]:
+    """Several Fast requests (each its own prompt, seed and micro-conditioning) in one batched call: what a
+    server does with requests that arrive together. Returns each request's images, each the same as
+    `generate` would make for that request alone (up to the rounding of a larger batch)."""
+    ps = [_resolved(models, p) for p in requests]
+    if len({batch_key(p) for p in ps}) != 1 or ps[0].mode != "fast":
+        raise ValueError("generate_many takes Fast requests of one batch_key: the same steps, size and step cache")
+    _, images, names = _fast(models, ps, None)
+    starts = [0, *itertools.accumulate(p.num_images for p in ps)]
+    return [_with_parameters(images[a:b], p, names) for p, a, b in zip(ps, starts, starts[1:])]

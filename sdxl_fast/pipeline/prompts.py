@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 from typing import Callable
 
 import torch
@@ -78,9 +79,16 @@ def tokenize(encoders: TextEncoders, prompts: list[str]) -> tuple[torch.Tensor |
     return ids_1, ids_2, truncated
 
 
-@lru_cache(maxsize=None)
+_streams = threading.local()
+
+
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
+    """A side stream per thread and device: a stream shared with another thread could be pulled into a CUDA
+    graph that thread is recording."""
+    streams = _streams.__dict__.setdefault("by_device", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
 
 
 @torch.no_grad()

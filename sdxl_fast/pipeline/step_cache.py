@@ -13,7 +13,6 @@ much accuracy (docs/DEMO_MODELS.md).
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Callable
 
 import torch
@@ -79,15 +78,10 @@ def cached_step(unet, latents, timestep, context, pooled, time_ids, deep) -> tor
     return unet.conv_out(x)
 
 
-@cache
-def _compiled_cached_step():
-    return torch.compile(cached_step, dynamic=False)
-
-
 def cached_step_for(unet):
-    """`cached_step`, compiled when the UNet is: compiling the UNet does not reach a function that calls its
-    blocks directly (torch.compile makes one graph per UNet and shape, as for the UNet)."""
-    return _compiled_cached_step() if getattr(unet, "_compiled_call_impl", None) is not None else cached_step
+    """`cached_step`, or the compiled version `sdxl_fast.accel` attached to a compiled UNet: compiling the UNet
+    does not reach a function that calls its blocks directly."""
+    return getattr(unet, "_sdxl_fast_cached_step", None) or cached_step
 
 
 class StepCache:

@@ -137,32 +137,39 @@ def build_random_components(configs: dict | None = None, seed: int = 0, dtype: t
     return dict(parts, tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(pad_token="!"))
 
 
+FAMILY = ("base", "refiner", "student", "turbo")
+
+
 def save_random_family(out_dir: str | Path, configs: dict | None = None, seed: int = 0,
-                       dtype: torch.dtype = torch.float32) -> dict[str, Path]:
-    """Save base, refiner, UNet-only student and a Turbo-style full pipeline under `out_dir`.
+                       dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                       names: tuple[str, ...] = FAMILY) -> dict[str, Path]:
+    """Save base, refiner, UNet-only student and a Turbo-style full pipeline under `out_dir` (those in `names`).
 
     Returns {"base", "refiner", "student", "turbo"} -> folder. The student starts as a copy of the base
     UNet, as an ADD student does; the turbo folder is a complete few-step pipeline (like sdxl-turbo).
     """
     out = Path(out_dir)
-    c = build_random_components(configs, seed, dtype)
+    c = build_random_components(configs, seed, dtype, device)
     te1, te2, tok1, tok2 = c["text_encoder"], c["text_encoder_2"], c["tokenizer"], c["tokenizer_2"]
     vae, unet, refiner_unet = c["vae"], c["unet"], c["refiner_unet"]
 
-    paths = {name: out / name for name in ("base", "refiner", "student", "turbo")}
+    paths = {name: out / name for name in names}
     StableDiffusionXLPipeline(
         vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2, unet=unet,
         scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
     ).save_pretrained(paths["base"], safe_serialization=True)
-    StableDiffusionXLImg2ImgPipeline(
-        vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None, tokenizer_2=tok2, unet=refiner_unet,
-        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER), requires_aesthetics_score=True,
-        force_zeros_for_empty_prompt=False,
-    ).save_pretrained(paths["refiner"], safe_serialization=True)
+    if "refiner" in names:
+        StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None, tokenizer_2=tok2, unet=refiner_unet,
+            scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER), requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+        ).save_pretrained(paths["refiner"], safe_serialization=True)
     unet.register_to_config(sample_size=TURBO_SAMPLE_SIZE)  # trained at 512², like SDXL-Turbo
-    unet.save_pretrained(paths["student"], safe_serialization=True)
-    StableDiffusionXLPipeline(
-        vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2, unet=unet,
-        scheduler=EulerAncestralDiscreteScheduler.from_config(TURBO_SCHEDULER),
-    ).save_pretrained(paths["turbo"], safe_serialization=True)
+    if "student" in names:
+        unet.save_pretrained(paths["student"], safe_serialization=True)
+    if "turbo" in names:
+        StableDiffusionXLPipeline(
+            vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2, unet=unet,
+            scheduler=EulerAncestralDiscreteScheduler.from_config(TURBO_SCHEDULER),
+        ).save_pretrained(paths["turbo"], safe_serialization=True)
     return paths

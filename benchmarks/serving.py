@@ -1,0 +1,275 @@
+"""Serving as users meet it: `python app.py` on random-weight SDXL, measured over HTTP the way a browser gets
+its images (the event's request until the image bytes have arrived).
+
+    python -m benchmarks.serving --configs benchmarks/sdxl-configs --work /tmp/serving -o serving.jsonl
+    python -m benchmarks.serving --tiny --work /tmp/serving-tiny        # the tiny test shapes, a CPU check
+
+1. Saves random-weight SDXL base, refiner and a UNet-only student (trained size 512²) as diffusers folders.
+2. Starts the app with empty compile caches ("cold") and times it to its first Fast image over HTTP.
+3. First and later calls of every size in the page's menus (1 image, Fast 1 step), 1-4 images at two sizes,
+   and Quality at a sample of sizes; then, once the background compiler is done with them, the compiled calls.
+4. Fast 1 step at the models' size over HTTP against `generate()` alone (the app logs each call's time).
+5. N typists at once (each sends its next keystroke's request when the last image has arrived).
+6. Restarts the app with the portable compile cache from step 2 ("cached") and times its first Fast image.
+Each result is one JSON line (stdout, and `-o`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+# What app.start_compiling queues at start: Fast 1 image and the live batches of 2, 4, 8, 16; Quality 1 image.
+DEFAULT_SHAPES = 6
+QUALITY_SIZES = ["1024x1024", "1152x896", "896x1152", "1344x768", "768x1344", "1536x640"]
+
+
+def save_family(configs: str | None, out: Path) -> dict[str, Path]:
+    """Base, refiner and student folders (full size from `configs`, else the tiny test shapes), saved once."""
+    import torch
+
+    from sdxl_fast.testing import random_weights
+
+    paths = {name: out / name for name in ("base", "refiner", "student")}
+    if all((p / ("config.json" if name == "student" else "model_index.json")).is_file() for name, p in paths.items()):
+        return paths
+    cuda = torch.cuda.is_available()
+    full = random_weights.full_configs(configs) if configs else None
+    random_weights.save_random_family(out, full, dtype=torch.float16 if cuda else torch.float32,
+                                      device="cuda" if cuda else "cpu", names=tuple(paths))
+    return paths
+
+
+class App:
+    """`python app.py` in a subprocess, its log in a file."""
+
+    def __init__(self, family: dict[str, Path], work: Path, cache: Path, port: int, label: str):
+        self.log = work / f"app-{label}.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1", SDXL_FAST_COMPILE_CACHE=str(cache),
+                   # a new machine: Inductor's and Triton's on-disk caches start empty every time
+                   TORCHINDUCTOR_CACHE_DIR=str(work / f"inductor-{label}"), TRITON_CACHE_DIR=str(work / f"triton-{label}"))
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [sys.executable, "app.py", "--base", str(family["base"]), "--refiner", str(family["refiner"]),
+             "--fast", str(family["student"]), "--port", str(port)],
+            cwd=ROOT, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        self.root = f"http://127.0.0.1:{port}"
+
+    def wait_until_serving(self, timeout: float = 600) -> "Client":
+        while time.perf_counter() - self.started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the app exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                return Client(self.root)
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise TimeoutError("the app did not start")
+
+    def log_lines(self, pattern: str) -> list[re.Match]:
+        return [m for m in re.finditer(pattern, self.log.read_text())]
+
+    def wait_compiled(self, count: int, timeout: float) -> int:
+        """Until the log says `count` shapes are compiled (or `timeout` seconds): how many are."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            done = [int(m[1]) for m in self.log_lines(r"compiled shapes: .*?; (\d+) compiled")]
+            if (done and done[-1] >= count) or time.perf_counter() > deadline:
+                return done[-1] if done else 0
+            time.sleep(1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+class Client:
+    """What the browser does for one event: join the queue, read the event's messages, fetch the images."""
+
+    def __init__(self, root: str):
+        self.http = httpx.Client(base_url=root, timeout=900)
+        config = self.http.get("/config").raise_for_status().json()
+        self.fn = {d["api_name"]: d["id"] for d in config["dependencies"] if d.get("api_name")}
+
+    def call(self, api_name: str, data: list) -> tuple[float, dict]:
+        session = uuid.uuid4().hex[:12]
+        started = time.perf_counter()
+        joined = self.http.post("/gradio_api/queue/join", json={
+            "data": data, "fn_index": self.fn[api_name], "session_hash": session, "event_data": None,
+            "trigger_id": None}).raise_for_status().json()
+        message = {}
+        with self.http.stream("GET", "/gradio_api/queue/data", params={"session_hash": session}) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data:"):
+                    message = json.loads(line[5:])
+                    if message.get("event_id") == joined["event_id"] and message["msg"] == "process_completed":
+                        break
+        if not message.get("success"):
+            raise RuntimeError(f"{api_name} failed: {message.get('output')}")
+        for item in message["output"]["data"][0] or []:
+            self.http.get(item["image"]["url"]).raise_for_status()
+        return time.perf_counter() - started, message["output"]
+
+
+def fast(prompt: str, size: str, steps: int = 1, images: int = 1) -> list:
+    return [prompt, steps, 7, False, size, images, 0, 0, 0, 0, 0, 0]
+
+
+def live(prompt: str, size: str) -> list:
+    return ["Fast", prompt, 1, 7, size, 1, 0, 0, 0, 0, 0, 0]
+
+
+def quality(prompt: str, size: str, steps: int = 50, images: int = 1) -> list:
+    return [prompt, "", steps, 7, False, size, 5.0, 0.8, images, 0, 0, 0, 0, 0, 0, 6.0, 2.5, 1]
+
+
+def ms(seconds: list[float]) -> dict:
+    s = sorted(seconds)
+    return {"p50_ms": round(statistics.median(s) * 1e3, 1), "p95_ms": round(s[min(len(s) - 1, int(0.95 * len(s)))] * 1e3, 1)}
+
+
+class Recorder:
+    def __init__(self, out: Path | None, common: dict):
+        self.out, self.common = out, common
+
+    def __call__(self, **row) -> None:
+        line = json.dumps({**self.common, **row})
+        print(line, flush=True)
+        if self.out:
+            with self.out.open("a") as f:
+                f.write(line + "\n")
+
+
+def first_and_later(client: Client, record, api: str, data, later: int, **what) -> None:
+    first, _ = client.call(api, data)
+    times = [client.call(api, data)[0] for _ in range(later)]
+    record(kind="first call", api=api, **what, first_ms=round(first * 1e3, 1),
+           later_ms=round(statistics.median(times) * 1e3, 1))
+
+
+def typists(client_root: str, record, n: int, seconds: float, size: str) -> None:
+    latencies, lock, stop = [], threading.Lock(), time.perf_counter() + seconds
+
+    def type_(who: int):
+        client, i = Client(client_root), 0
+        while time.perf_counter() < stop:
+            took, _ = client.call("live", live(f"a red fox {who} " + "x" * i, size))
+            with lock:
+                latencies.append(took)
+            i += 1
+
+    threads = [threading.Thread(target=type_, args=(k,)) for k in range(n)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    record(kind="typists", typists=n, size=size, requests=len(latencies),
+           images_per_s=round(len(latencies) / (time.perf_counter() - started), 1), **ms(latencies))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shapes = parser.add_mutually_exclusive_group(required=True)
+    shapes.add_argument("--configs", help="folder of the SDXL configs (base/, refiner/) for full size")
+    shapes.add_argument("--tiny", action="store_true", help="the tiny test shapes (a check of the harness)")
+    parser.add_argument("--work", type=Path, required=True, help="models, logs and caches go here")
+    parser.add_argument("-o", "--output", type=Path, help="append the JSON lines here too")
+    parser.add_argument("--port", type=int, default=7871)
+    parser.add_argument("--phases", default="cold,sizes,http,typists,cached",
+                        help="which parts to run, comma-separated")
+    parser.add_argument("--compile-wait", type=float, default=240,
+                        help="seconds to wait for the background compiler before the compiled measurements")
+    parser.add_argument("--typist-seconds", type=float, default=10)
+    args = parser.parse_args(argv)
+    phases = set(args.phases.split(","))
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    record = Recorder(args.output, {"device": device, "torch": torch.__version__,
+                                    "command": " ".join(["python -m benchmarks.serving", *(argv or sys.argv[1:])])})
+    started = time.perf_counter()
+    family = save_family(args.configs, args.work / "models")
+    record(kind="models saved", seconds=round(time.perf_counter() - started, 1))
+    native = "128x128" if args.tiny else "512x512"
+    big = "256x256" if args.tiny else "1024x1024"
+    cache = args.work / "compiled.bin"
+
+    if phases & {"cold", "sizes", "http", "typists"}:
+        cache.unlink(missing_ok=True)
+        app = App(family, args.work, cache, args.port, "cold")
+        client = app.wait_until_serving()
+        serving = time.perf_counter() - app.started
+        took, _ = client.call("generate_fast", fast("a red fox", native))
+        record(kind="start-up", cache="cold", serving_s=round(serving, 1),
+               first_fast_image_s=round(time.perf_counter() - app.started, 1), first_fast_call_ms=round(took * 1e3, 1))
+        try:
+            if "sizes" in phases:
+                sizes = [native, "192x192", big] if args.tiny else [native] + [
+                    value for _, value in __import__("app").FAST_SIZES if value != native]  # the page's menu
+                for size in sizes:
+                    first_and_later(client, record, "generate_fast", fast("a lighthouse", size), 3, mode="fast",
+                                    size=size, images=1, steps=1)
+                for size in (native, big):
+                    for images in (2, 3, 4):
+                        first_and_later(client, record, "generate_fast", fast("a lighthouse", size, images=images), 2,
+                                        mode="fast", size=size, images=images, steps=1)
+                first_and_later(client, record, "generate_fast", fast("a lighthouse", native, steps=4), 3,
+                                mode="fast", size=native, images=1, steps=4)
+                for size in ([native, "192x128"] if args.tiny else QUALITY_SIZES):
+                    first_and_later(client, record, "generate_quality", quality("a lighthouse", size), 1,
+                                    mode="quality", size=size, images=1, steps=50)
+                for images in (2, 4):
+                    first_and_later(client, record, "generate_quality", quality("a lighthouse", native if args.tiny else big, 20, images), 1,
+                                    mode="quality", size=big, images=images, steps=20)
+            compiled = app.wait_compiled(count=DEFAULT_SHAPES, timeout=args.compile_wait)
+            record(kind="compiled", shapes=compiled, after_s=round(time.perf_counter() - app.started, 1),
+                   log=[m[0] for m in app.log_lines(r"compiled shapes: [^\n]*")])
+            if "sizes" in phases:
+                first_and_later(client, record, "generate_fast", fast("a lighthouse", native), 5, mode="fast",
+                                size=native, images=1, steps=1, compiled=True)
+                first_and_later(client, record, "generate_quality", quality("a lighthouse", big), 2,
+                                mode="quality", size=big, images=1, steps=50, compiled=True)
+            if "http" in phases:
+                mark = len(app.log_lines(r"generate\(\) took ([\d.]+) ms \(fast, "))
+                times = [client.call("generate_fast", fast(f"a red fox {i}", native))[0] for i in range(30)]
+                alone = [float(m[1]) / 1e3 for m in app.log_lines(r"generate\(\) took ([\d.]+) ms \(fast, ")][mark:]
+                record(kind="http", size=native, calls=len(times), end_to_end=ms(times), generate_alone=ms(alone))
+            if "typists" in phases:
+                for n in (1, 4, 16):
+                    typists(app.root, record, n, args.typist_seconds, native)
+        finally:
+            app.stop()
+
+    if "cached" in phases and cache.is_file():
+        app = App(family, args.work, cache, args.port, "cached")
+        try:
+            client = app.wait_until_serving()
+            serving = time.perf_counter() - app.started
+            took, _ = client.call("generate_fast", fast("a red fox", native))
+            first = time.perf_counter() - app.started
+            compiled = app.wait_compiled(count=2, timeout=args.compile_wait)
+            record(kind="start-up", cache="cached", cache_mb=round(cache.stat().st_size / 1e6, 1),
+                   serving_s=round(serving, 1), first_fast_image_s=round(first, 1),
+                   first_fast_call_ms=round(took * 1e3, 1), defaults_compiled_after_s=round(time.perf_counter() - app.started, 1),
+                   compiled=compiled, log=[m[0] for m in app.log_lines(r"compiled shapes: [^\n]*")])
+        finally:
+            app.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What the web app needs beyond the pipeline: compiling new shapes in the background, batching requests."""
