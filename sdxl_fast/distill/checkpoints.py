@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from sdxl_fast import files
+
 log = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
@@ -147,9 +149,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, config: dict
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "training_config.json").write_text(json.dumps(config, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)  # atomic on one file system: a checkpoint folder is complete or absent
+        files.replace(tmp, final)  # a checkpoint folder is complete or absent
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         log.info("Saved checkpoint %s", final)

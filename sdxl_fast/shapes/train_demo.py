@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -41,18 +40,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdxl_fast.files import atomic_write
+
 from . import demo_family
 from .demo_config import ORIGINAL_SIZE, STAGES, DemoTrainConfig  # noqa: F401 (re-exported)
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints: one folder per stage, files replaced atomically (write to .tmp, then rename).
+# Checkpoints: one folder per stage, each file replaced atomically.
 
 def _save_tensors(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def save_checkpoint(folder: Path, model, ema: dict | None, optimizer, state: dict) -> None:
@@ -61,10 +61,10 @@ def save_checkpoint(folder: Path, model, ema: dict | None, optimizer, state: dic
     if ema is not None:
         _save_tensors(ema, folder / "ema.safetensors")
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt.tmp")
-        os.replace(folder / "optimizer.pt.tmp", folder / "optimizer.pt")
-    (folder / "state.json.tmp").write_text(json.dumps(state, indent=1))
-    os.replace(folder / "state.json.tmp", folder / "state.json")  # last: a complete checkpoint has state.json
+        with atomic_write(folder / "optimizer.pt") as tmp:
+            torch.save(optimizer.state_dict(), tmp)
+    with atomic_write(folder / "state.json") as tmp:  # last: a complete checkpoint has state.json
+        tmp.write_text(json.dumps(state, indent=1))
 
 
 def load_state(folder: Path) -> dict | None:
