@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdxl_fast.distill.checkpoints import EMA
 from sdxl_fast.files import atomic_write
 
 from . import demo_family
@@ -55,11 +56,11 @@ def _save_tensors(tensors: dict, path: Path) -> None:
         save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
-def save_checkpoint(folder: Path, model, ema: dict | None, optimizer, state: dict) -> None:
+def save_checkpoint(folder: Path, model, ema: EMA | None, optimizer, state: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     _save_tensors(model.state_dict(), folder / "model.safetensors")
     if ema is not None:
-        _save_tensors(ema, folder / "ema.safetensors")
+        _save_tensors(ema.shadow, folder / "ema.safetensors")
     if optimizer is not None:
         with atomic_write(folder / "optimizer.pt") as tmp:
             torch.save(optimizer.state_dict(), tmp)
@@ -217,14 +218,6 @@ def set_lr(cfg: DemoTrainConfig, opt, state: dict) -> float:
     for group in opt.param_groups:
         group["lr"] = lr
     return lr
-
-
-@torch.no_grad()
-def ema_update(ema: dict, model, step: int, decay: float) -> None:
-    d = min(decay, (1 + step) / (10 + step))  # a short EMA early on, so the EMA is never mostly init
-    names = [n for n, _ in model.named_parameters()]
-    # One fused kernel over all tensors instead of one launch per parameter (the UNets are launch-bound).
-    torch._foreach_lerp_([ema[n] for n in names], [p.detach() for _, p in model.named_parameters()], 1 - d)
 
 
 def images_to_tensor(images: np.ndarray, device) -> torch.Tensor:
@@ -386,11 +379,11 @@ def train_unet(cfg: DemoTrainConfig, started: float) -> dict:
         load_weights(unet, folder)
         print(f"resuming {cfg.stage} from step {state['step']}", flush=True)
     unet.to(device).train()
-    ema = {n: p.detach().float().clone() for n, p in unet.named_parameters()}
+    ema = EMA(unet, cfg.ema_decay)
     if state["step"] and (folder / "ema.safetensors").is_file():
         from safetensors.torch import load_file
 
-        ema = {k: v.to(device) for k, v in load_file(str(folder / "ema.safetensors")).items()}
+        ema.load_state_dict({"decay": cfg.ema_decay, "shadow": load_file(str(folder / "ema.safetensors"))})
     opt = make_optimizer(cfg, unet, folder, state)
     print(f"{cfg.stage} unet: {demo_family.count_parameters(unet) / 1e6:.2f} M parameters", flush=True)
 
@@ -450,7 +443,7 @@ def train_unet(cfg: DemoTrainConfig, started: float) -> dict:
                        added_cond_kwargs={"text_embeds": pool, "time_ids": time_ids}).sample
         loss = F.mse_loss(eps.float(), noise)
         optimizer_step(opt, unet, loss, cfg.max_grad_norm, state)
-        ema_update(ema, unet, state["step"], cfg.ema_decay)
+        ema.update(unet, step=state["step"])
         log(state["step"], loss, lr)
         if budget.checkpoint_due():
             checkpoint()
