@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from sdxl_fast.params import DEFAULT_GUIDANCE_SCALE
+
 from .data import OMIT_PROBABILITY
 
 
@@ -154,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=200, help="held-out captions (seeds from 10**9)")
     e.add_argument("--probe", default=str(Path(__file__).resolve().parent / "probe_weights"))
     e.add_argument("--size", type=int, default=128, help="generation side in pixels (the data resolution)")
-    e.add_argument("--guidance-scale", type=float, default=5.0, help="teacher classifier-free guidance")
+    e.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="teacher classifier-free guidance")
     e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     e.add_argument("--cache-interval", type=int, default=1, metavar="N",
                    help="also run the multi-step rows with sdxl_fast's step cache at this interval (opt-in option)")

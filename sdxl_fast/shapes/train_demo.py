@@ -272,7 +272,7 @@ def load_vae(work: Path, device) -> torch.nn.Module:
 def measure_vae(vae, pixels_uint8: torch.Tensor, device, n: int = 2048, heldout: int = 256) -> dict:
     """Latent std (-> scaling factor = 1/std, as SD's 0.18215/0.13025 were chosen) and mean on n pool images;
     on held-out seeds, the reconstruction error and the probe's accuracy on the reconstructions: the ceiling of
-    every model that draws through this VAE (the first VAE's reconstructions lost half the object colours)."""
+    every model that draws through this VAE (a VAE that loses object colours caps every stage after it)."""
     from .data import heldout_seeds, sample
     from .probe import label_targets, load_probe, predict_indices, score
 
