@@ -12,9 +12,7 @@ default, so ordinary images carry ordinary metadata.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__ as VERSION
+from .files import atomic_write
 from .params import (DEFAULT_AESTHETIC_SCORE, DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_AESTHETIC_SCORE,
                      DEFAULT_REFINER_SWITCH, GenerationParams, parse_size)
 
@@ -125,22 +124,13 @@ def parse_infotext(text: str) -> tuple[GenerationParams, dict[str, str]]:
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Save with the image's `parameters` text; written to a temporary file first so a crash never leaves a
-    truncated PNG behind."""
-    path = Path(path)
+    """Save with the image's `parameters` text; written atomically, so a crash never leaves a truncated PNG."""
     info = PngInfo()
     if "parameters" in image.info:
         info.add_text("parameters", image.info["parameters"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
 
 
 def read_parameters(path: str | Path) -> str:

@@ -118,7 +118,7 @@ def test_example_configs_load():
 
 
 def test_student_timestep_weights_set_how_often_each_timestep_is_drawn():
-    from sdxl_fast.distill.train import draw_student_timesteps
+    from sdxl_fast.distill.step import draw_student_timesteps
 
     timesteps = torch.tensor([999, 749, 499, 249])
     torch.manual_seed(0)

@@ -139,7 +139,7 @@ def test_encoding_cache_is_used_and_changes_nothing(tmp_path, tiny_family):
 def test_aspect_ratio_bucketing_trains_on_non_square_latents(tmp_path, tiny_family, monkeypatch):
     from PIL import Image
 
-    from sdxl_fast.distill import train as train_module
+    from sdxl_fast.distill import step as step_module
 
     root = tmp_path / "mixed"
     root.mkdir()
@@ -147,8 +147,8 @@ def test_aspect_ratio_bucketing_trains_on_non_square_latents(tmp_path, tiny_fami
         Image.new("RGB", (w, h), (60 * i, 90, 30)).save(root / f"{i}.png")
         (root / f"{i}.txt").write_text("a shape")
     seen = []
-    real_decode = train_module._decode
-    monkeypatch.setattr(train_module, "_decode", lambda vae, z: seen.append(tuple(z.shape[2:])) or real_decode(vae, z))
+    real_decode = step_module.decode
+    monkeypatch.setattr(step_module, "decode", lambda vae, z: seen.append(tuple(z.shape[2:])) or real_decode(vae, z))
     cfg = load_config(None, dict(tiny_overrides(str(tiny_family["base"]), str(root), str(tmp_path / "run")),
                                  resolution=128, bucketing=True, max_steps=2))
     assert train(cfg)["step"] == 2

@@ -15,7 +15,7 @@ PACKAGES = ("sdxl_fast", "benchmarks")
 
 # Layer of each module (by the longest matching prefix); a module may import only from its own layer or below.
 LAYERS = {
-    "sdxl_fast": 0, "sdxl_fast.params": 0,
+    "sdxl_fast": 0, "sdxl_fast.params": 0, "sdxl_fast.files": 0,
     "sdxl_fast.models": 1, "sdxl_fast.loading": 1, "sdxl_fast.metadata": 1,
     "sdxl_fast.pipeline": 2,
     "sdxl_fast.accel": 3,

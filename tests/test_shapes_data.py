@@ -159,7 +159,7 @@ def test_write_command_omit_probability(tmp_path):
 
 def test_written_folder_reads_through_distill_indexer(tmp_path):
     """The format is the one `distill` reads: same-name .txt captions next to the images."""
-    distill_data = pytest.importorskip("distill.data")
+    from sdxl_fast.distill import data as distill_data
     from sdxl_fast.shapes.writer import write_folder
 
     write_folder(tmp_path, 3, start=7)

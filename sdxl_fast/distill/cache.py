@@ -9,12 +9,12 @@ caching requires `random_crop` and `random_flip` off (checked by TrainConfig).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdxl_fast.files import atomic_write
 from sdxl_fast.pipeline.prompts import encode_prompts
 
 
@@ -45,9 +45,8 @@ class EncodingCache:
             for j, k in enumerate(missing):
                 rows[k] = {"context": emb.base_context[j].float(), "pooled": emb.pooled[j].float(),
                            "mean": posterior.mean[j].float(), "std": posterior.std[j].float()}
-                if self.folder:  # temp + rename: a reader never sees half a file, even with several processes
-                    tmp = self._path(indices[k]).with_suffix(f".tmp{os.getpid()}")
-                    save_file({n: t.contiguous().cpu() for n, t in rows[k].items()}, str(tmp))
-                    os.replace(tmp, self._path(indices[k]))
+                if self.folder:  # several processes may write the same sample at once; each file stays whole
+                    with atomic_write(self._path(indices[k])) as tmp:
+                        save_file({n: t.contiguous().cpu() for n, t in rows[k].items()}, str(tmp))
         stack = lambda name: torch.stack([row[name] for row in rows]).to(device)  # noqa: E731
         return stack("context"), stack("pooled"), stack("mean"), stack("std")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from sdxl_fast import files
+
 log = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
@@ -64,7 +66,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 class EMA:
-    """Exponential moving average of the student's parameters, kept in fp32 on the parameters' device.
+    """Exponential moving average of a model's trainable parameters, kept in fp32 on the parameters' device
+    (the distilled student; the demo family's UNets).
 
     Under FSDP the shadow is sharded like the parameters (each process averages its own shard);
     `state_dict` / `full_shadow` gather whole tensors and `load_state_dict` re-shards them, so a checkpoint
@@ -76,10 +79,13 @@ class EMA:
         self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for name, p in model.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+    def update(self, model: torch.nn.Module, step: int | None = None) -> None:
+        """shadow <- decay·shadow + (1 - decay)·weights. With `step` (optimiser steps done) the decay starts
+        short, min(decay, (1 + step) / (10 + step)), so an average over few steps is not mostly the init."""
+        decay = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
+        pairs = [(self.shadow[name], p.detach().float()) for name, p in model.named_parameters() if name in self.shadow]
+        # One fused kernel over all tensors instead of one launch per parameter (small UNets are launch-bound).
+        torch._foreach_lerp_([s for s, _ in pairs], [p for _, p in pairs], 1.0 - decay)
 
     @torch.no_grad()
     def full_shadow(self) -> dict:
@@ -147,9 +153,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, config: dict
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "training_config.json").write_text(json.dumps(config, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)  # atomic on one file system: a checkpoint folder is complete or absent
+        files.replace(tmp, final)  # a checkpoint folder is complete or absent
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         log.info("Saved checkpoint %s", final)

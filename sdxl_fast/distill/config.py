@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdxl_fast.params import MAX_FAST_STEPS
+
 
 @dataclass
 class TrainConfig:
@@ -77,7 +79,7 @@ class TrainConfig:
     disc_cond_dim: int = 64  # width of the projection-conditioning map
     # Which samples D judges against the real image's embedding. "all": every one, as in the paper. "noised":
     # only those whose student input showed that image; at s = 999 our input is pure noise, so those get a zero
-    # embedding and are judged on the text alone (on the demo family no better: docs/DEMO_MODELS.md, session 14).
+    # embedding and are judged on the text alone (on the demo family no better: docs/DEMO_MODELS.md).
     disc_image_condition: str = "all"
 
     # --- logging, checkpoints, validation, export -----------------------------------------------------
@@ -87,7 +89,7 @@ class TrainConfig:
     validate_every: int = 500  # 0 disables
     validation_prompts: tuple[str, ...] = ("a photo of a red fox in the snow", "an astronaut riding a horse")
     validation_seeds: tuple[int, ...] = (0,)
-    validation_steps: tuple[int, ...] = (1, 2, 4)
+    validation_steps: tuple[int, ...] = (1, 2, MAX_FAST_STEPS)
     export_ema: bool = True  # export the EMA weights when ema_decay > 0
 
     def validate(self) -> "TrainConfig":

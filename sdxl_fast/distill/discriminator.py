@@ -83,11 +83,9 @@ def _hub_cached_weights(name: str) -> str | None:
 
 def _hub_unavailable() -> str | None:
     """Why a download cannot work, decided in seconds rather than after huggingface_hub's retries."""
-    import os
+    from sdxl_fast.loading import hub_offline, hub_reachable
 
-    from sdxl_fast.loading import hub_reachable  # the inference core's fast offline check
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         return "not in the Hugging Face cache and HF_HUB_OFFLINE is set"
     if not hub_reachable():
         return "not in the Hugging Face cache, and the Hugging Face Hub is unreachable"

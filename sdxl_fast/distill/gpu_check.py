@@ -1,4 +1,4 @@
-"""GPU checks for the issue's two GPU bullets, on random weights (no downloads; timing depends on shapes only).
+"""Two GPU checks of the training job, on random weights (no downloads; timing depends on shapes only).
 
     # seconds/step and peak memory at 512², full-size SDXL UNets + full-size DINOv2 ViT-S, one GPU,
     # trying batch sizes until one runs out of memory:
@@ -23,16 +23,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .testing import make_dataset
+from sdxl_fast.testing.tiny_data import make_dataset
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the repository root: what the launched jobs import
 
 
 def build_models(reference: str, work: Path, full_size: bool) -> str:
     """A random-weight SDXL base pipeline folder (full size from the public configs, or tiny) under `work`.
 
     Only the base is written (the teacher; the student is copied from it): the whole family is about 23 GB
-    at full size, which took 9 minutes on the first GPU machine tried, the base alone about 6.5 GB.
+    at full size and takes minutes to write, the base alone about 6.5 GB.
     """
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from sdxl_fast.params import DEFAULT_GUIDANCE_SCALE
+
 from .data import OMIT_PROBABILITY
 
 
@@ -26,8 +28,7 @@ def _train_probe(args) -> int:
 
     from .probe import evaluate_real, save_probe, train_probe
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     started = time.time()
     probe = train_probe(steps=args.steps, train_images=args.train_images, batch_size=args.batch_size, lr=args.lr,
                         seed=args.seed, log_every=args.log_every)
@@ -48,12 +49,9 @@ def _train_probe(args) -> int:
 
 
 def _evaluate(args) -> int:
-    import torch
-
     from .evaluate import ROWS, cached_rows, evaluate, write_report
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     refiner = None if args.refiner.strip().lower() in ("", "none") else args.refiner
     rows = tuple(r for r in ROWS if r.mode == "fast" or not args.student_only)
     rows += cached_rows(args.cache_interval, rows) if args.cache_interval > 1 else ()
@@ -65,17 +63,11 @@ def _evaluate(args) -> int:
 
 
 def _train_demo(args) -> int:
-    import time
-
-    import torch
-
     from .demo_config import DemoTrainConfig
     from .train_demo import run_stage
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    values = {k: v for k, v in vars(args).items() if k in DemoTrainConfig.__dataclass_fields__ and v is not None}
-    run_stage(DemoTrainConfig(**values), started=args.started)
+    _set_threads(args)
+    run_stage(DemoTrainConfig(**_dataclass_values(args, DemoTrainConfig)), started=args.started)
     return 0
 
 
@@ -88,16 +80,25 @@ def _export_demo(args) -> int:
 
 
 def _pretrain_vit(args) -> int:
-    import torch
-
     from .demo_config import PretrainConfig
     from .feature_net import pretrain
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    values = {k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__ and v is not None}
-    pretrain(PretrainConfig(**values), command="python -m sdxl_fast.shapes " + " ".join(args.argv))
+    _set_threads(args)
+    pretrain(PretrainConfig(**_dataclass_values(args, PretrainConfig)),
+             command="python -m sdxl_fast.shapes " + " ".join(args.argv))
     return 0
+
+
+def _set_threads(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _dataclass_values(args, cls) -> dict:
+    """The options of `cls`'s fields that were given (unset ones keep the dataclass default)."""
+    return {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ and v is not None}
 
 
 def _add_dataclass_options(parser, cls, skip=()) -> None:
@@ -119,10 +120,7 @@ def _add_dataclass_options(parser, cls, skip=()) -> None:
             parser.add_argument(opt, dest=f.name, type=base, help=f"(default {f.default})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sdxl_fast.shapes", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_write(sub) -> None:
     w = sub.add_parser("write", help="write seeds as NNNNNN.png + NNNNNN.txt (+ metadata.jsonl)")
     w.add_argument("--out", required=True)
     w.add_argument("--count", type=int, required=True)
@@ -135,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "higher: more short captions such as 'a red circle'; the images are the same)")
     w.set_defaults(run=_write)
 
+
+def _add_train_probe(sub) -> None:
     t = sub.add_parser("train-probe", help="train the probe classifier on real training-seed images")
     t.add_argument("--out", default=str(Path(__file__).resolve().parent / "probe_weights"))
     t.add_argument("--steps", type=int, default=2000)
@@ -143,10 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-images", type=int, default=2000, help="held-out seeds used to report accuracy")
-    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    _add_threads(t)
     t.add_argument("--log-every", type=int, default=100)
     t.set_defaults(run=_train_probe)
 
+
+def _add_evaluate(sub) -> None:
     e = sub.add_parser("evaluate", help="the sampler table on held-out captions (accuracy, Fréchet distance, ms)")
     e.add_argument("--base", required=True, help="teacher base: a diffusers SDXL folder or hub id")
     e.add_argument("--refiner", default="none", help="teacher refiner folder, or none to skip its row")
@@ -154,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=200, help="held-out captions (seeds from 10**9)")
     e.add_argument("--probe", default=str(Path(__file__).resolve().parent / "probe_weights"))
     e.add_argument("--size", type=int, default=128, help="generation side in pixels (the data resolution)")
-    e.add_argument("--guidance-scale", type=float, default=5.0, help="teacher classifier-free guidance")
-    e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    e.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
+                   help="teacher classifier-free guidance")
+    _add_threads(e)
     e.add_argument("--cache-interval", type=int, default=1, metavar="N",
                    help="also run the multi-step rows with sdxl_fast's step cache at this interval (opt-in option)")
     e.add_argument("--student-only", action="store_true",
@@ -170,14 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write the raw numbers here")
     e.set_defaults(run=_evaluate)
 
-    from .demo_config import STAGES, DemoTrainConfig, PretrainConfig
+
+def _add_train_demo(sub) -> None:
+    from .demo_config import STAGES, DemoTrainConfig
 
     d = sub.add_parser("train-demo", help="train one stage of the demo family (see shapes/train_demo.py)")
     d.add_argument("--stage", required=True, choices=STAGES)
     _add_dataclass_options(d, DemoTrainConfig, skip=("stage",))
-    d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    _add_threads(d)
     d.set_defaults(run=_train_demo)
 
+
+def _add_export_demo(sub) -> None:
     x = sub.add_parser("export-demo", help="fp16 diffusers folders base/refiner/student from a train-demo WORK dir")
     x.add_argument("--work", default="runs/demo")
     x.add_argument("--out", default="demo_models")
@@ -186,10 +193,25 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--max-mb", type=float, default=25.0, help="fail if the written folders exceed this")
     x.set_defaults(run=_export_demo)
 
+
+def _add_pretrain_vit(sub) -> None:
+    from .demo_config import PretrainConfig
+
     v = sub.add_parser("pretrain-vit", help="pretrain the discriminator's DINOv2-architecture ViT on shapes labels")
     _add_dataclass_options(v, PretrainConfig)
-    v.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    _add_threads(v)
     v.set_defaults(run=_pretrain_vit)
+
+
+def _add_threads(parser) -> None:
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sdxl_fast.shapes", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_write, _add_train_probe, _add_evaluate, _add_train_demo, _add_export_demo, _add_pretrain_vit):
+        add(sub)
     return parser
 
 

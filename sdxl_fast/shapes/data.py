@@ -18,7 +18,7 @@ labels, but the probe does not predict them.
 Captions vary in detail as users' prompts do: each of size, position and background is left out of a caption
 with probability OMIT_PROBABILITY (labels["unstated"]), so "a red circle" is a caption the models have seen
 (1 in 27 single-object captions), not an unknown prompt. That choice comes from its own random stream, so
-the images are the same as before captions varied. The held-out evaluation uses `full_caption`: every
+a seed's image does not depend on how its caption is worded. The held-out evaluation uses `full_caption`: every
 attribute stated, so attempts stay comparable.
 
 Split: training seeds are 0 .. HELDOUT_START - 1; the held-out evaluation set is the fixed seeds
@@ -283,7 +283,7 @@ def sample_labels(seed: int, omit_probability: float = OMIT_PROBABILITY) -> tupl
         centres = _place_multi(count, r, rng)
     labels = {"shape": shape, "colour": colour, "position": position, "count": count, "size": size,
               "background": background, "texture": texture, "template": int(rng.integers(CAPTION_TEMPLATES))}
-    # A separate stream for the caption's detail, so the drawing's stream (rng) is the same as before.
+    # A separate stream for the caption's detail, so the drawing (rng) does not depend on omit_probability.
     detail = np.random.default_rng([seed, 1])
     labels["unstated"] = [a for a in OPTIONAL if detail.random() < omit_probability
                           and not (a == "position" and count > 1)]

@@ -37,7 +37,7 @@ class DemoTrainConfig:
     caption_dropout: float = 0.1  # base/refiner: fraction of captions replaced by the "empty prompt"
     refiner_t_max: int = 199  # refiner: trains on t in 0 .. refiner_t_max (the quality path's last 20%)
     aesthetic_range: tuple[float, float] = (2.0, 7.0)  # refiner: the score carries no information in our
-    # data, so it is drawn uniformly; any value a user passes (default 6, negative 2.5) is in distribution
+    # data, so it is drawn uniformly; any value a user passes (the defaults included) is in distribution
     # --- logging, checkpoints ---
     log_every: int = 100
     checkpoint_minutes: float = 2.0  # also checkpoint every this many minutes (a kill loses little)

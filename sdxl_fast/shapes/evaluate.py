@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sdxl_fast.params import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, MAX_FAST_STEPS
+
 from . import data
 from .frechet import frechet_distance
 from .probe import (DEFAULT_DIR, HEADS, features, label_targets, load_probe, predict, predict_indices, render, score,
@@ -51,13 +53,13 @@ class Row:
 
 
 ROWS = (
-    Row("teacher base+refiner", "quality", 50, use_refiner=True),
-    Row("teacher base", "quality", 50),
-    Row("teacher base", "quality", 1),
-    Row("teacher base", "quality", 4),
+    Row("teacher base+refiner", "quality", DEFAULT_STEPS["quality"], use_refiner=True),
+    Row("teacher base", "quality", DEFAULT_STEPS["quality"]),
+    Row("teacher base", "quality", 1),  # the teacher at the student's step counts, for comparison
+    Row("teacher base", "quality", MAX_FAST_STEPS),
     Row("student (ADD)", "fast", 1),
     Row("student (ADD)", "fast", 2),
-    Row("student (ADD)", "fast", 4),
+    Row("student (ADD)", "fast", MAX_FAST_STEPS),
 )
 REFERENCE = "real held-out images (reference)"
 HEADER = "| sampler | steps | attribute accuracy | Fréchet distance | CPU ms / image |"
@@ -84,7 +86,7 @@ def short_prompt_accuracy(generate_one, probe, seeds: int) -> float:
 
 
 def evaluate(base: str, refiner: str | None, student: str, n: int = 200, probe_dir: str | Path = DEFAULT_DIR,
-             size: int = data.DEFAULT_SIZE, guidance_scale: float = 5.0, rows: tuple[Row, ...] = ROWS,
+             size: int = data.DEFAULT_SIZE, guidance_scale: float = DEFAULT_GUIDANCE_SCALE, rows: tuple[Row, ...] = ROWS,
              short_prompts: int = 0, selection: bool = False, log=_log) -> dict:
     """Run every row on the first n held-out captions (of the selection set if `selection`); returns
     {"rows": [...], "reference": {...}, "setup": {...}}. Rows that need a refiner are skipped (reported as not run)

@@ -33,38 +33,41 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdxl_fast.distill.checkpoints import EMA
+from sdxl_fast.files import atomic_write
+from sdxl_fast.pipeline import sampling
+
 from . import demo_family
 from .demo_config import ORIGINAL_SIZE, STAGES, DemoTrainConfig  # noqa: F401 (re-exported)
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints: one folder per stage, files replaced atomically (write to .tmp, then rename).
+# Checkpoints: one folder per stage, each file replaced atomically.
 
 def _save_tensors(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
-def save_checkpoint(folder: Path, model, ema: dict | None, optimizer, state: dict) -> None:
+def save_checkpoint(folder: Path, model, ema: EMA | None, optimizer, state: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     _save_tensors(model.state_dict(), folder / "model.safetensors")
     if ema is not None:
-        _save_tensors(ema, folder / "ema.safetensors")
+        _save_tensors(ema.shadow, folder / "ema.safetensors")
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt.tmp")
-        os.replace(folder / "optimizer.pt.tmp", folder / "optimizer.pt")
-    (folder / "state.json.tmp").write_text(json.dumps(state, indent=1))
-    os.replace(folder / "state.json.tmp", folder / "state.json")  # last: a complete checkpoint has state.json
+        with atomic_write(folder / "optimizer.pt") as tmp:
+            torch.save(optimizer.state_dict(), tmp)
+    with atomic_write(folder / "state.json") as tmp:  # last: a complete checkpoint has state.json
+        tmp.write_text(json.dumps(state, indent=1))
 
 
 def load_state(folder: Path) -> dict | None:
@@ -155,15 +158,26 @@ def encode_captions(encoders, captions: list[str], device, batch: int = 1024):
 # Small helpers shared by the stages.
 
 class Budget:
-    """The run's wall-clock budget, counted from `started` (the process start)."""
+    """The run's wall-clock budget, counted from `started` (the process start), and its step limit."""
 
     def __init__(self, cfg: DemoTrainConfig, started: float):
         self.deadline = started + cfg.minutes * 60 - cfg.reserve_seconds
+        self.max_steps = cfg.max_steps
         self.every = cfg.checkpoint_minutes * 60
-        self.last_checkpoint = time.time()
+        self.last_checkpoint = self.last_lap = time.time()
 
     def over(self) -> bool:
         return time.time() >= self.deadline
+
+    def running(self, step: int) -> bool:
+        """Whether to train another step: time is left and max_steps (0: none) is not reached."""
+        return not self.over() and not (self.max_steps and step >= self.max_steps)
+
+    def lap(self) -> float:
+        """Seconds trained since the last lap (the first: since the budget was made)."""
+        now = time.time()
+        seconds, self.last_lap = now - self.last_lap, now
+        return seconds
 
     def checkpoint_due(self) -> bool:
         if time.time() - self.last_checkpoint >= self.every:
@@ -219,14 +233,6 @@ def set_lr(cfg: DemoTrainConfig, opt, state: dict) -> float:
     return lr
 
 
-@torch.no_grad()
-def ema_update(ema: dict, model, step: int, decay: float) -> None:
-    d = min(decay, (1 + step) / (10 + step))  # a short EMA early on, so the EMA is never mostly init
-    names = [n for n, _ in model.named_parameters()]
-    # One fused kernel over all tensors instead of one launch per parameter (the UNets are launch-bound).
-    torch._foreach_lerp_([ema[n] for n in names], [p.detach() for _, p in model.named_parameters()], 1 - d)
-
-
 def images_to_tensor(images: np.ndarray, device) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> uint8 [N, 3, H, W] on `device` (a uint8 pool is 4x smaller than floats)."""
     return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).contiguous()
@@ -260,6 +266,23 @@ def draw_pool(cfg: DemoTrainConfig):
     return images, captions, labels
 
 
+def _resume(model, folder: Path, name: str):
+    """(model, state): the stage's checkpoint loaded into `model` when there is one, else a fresh state."""
+    state = load_state(folder) or {"step": 0, "seconds": 0.0}
+    if state["step"]:
+        load_weights(model, folder)
+        print(f"resuming {name} from step {state['step']}", flush=True)
+    return model, state
+
+
+def _checkpoint(folder: Path, model, ema: EMA | None, optimizer, state: dict, budget: Budget, cfg: DemoTrainConfig,
+                **extra) -> None:
+    """Save the stage, with the seconds trained since the last save added to its state."""
+    state["seconds"] += budget.lap()
+    state.update(config=cfg.to_dict(), **extra)
+    save_checkpoint(folder, model, ema, optimizer, state)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Stage: VAE.
 
@@ -279,7 +302,7 @@ def load_vae(work: Path, device) -> torch.nn.Module:
 def measure_vae(vae, pixels_uint8: torch.Tensor, device, n: int = 2048, heldout: int = 256) -> dict:
     """Latent std (-> scaling factor = 1/std, as SD's 0.18215/0.13025 were chosen) and mean on n pool images;
     on held-out seeds, the reconstruction error and the probe's accuracy on the reconstructions: the ceiling of
-    every model that draws through this VAE (the first VAE's reconstructions lost half the object colours)."""
+    every model that draws through this VAE (a VAE that loses object colours caps every stage after it)."""
     from .data import heldout_seeds, sample
     from .probe import label_targets, load_probe, predict_indices, score
 
@@ -304,14 +327,10 @@ def measure_vae(vae, pixels_uint8: torch.Tensor, device, n: int = 2048, heldout:
 
 
 def train_vae(cfg: DemoTrainConfig, started: float) -> dict:
-    work, folder = Path(cfg.work), Path(cfg.work) / "vae"
+    folder = Path(cfg.work) / "vae"
     device = pick_device(cfg)
     torch.manual_seed(cfg.seed)
-    vae = demo_family.build_vae()
-    state = load_state(folder) or {"step": 0, "seconds": 0.0}
-    if state["step"]:
-        load_weights(vae, folder)
-        print(f"resuming vae from step {state['step']}", flush=True)
+    vae, state = _resume(demo_family.build_vae(), folder, "vae")
     vae.to(device).train()
     opt = make_optimizer(cfg, vae, folder, state)
     images, _, _ = draw_pool(cfg)
@@ -319,40 +338,35 @@ def train_vae(cfg: DemoTrainConfig, started: float) -> dict:
     del images
     budget, log = Budget(cfg, started), Logger(cfg, state["step"])
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + state["step"])
-    latent_numel = 4 * demo_family.LATENT_SIZE ** 2
-    t_run = time.time()
-
-    def checkpoint(final: bool) -> None:
-        state["seconds"] += time.time() - checkpoint.t
-        checkpoint.t = time.time()
-        state["config"] = cfg.to_dict()
-        if final:  # the scaling factor every later stage needs
-            state.update(measure_vae(vae, pixels, device, heldout=cfg.eval_images))
-            print("vae: " + " ".join(f"{k} {v:.4f}" for k, v in state.items() if isinstance(v, float)), flush=True)
-            vae.train()
-        save_checkpoint(folder, vae, None, opt, state)
-
-    checkpoint.t = t_run
-    while not budget.over() and not (cfg.max_steps and state["step"] >= cfg.max_steps):
-        idx = torch.randint(len(pixels), (cfg.batch_size,), generator=gen).to(device)
-        x = to_float(pixels[idx])
+    while budget.running(state["step"]):
+        x = to_float(pixels[torch.randint(len(pixels), (cfg.batch_size,), generator=gen).to(device)])
         lr = set_lr(cfg, opt, state)
-        with autocast(device):
-            posterior = vae.encode(x).latent_dist
-            rec = vae.decode(posterior.sample()).sample.float()
-        # L1 + MSE: a wrongly coloured object is few pixels with large errors, which MSE weighs up against the
-        # small per-pixel errors of textured backgrounds (L1 alone left half the object colours wrong).
-        l1 = (rec - x).abs().mean()
-        mse = F.mse_loss(rec, x)
-        kl = posterior.kl().float().mean() / latent_numel  # per latent element
-        loss = l1 + mse + cfg.kl_weight * kl
+        loss, parts = vae_loss(vae, x, cfg.kl_weight, device)
         optimizer_step(opt, vae, loss, cfg.max_grad_norm, state)
-        log(state["step"], loss, lr, {"l1": l1, "mse": mse, "kl": kl})
+        log(state["step"], loss, lr, parts)
         if budget.checkpoint_due():
-            checkpoint(final=False)
-    checkpoint(final=True)
+            _checkpoint(folder, vae, None, opt, state, budget, cfg)
+    state["seconds"] += budget.lap()
+    # The latent scaling factor every later stage needs; measuring it is not training time.
+    state.update(config=cfg.to_dict(), **measure_vae(vae, pixels, device, heldout=cfg.eval_images))
+    print("vae: " + " ".join(f"{k} {v:.4f}" for k, v in state.items() if isinstance(v, float)), flush=True)
+    vae.train()
+    save_checkpoint(folder, vae, None, opt, state)
     print(f"vae: stopped at step {state['step']}, checkpoint in {folder}", flush=True)
     return state
+
+
+def vae_loss(vae, x: torch.Tensor, kl_weight: float, device) -> tuple[torch.Tensor, dict]:
+    """Reconstruction of pixels x [B, 3, H, W] through a posterior sample -> (loss, its parts for the log)."""
+    with autocast(device):
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample()).sample.float()
+    # L1 + MSE: a wrongly coloured object is few pixels with large errors, which MSE weighs up against the
+    # small per-pixel errors of textured backgrounds (L1 alone left half the object colours wrong).
+    l1 = (rec - x).abs().mean()
+    mse = F.mse_loss(rec, x)
+    kl = posterior.kl().float().mean() / (4 * demo_family.LATENT_SIZE ** 2)  # per latent element
+    return l1 + mse + kl_weight * kl, {"l1": l1, "mse": mse, "kl": kl}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -371,30 +385,24 @@ def encode_pool(vae, images: np.ndarray, device, batch: int = 512) -> tuple[torc
     return torch.cat(means), torch.cat(stds)
 
 
-def train_unet(cfg: DemoTrainConfig, started: float) -> dict:
-    from diffusers import EulerDiscreteScheduler
+@dataclass
+class UNetData:
+    """The pool as the UNet stages read it, computed once: VAE posteriors and the caption embeddings."""
 
-    from sdxl_fast.testing.random_weights import SDXL_SCHEDULER
+    lat_mean: torch.Tensor  # [N, 4, 16, 16] bf16, each image's posterior mean (unscaled)
+    lat_std: torch.Tensor  # [N, 4, 16, 16] bf16
+    scaling: float  # the VAE's latent scaling factor
+    context: torch.Tensor  # [U, 77, D] each distinct caption once (refiner: text_encoder_2's part only)
+    pooled: torch.Tensor  # [U, P]
+    cap_index: torch.Tensor  # [N] each image's caption row
+    empty: torch.Tensor  # the encoded empty prompt's row (the refiner's caption dropout)
+    size_crop: torch.Tensor  # [4] time ids: original size, crop (0, 0)
+    target: torch.Tensor  # [2] time ids: target size
 
-    refiner = cfg.stage == "refiner"
-    work, folder = Path(cfg.work), Path(cfg.work) / cfg.stage
-    device = pick_device(cfg)
-    torch.manual_seed(cfg.seed)
-    unet = demo_family.build_refiner_unet() if refiner else demo_family.build_base_unet()
-    state = load_state(folder) or {"step": 0, "seconds": 0.0}
-    if state["step"]:
-        load_weights(unet, folder)
-        print(f"resuming {cfg.stage} from step {state['step']}", flush=True)
-    unet.to(device).train()
-    ema = {n: p.detach().float().clone() for n, p in unet.named_parameters()}
-    if state["step"] and (folder / "ema.safetensors").is_file():
-        from safetensors.torch import load_file
 
-        ema = {k: v.to(device) for k, v in load_file(str(folder / "ema.safetensors")).items()}
-    opt = make_optimizer(cfg, unet, folder, state)
-    print(f"{cfg.stage} unet: {demo_family.count_parameters(unet) / 1e6:.2f} M parameters", flush=True)
-
-    # Data: the pool through the trained VAE and the frozen encoders, once.
+def load_unet_data(cfg: DemoTrainConfig, refiner: bool, device) -> UNetData:
+    """The pool through the trained VAE and the frozen encoders."""
+    work = Path(cfg.work)
     vae = load_vae(work, device)
     scaling = vae.config.scaling_factor
     images, captions, _ = draw_pool(cfg)
@@ -403,58 +411,77 @@ def train_unet(cfg: DemoTrainConfig, started: float) -> dict:
     del images
     encoders = load_encoders(work, device)
     context, pooled, cap_index = encode_captions(encoders, captions + [""], device)
-    empty = cap_index[-1]  # the encoded empty prompt (refiner's caption dropout)
-    cap_index = cap_index[:-1]
     if refiner:
         context = context[..., demo_family.TEXT_HIDDEN:]  # hidden_2 only
     del encoders, vae
-    print(f"encoded {len(cap_index)} latents and {len(context)} distinct captions in {time.time() - t:.1f} s "
+    print(f"encoded {len(cap_index) - 1} latents and {len(context)} distinct captions in {time.time() - t:.1f} s "
           f"(latent scale {scaling:.4f})", flush=True)
+    return UNetData(lat_mean, lat_std, scaling, context, pooled, cap_index[:-1], cap_index[-1],
+                    size_crop=torch.tensor([*ORIGINAL_SIZE, 0, 0], device=device, dtype=torch.float32),
+                    target=torch.tensor(ORIGINAL_SIZE, device=device, dtype=torch.float32))
+
+
+def unet_loss(unet, cfg: DemoTrainConfig, d: UNetData, alphas: torch.Tensor, t_max: int, refiner: bool,
+              gen: torch.Generator, device) -> torch.Tensor:
+    """The epsilon objective on a random batch: a fresh posterior sample of each latent, t ~ U{0..t_max}, and
+    caption dropout for classifier-free guidance."""
+    b = cfg.batch_size
+    idx = torch.randint(len(d.cap_index), (b,), generator=gen).to(device)
+    mean, std = d.lat_mean[idx].float(), d.lat_std[idx].float()
+    x0 = (mean + std * torch.randn(mean.shape, device=device)) * d.scaling  # a posterior sample
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, t_max + 1, (b,), device=device)
+    x_t = sampling.add_noise(x0, noise, alphas[t].view(b, 1, 1, 1))
+    drop = torch.rand(b, device=device) < cfg.caption_dropout
+    rows = d.cap_index[idx]
+    if refiner:  # dropped captions -> the encoded "" (the refiner's negative prompt is encoded, not zeroed)
+        rows = torch.where(drop, d.empty, rows)
+        context, pooled = d.context[rows], d.pooled[rows]
+        score = torch.empty(b, device=device).uniform_(*cfg.aesthetic_range)
+        time_ids = torch.cat([d.size_crop.expand(b, 4), score[:, None]], dim=1)  # [B, 5]
+    else:  # dropped captions -> zeroed embeddings (force_zeros_for_empty_prompt)
+        keep = (~drop).float()
+        context, pooled = d.context[rows] * keep.view(b, 1, 1), d.pooled[rows] * keep.view(b, 1)
+        time_ids = torch.cat([d.size_crop, d.target]).expand(b, 6)  # [B, 6]
+    with autocast(device):
+        eps = sampling.unet_forward(unet, x_t, t, context, pooled, time_ids)
+    return F.mse_loss(eps.float(), noise)
+
+
+def train_unet(cfg: DemoTrainConfig, started: float) -> dict:
+    from diffusers import EulerDiscreteScheduler
+
+    from sdxl_fast.testing.random_weights import SDXL_SCHEDULER
+
+    refiner = cfg.stage == "refiner"
+    folder = Path(cfg.work) / cfg.stage
+    device = pick_device(cfg)
+    torch.manual_seed(cfg.seed)
+    unet, state = _resume(demo_family.build_refiner_unet() if refiner else demo_family.build_base_unet(), folder,
+                          cfg.stage)
+    unet.to(device).train()
+    ema = EMA(unet, cfg.ema_decay)
+    if state["step"] and (folder / "ema.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        ema.load_state_dict({"decay": cfg.ema_decay, "shadow": load_file(str(folder / "ema.safetensors"))})
+    opt = make_optimizer(cfg, unet, folder, state)
+    print(f"{cfg.stage} unet: {demo_family.count_parameters(unet) / 1e6:.2f} M parameters", flush=True)
+    data = load_unet_data(cfg, refiner, device)
 
     alphas = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER).alphas_cumprod.to(device)  # ᾱ_t, [1000]
     t_max = cfg.refiner_t_max if refiner else len(alphas) - 1
-    size_crop = torch.tensor([*ORIGINAL_SIZE, 0, 0], device=device, dtype=torch.float32)
-    target = torch.tensor(ORIGINAL_SIZE, device=device, dtype=torch.float32)
     budget, log = Budget(cfg, started), Logger(cfg, state["step"])
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + state["step"])
-
-    def checkpoint() -> None:
-        state["seconds"] += time.time() - checkpoint.t
-        checkpoint.t = time.time()
-        state.update(config=cfg.to_dict(), scaling_factor=scaling)
-        save_checkpoint(folder, unet, ema, opt, state)
-
-    checkpoint.t = time.time()
-    while not budget.over() and not (cfg.max_steps and state["step"] >= cfg.max_steps):
-        b = cfg.batch_size
-        idx = torch.randint(len(cap_index), (b,), generator=gen).to(device)
-        x0 = (lat_mean[idx].float() + lat_std[idx].float() * torch.randn(lat_mean[idx].shape, device=device)) * scaling
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, t_max + 1, (b,), device=device)
-        a = alphas[t].view(b, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        drop = torch.rand(b, device=device) < cfg.caption_dropout
-        rows = cap_index[idx]
-        if refiner:  # dropped captions -> the encoded "" (the refiner's negative prompt is encoded, not zeroed)
-            rows = torch.where(drop, empty, rows)
-            ctx, pool = context[rows], pooled[rows]
-            score = torch.empty(b, device=device).uniform_(*cfg.aesthetic_range)
-            time_ids = torch.cat([size_crop.expand(b, 4), score[:, None]], dim=1)  # [B, 5]
-        else:  # dropped captions -> zeroed embeddings (force_zeros_for_empty_prompt)
-            keep = (~drop).float()
-            ctx, pool = context[rows] * keep.view(b, 1, 1), pooled[rows] * keep.view(b, 1)
-            time_ids = torch.cat([size_crop, target]).expand(b, 6)  # [B, 6]
+    while budget.running(state["step"]):
         lr = set_lr(cfg, opt, state)
-        with autocast(device):
-            eps = unet(x_t, t, encoder_hidden_states=ctx,
-                       added_cond_kwargs={"text_embeds": pool, "time_ids": time_ids}).sample
-        loss = F.mse_loss(eps.float(), noise)
+        loss = unet_loss(unet, cfg, data, alphas, t_max, refiner, gen, device)
         optimizer_step(opt, unet, loss, cfg.max_grad_norm, state)
-        ema_update(ema, unet, state["step"], cfg.ema_decay)
+        ema.update(unet, step=state["step"])
         log(state["step"], loss, lr)
         if budget.checkpoint_due():
-            checkpoint()
-    checkpoint()
+            _checkpoint(folder, unet, ema, opt, state, budget, cfg, scaling_factor=data.scaling)
+    _checkpoint(folder, unet, ema, opt, state, budget, cfg, scaling_factor=data.scaling)
     print(f"{cfg.stage}: stopped at step {state['step']} ({state['seconds']:.0f} s trained in all), "
           f"checkpoint in {folder}", flush=True)
     return state
