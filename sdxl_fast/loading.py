@@ -233,10 +233,13 @@ def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | N
     base_folder = find_local_folder(sources.base, "quality base") if need_base else None
 
     if "quality" in modes:
-        refiner = None
+        refiner, refiner_zeros = None, False
         if sources.refiner is not None:
             refiner_folder = find_local_folder(sources.refiner, "refiner", subfolders=["unet", "scheduler"])
             refiner = loader.get(UNet2DConditionModel, refiner_folder, "unet")
+            refiner_index = refiner_folder / "model_index.json"
+            if refiner_index.is_file():  # diffusers' default when the pipeline's config leaves it out: True
+                refiner_zeros = json.loads(refiner_index.read_text()).get("force_zeros_for_empty_prompt", True)
         index = json.loads((base_folder / "model_index.json").read_text())
         models.quality = QualityModels(
             encoders=loader.encoders(base_folder),
@@ -245,6 +248,7 @@ def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | N
             refiner=refiner,
             scheduler=loader.scheduler(base_folder),
             force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
+            refiner_force_zeros_for_empty_prompt=bool(refiner_zeros),
             names={"base": model_name(sources.base), "refiner": model_name(sources.refiner or "")},
         )
 

@@ -66,12 +66,16 @@ def infotext(params: GenerationParams, model_names: dict[str, str]) -> str:
         "Crop top left": (p.crops_coords_top_left, (0, 0), list),
         "Target size": (p.target_size, output_size, _size),
         "Negative original size": (p.negative_original_size, p.original_size, _size),
-        "Negative crop top left": (p.negative_crops_coords_top_left, p.crops_coords_top_left, list),
         "Negative target size": (p.negative_target_size, p.target_size, _size),
     }
     for key, (value, default, fmt) in defaults.items():
         if tuple(value) != tuple(default):
             fields[key] = fmt(value)
+    # Unset (None), the negative crop follows diffusers' defaults (GenerationParams.negative_crop); set, it is
+    # written unless both crops are (0, 0), where set and unset are the same.
+    negative_crop = p.negative_crops_coords_top_left
+    if negative_crop is not None and (tuple(negative_crop), tuple(p.crops_coords_top_left)) != ((0, 0), (0, 0)):
+        fields["Negative crop top left"] = list(negative_crop)
     if p.mode == "quality" and p.use_refiner and "Refiner" in fields:
         if (p.aesthetic_score, p.negative_aesthetic_score) != (DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE):
             fields["Aesthetic score"] = p.aesthetic_score

@@ -91,6 +91,8 @@ class GenerationParams:
     crops_coords_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
     negative_original_size: tuple[int, int] | None = None
+    # None: diffusers' default, which depends on the model (`negative_crop`). `resolved()` makes it (0, 0) when
+    # a negative size is given, as diffusers' base pipeline does.
     negative_crops_coords_top_left: tuple[int, int] | None = None
     negative_target_size: tuple[int, int] | None = None
     aesthetic_score: float = DEFAULT_AESTHETIC_SCORE  # refiner only
@@ -109,6 +111,9 @@ class GenerationParams:
         width = self.width if self.width is not None else side
         original = self.original_size or (height, width)
         target = self.target_size or (height, width)
+        negative_crop = self.negative_crops_coords_top_left
+        if negative_crop is None and (self.negative_original_size or self.negative_target_size):
+            negative_crop = (0, 0)
         out = replace(
             self,
             steps=self.steps if self.steps is not None else DEFAULT_STEPS[self.mode],
@@ -116,11 +121,20 @@ class GenerationParams:
             width=width, height=height, original_size=tuple(original), target_size=tuple(target),
             crops_coords_top_left=tuple(self.crops_coords_top_left),
             negative_original_size=tuple(self.negative_original_size or original),
-            negative_crops_coords_top_left=tuple(self.negative_crops_coords_top_left or self.crops_coords_top_left),
+            negative_crops_coords_top_left=None if negative_crop is None else tuple(negative_crop),
             negative_target_size=tuple(self.negative_target_size or target),
         )
         out.validate()
         return out
+
+    def negative_crop(self, refiner: bool) -> tuple[int, int]:
+        """The negative crop the base (refiner False) or the refiner reads, as diffusers' pipelines default it:
+        an unset negative crop is the positive crop for the base (whose negative time ids are the positive
+        ones unless negative sizes are given, and then the crop defaults to (0, 0), see `resolved`) and
+        (0, 0) for the refiner (StableDiffusionXLImg2ImgPipeline's default)."""
+        if self.negative_crops_coords_top_left is not None:
+            return tuple(self.negative_crops_coords_top_left)
+        return (0, 0) if refiner else tuple(self.crops_coords_top_left)
 
     def validate(self) -> None:
         if not isinstance(self.prompt, str):

@@ -34,3 +34,14 @@ def test_png_carries_the_text_chunk(tmp_path):
     path = save_png(image, tmp_path / "sub" / "x.png")
     assert read_parameters(path) == image.info["parameters"]
     assert not list((tmp_path / "sub").glob("*.tmp"))
+
+
+def test_an_unset_negative_crop_keeps_diffusers_defaults_through_the_metadata():
+    crop_only = GenerationParams("x", mode="quality", steps=2, seed=1, crops_coords_top_left=(16, 8)).resolved()
+    assert crop_only.negative_crops_coords_top_left is None
+    assert crop_only.negative_crop(refiner=False) == (16, 8) and crop_only.negative_crop(refiner=True) == (0, 0)
+    with_sizes = GenerationParams("x", mode="quality", steps=2, seed=1, crops_coords_top_left=(16, 8),
+                                  negative_original_size=(512, 512)).resolved()
+    assert with_sizes.negative_crop(refiner=False) == with_sizes.negative_crop(refiner=True) == (0, 0)
+    for params in (crop_only, with_sizes):
+        assert parse_infotext(infotext(params, {"base": "b", "refiner": "r"}))[0] == params

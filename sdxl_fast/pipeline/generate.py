@@ -11,13 +11,19 @@ from diffusers import EulerDiscreteScheduler
 from PIL import Image
 
 from .. import metadata
-from ..models import Models, Runner, native_side, weight_dtype
+from ..models import Models, Runner, native_side, vae_scale_factor, weight_dtype
 from ..params import MODES, GenerationParams, image_seed
 from . import conditioning, decoding, prompts, sampling, schedules, step_cache
 
 
 def _generators(seed: int, n: int) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(image_seed(seed, i)) for i in range(n)]
+
+
+def _latent_shape(unet, vae, p: GenerationParams) -> tuple[int, int, int]:
+    """One image's starting-noise shape [C, h, w]: the output size over the VAE's downsampling factor."""
+    factor = vae_scale_factor(vae)
+    return unet.config.in_channels, p.height // factor, p.width // factor
 
 
 def _batched(pos: sampling.UNetInputs, neg: sampling.UNetInputs | None, batch: int) -> sampling.UNetInputs:
@@ -75,8 +81,10 @@ def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tenso
 
     pos = _encode(models, q.encoders, p.prompt)
     neg = _encode(models, q.encoders, p.negative_prompt)
-    # SDXL base was trained with zeroed (not encoded) empty negatives; the refiner was not (model_index.json).
+    # SDXL base was trained with zeroed (not encoded) empty negatives, its refiner was not: each folder's
+    # model_index.json says which (force_zeros_for_empty_prompt).
     base_neg = neg.zeros_like() if (q.force_zeros_for_empty_prompt and not p.negative_prompt) else neg
+    refiner_neg = neg.zeros_like() if (q.refiner_force_zeros_for_empty_prompt and not p.negative_prompt) else neg
     runner = models.runner
     ids_neg, ids_pos = conditioning.time_ids(p, refiner=False, device=device, dtype=dtype)
     base_inputs = _batched(_inputs(runner, q.base, pos.base_context, pos.pooled, ids_pos),
@@ -86,9 +94,8 @@ def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tenso
     refiner = None
     if use_refiner:
         ids_neg, ids_pos = conditioning.time_ids(p, refiner=True, device=device, dtype=dtype)
-        refiner_inputs = _batched(_inputs(runner, q.refiner, pos.hidden_2, pos.pooled, ids_pos),
-                                  _inputs(runner, q.refiner, neg.hidden_2, neg.pooled, ids_neg) if guided else None,
-                                  batch)
+        negative = _inputs(runner, q.refiner, refiner_neg.hidden_2, refiner_neg.pooled, ids_neg) if guided else None
+        refiner_inputs = _batched(_inputs(runner, q.refiner, pos.hidden_2, pos.pooled, ids_pos), negative, batch)
         refiner = unet_denoiser(runner.run, q.refiner, "refiner", refiner_inputs, p.cache_interval)
     if guided:
         base = sampling.guided(base, p.guidance_scale)
@@ -98,7 +105,7 @@ def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tenso
     scheduler = EulerDiscreteScheduler.from_config(q.scheduler.config)
     timesteps, switch = schedules.quality_timesteps(scheduler, p.steps, p.refiner_switch if use_refiner else None,
                                                     device=device)
-    latent_shape = (q.base.config.in_channels, p.height // 8, p.width // 8)
+    latent_shape = _latent_shape(q.base, q.vae, p)
     latents = sampling.randn(latent_shape, _generators(p.seed, batch), device, dtype) * scheduler.init_noise_sigma
     latents = sampling.sample_quality(base, refiner, scheduler, latents, timesteps, switch, callback)
     names = dict(q.names) if use_refiner else {"base": q.names["base"]}
@@ -157,7 +164,7 @@ def _fast(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, 
     # All the call's noise up front, drawn per image in the order the loop uses it (start, then each
     # re-noising), so image i is the same whatever the batch, graph or not.
     generators = _generators(p.seed, batch)
-    latent_shape = (f.student.config.in_channels, p.height // 8, p.width // 8)
+    latent_shape = _latent_shape(f.student, f.vae, p)
     noise = torch.stack([sampling.randn(latent_shape, generators, "cpu", dtype) for _ in timesteps])
     args = (_schedule_on(f.scheduler, device), pos.base_context, pos.pooled, _to_device(ids_pos, device),
             _to_device(noise, device))
