@@ -167,6 +167,31 @@ def is_unet_only(folder: Path) -> bool:
     return config.is_file() and json.loads(config.read_text()).get("_class_name") == "UNet2DConditionModel"
 
 
+# Beside a UNet-only student's config.json: {"sampler": "ADD"}, the Fast sampler it was trained for
+# (written by sdxl_fast.distill.export). A student folder without it runs the ADD sampler.
+STUDENT_CONFIG = "sdxl_fast.json"
+
+
+def write_student_config(folder: str | Path, sampler: str = "ADD") -> Path:
+    path = Path(folder) / STUDENT_CONFIG
+    path.write_text(json.dumps({"sampler": sampler}, indent=2) + "\n")
+    return path
+
+
+def fast_sampler(folder: Path) -> str:
+    """The Fast sampler a fast model runs by default: diffusers' SDXL-Turbo recipe ("Euler a") for a full
+    few-step pipeline (model_index.json), else what the student folder's sdxl_fast.json says, else "ADD"."""
+    from .params import SAMPLERS
+
+    if not is_unet_only(folder):
+        return "Euler a"
+    config = folder / STUDENT_CONFIG
+    sampler = json.loads(config.read_text()).get("sampler", "ADD") if config.is_file() else "ADD"
+    if sampler not in SAMPLERS["fast"]:
+        raise ValueError(f"{config}: unknown sampler {sampler!r}; choose one of {SAMPLERS['fast']}")
+    return sampler
+
+
 def model_name(source: str) -> str:
     """Short name for metadata: the hub repo name or the folder name."""
     return Path(source.rstrip("/")).name
@@ -260,6 +285,7 @@ def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | N
         models.fast = FastModels(
             encoders=loader.encoders(family), vae=loader.get(AutoencoderKL, family, "vae"), student=student,
             scheduler=loader.scheduler(family), names={"fast": model_name(sources.fast)},
+            sampler=fast_sampler(fast_folder),
         )
 
     if cpu_offload:

@@ -63,6 +63,9 @@ class FastModels:
     student: UNet2DConditionModel
     scheduler: SchedulerMixin  # only its noise schedule (alphas_cumprod) and prediction type are used
     names: dict[str, str]
+    # The sampler used when GenerationParams.sampler is unset: "ADD" for our students (recorded in their
+    # sdxl_fast.json), "Euler a" for full few-step pipelines such as stabilityai/sdxl-turbo (diffusers' recipe).
+    sampler: str = "ADD"
 
 
 @dataclass

@@ -184,3 +184,42 @@ def test_a_refiner_that_zeroes_empty_negatives_matches_diffusers(tiny_family, tm
                   device="cpu", dtype=torch.float32)
     pipes = diffusers_quality(models, refiner, tiny_family["base"])
     assert_same("refiner zeroing empty negatives", *run_quality(models, pipes, negative=""))
+
+
+@pytest.fixture(scope="module")
+def turbo(plain):
+    """diffusers' documented SDXL-Turbo recipe over our loaded fast modules."""
+    f, enc = plain.fast, plain.fast.encoders
+    pipe = StableDiffusionXLPipeline(
+        vae=f.vae, text_encoder=enc.text_encoder, text_encoder_2=enc.text_encoder_2, tokenizer=enc.tokenizer,
+        tokenizer_2=enc.tokenizer_2, unet=f.student,
+        scheduler=EulerAncestralDiscreteScheduler.from_config(f.scheduler.config, timestep_spacing="trailing"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_fast(models, pipe, steps, seed=5, batch=1, output="latent"):
+    params = GenerationParams("a corgi astronaut", mode="fast", steps=steps, seed=seed, width=SIDE, height=SIDE,
+                              num_images=batch)
+    ours_latents, ours_images, _ = generate_tensors(models, params)
+    out = pipe(prompt=params.prompt, num_inference_steps=steps, guidance_scale=0.0, height=SIDE, width=SIDE,
+               generator=generators(seed, batch), num_images_per_prompt=batch, output_type=output).images
+    if output == "latent":
+        return ours_latents, out
+    return ours_images, torch.from_numpy((out * 255).round().astype(np.uint8))
+
+
+def test_a_full_few_step_pipeline_runs_euler_a_by_default(plain):
+    assert plain.fast.sampler == "Euler a"
+
+
+@pytest.mark.parametrize("steps,batch", [(1, 1), (2, 1), (3, 2), (4, 1)])
+def test_fast_euler_a_matches_diffusers_sdxl_turbo_recipe(plain, turbo, steps, batch):
+    assert_same(f"fast Euler a steps={steps} batch={batch}", *run_fast(plain, turbo, steps, batch=batch))
+
+
+def test_fast_euler_a_decoded_images_match_diffusers(plain, turbo):
+    ours, theirs = run_fast(plain, turbo, 2, output="np")
+    diff = (ours.int() - theirs.int()).abs().max()
+    ERRORS["fast uint8 images (levels)"] = float(diff)
+    assert diff <= 1

@@ -114,11 +114,12 @@ def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tenso
 
 def fast_call(f, timesteps: list[int], alphas_cumprod: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
               time_ids: torch.Tensor, noise: torch.Tensor, callback=None, cache_interval: int = 1,
-              runner: Runner = Runner()):
+              runner: Runner = Runner(), sampler: str = "ADD"):
     """The Fast path after the text encoders, as one function of tensors, so a CUDA graph can record it whole.
 
     alphas_cumprod [1000]; context [1, 77, D], pooled [1, P], time_ids [1, 6]; noise [steps, B, 4, h, w]: the
-    start noise, then the noise of each re-noising. Every tensor is an argument, none is closed over: a
+    start noise, then the noise of each re-noising (ADD) or ancestral step ("Euler a"; `timesteps` are then
+    `schedules.fast_timesteps`'s). Every tensor is an argument, none is closed over: a
     graph reads the memory it was recorded on, and a closed-over tensor of the first call is freed after it.
     Returns (latents [B, 4, h, w], uint8 images [B, H, W, 3], all-finite flag).
     """
@@ -127,8 +128,14 @@ def fast_call(f, timesteps: list[int], alphas_cumprod: torch.Tensor, context: to
     renoise = iter(noise[1:])
     # Inside this function nothing is run through the runner again: a graph of it records the whole call.
     student = unet_denoiser(Runner().run, f.student, "student", inputs, cache_interval)
-    latents = sampling.sample_fast(student, alphas_cumprod, f.scheduler.config.prediction_type, noise[0],
-                                   timesteps, renoise=lambda: next(renoise), callback=callback)
+    prediction_type = f.scheduler.config.prediction_type
+    if sampler == "Euler a":
+        schedule = schedules.euler_ancestral(f.scheduler.config, len(timesteps))
+        latents = sampling.sample_euler_ancestral(student, schedule, prediction_type, noise[0],
+                                                  renoise=lambda: next(renoise), callback=callback)
+    else:
+        latents = sampling.sample_fast(student, alphas_cumprod, prediction_type, noise[0], timesteps,
+                                       renoise=lambda: next(renoise), callback=callback)
     pixels = f.vae.decode((latents / f.vae.config.scaling_factor).to(weight_dtype(f.vae))).sample
     return latents, decoding.to_uint8(pixels), torch.isfinite(pixels).all()
 
@@ -157,20 +164,21 @@ def _fast(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, 
     if f is None:
         raise RuntimeError("The fast models are not loaded; load them with sdxl_fast.load(modes=('fast',))")
     device, dtype, batch = models.device, models.dtype, p.num_images
-    timesteps = schedules.student_timesteps(p.steps)
+    timesteps = schedules.fast_timesteps(p.sampler, p.steps, f.scheduler.config)
     pos = _encode(models, f.encoders, p.prompt)
     # What follows is host work done while the GPU runs the text encoders; its copies must not wait for them.
     _, ids_pos = conditioning.time_ids(p, refiner=False, device="cpu", dtype=dtype)
     # All the call's noise up front, drawn per image in the order the loop uses it (start, then each
-    # re-noising), so image i is the same whatever the batch, graph or not.
+    # re-noising or ancestral step: the order diffusers draws it from a per-image generator list), so image i
+    # is the same whatever the batch, graph or not.
     generators = _generators(p.seed, batch)
     latent_shape = _latent_shape(f.student, f.vae, p)
     noise = torch.stack([sampling.randn(latent_shape, generators, "cpu", dtype) for _ in timesteps])
     args = (_schedule_on(f.scheduler, device), pos.base_context, pos.pooled, _to_device(ids_pos, device),
             _to_device(noise, device))
-    run = partial(fast_call, f, timesteps, cache_interval=p.cache_interval, runner=models.runner)
+    run = partial(fast_call, f, timesteps, cache_interval=p.cache_interval, runner=models.runner, sampler=p.sampler)
     if callback is None:
-        name = ("fast", id(f.student), id(f.vae), weight_dtype(f.vae), tuple(timesteps), p.cache_interval)
+        name = ("fast", id(f.student), id(f.vae), weight_dtype(f.vae), p.sampler, tuple(timesteps), p.cache_interval)
         latents, images, finite = models.runner.run(name, run, *args)
     else:  # callbacks need the loop in Python, outside any recorded graph
         latents, images, finite = run(*args, callback=callback)
@@ -183,7 +191,8 @@ def _fast(models: Models, p: GenerationParams, callback) -> tuple[torch.Tensor, 
 def _resolved(models: Models, params: GenerationParams) -> GenerationParams:
     """An unset size becomes the loaded models' own (128² for the demo family, not SDXL's 512² or 1024²)."""
     loaded = params.mode in MODES and getattr(models, params.mode) is not None
-    return params.resolved(native_side(models, params.mode) if loaded else None)
+    sampler = models.fast.sampler if params.mode == "fast" and loaded else None
+    return params.resolved(native_side(models, params.mode) if loaded else None, default_sampler=sampler)
 
 
 @torch.no_grad()  # nothing here is trained: no activations kept for a backward pass, whatever the modules ask
