@@ -197,6 +197,20 @@ def model_name(source: str) -> str:
     return Path(source.rstrip("/")).name
 
 
+PICKLES = ("*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl")
+
+
+def _unloadable(cls, folder: Path, err: OSError) -> str:
+    """One line: why `cls` could not be loaded from `folder`."""
+    if folder.is_dir() and not list(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for pattern in PICKLES for p in folder.glob(pattern))
+        if pickles:
+            return (f"{folder} has only pickled weights ({', '.join(pickles)}); sdxl-fast loads only .safetensors "
+                    "(a pickle can run code when loaded): re-save them with save_pretrained(folder, "
+                    "safe_serialization=True)")
+    return f"could not load {cls.__name__} from {folder}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+
+
 class _Loader:
     """Loads each (folder, subfolder) once and hands back the same object on later requests."""
 
@@ -207,10 +221,14 @@ class _Loader:
         key = (str(folder.resolve()), subfolder)
         if key not in self.cache:
             kwargs = {"subfolder": subfolder} if subfolder else {}
-            if cls is CLIPTokenizer:
-                obj = cls.from_pretrained(folder, **kwargs)
-            else:
-                obj = cls.from_pretrained(folder, use_safetensors=True, torch_dtype=self.dtype, **kwargs)
+            try:
+                if cls is CLIPTokenizer:
+                    obj = cls.from_pretrained(folder, **kwargs)
+                else:
+                    obj = cls.from_pretrained(folder, use_safetensors=True, torch_dtype=self.dtype, **kwargs)
+            except OSError as err:
+                raise ModelNotFoundError(_unloadable(cls, folder / (subfolder or ""), err)) from err
+            if cls is not CLIPTokenizer:
                 obj = obj.to(self.device).eval().requires_grad_(False)
             self.cache[key] = obj
         return self.cache[key]

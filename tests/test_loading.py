@@ -134,7 +134,7 @@ def test_pickle_weights_are_refused(tiny_family, tmp_path):
     unet.save_pretrained(tmp_path / "student", safe_serialization=False)
     assert not list((tmp_path / "student").glob("*.safetensors"))
     sources = ModelSources(str(tiny_family["base"]), None, str(tmp_path / "student"))
-    with pytest.raises(EnvironmentError):
+    with pytest.raises(ModelNotFoundError, match="only pickled weights .*diffusion_pytorch_model.bin.*safetensors"):
         load(modes=("fast",), sources=sources, device="cpu")
 
 
