@@ -124,13 +124,14 @@ def run_quality(models, pipes, steps=2, seed=3, negative="", refiner=True, switc
     return ours_images, torch.from_numpy((latents * 255).round().astype(np.uint8))
 
 
+# (3, 0.3): the switch is above the first timestep (667 < 700), so the base runs no step and the refiner all.
 @pytest.mark.parametrize("steps,switch", [(4, 0.8), (5, 0.5), (3, 0.3)])
 def test_quality_with_refiner_matches_diffusers(plain, reference, steps, switch):
     assert_same(f"quality steps={steps} switch={switch}", *run_quality(plain, reference, steps=steps, switch=switch,
                                                                      negative="blurry"))
 
 
-@pytest.mark.parametrize("steps", [2, 5])
+@pytest.mark.parametrize("steps", [3])
 def test_quality_base_alone_matches_diffusers(plain, reference, steps):
     assert_same(f"quality base alone steps={steps}", *run_quality(plain, reference, steps=steps, refiner=False))
 
@@ -170,6 +171,7 @@ def test_decoded_images_match_diffusers(plain, reference):
     ours, theirs = run_quality(plain, reference, steps=3, negative="fog", output="np")
     diff = (ours.int() - theirs.int()).abs().max()
     ERRORS["quality uint8 images (levels)"] = float(diff)
+    print(f"quality uint8 images: max difference {int(diff)} levels")
     assert diff <= 1
 
 
@@ -209,8 +211,14 @@ def run_fast(models, pipe, steps, seed=5, batch=1, output="latent"):
     return ours_images, torch.from_numpy((out * 255).round().astype(np.uint8))
 
 
-def test_a_full_few_step_pipeline_runs_euler_a_by_default(plain):
+def test_a_full_few_step_pipeline_runs_euler_a_by_default(plain, turbo):
     assert plain.fast.sampler == "Euler a"
+    # The tolerance means something: our ADD sampler on the same model differs from the recipe at 1 step
+    # (it does not scale the starting noise: 0.23 % at the UNet input).
+    ours = generate_tensors(plain, GenerationParams("a corgi astronaut", mode="fast", steps=1, seed=5, width=SIDE,
+                                                    height=SIDE, sampler="ADD"))[0]
+    theirs = run_fast(plain, turbo, 1)[1]
+    assert relative_error(ours, theirs) > 100 * TOLERANCE
 
 
 @pytest.mark.parametrize("steps,batch", [(1, 1), (2, 1), (3, 2), (4, 1)])
@@ -222,4 +230,5 @@ def test_fast_euler_a_decoded_images_match_diffusers(plain, turbo):
     ours, theirs = run_fast(plain, turbo, 2, output="np")
     diff = (ours.int() - theirs.int()).abs().max()
     ERRORS["fast uint8 images (levels)"] = float(diff)
+    print(f"fast uint8 images: max difference {int(diff)} levels")
     assert diff <= 1
