@@ -95,10 +95,11 @@ def _int(value, name: str):
     return int(float(value))
 
 
-def _pair(first, second, name: str):
-    """Two optional fields -> (first, second), or None (use sdxl_fast's default) when both are 0/empty."""
+def _pair(first, second, name: str, output: tuple[int, int]):
+    """Two optional fields -> (first, second), or None (use sdxl_fast's default) when both are 0/empty; one
+    left 0/empty is the output's side (`output`, in the same order), as the labels say."""
     a, b = _int(first, name), _int(second, name)
-    return None if not a and not b else (a or 0, b or 0)
+    return None if not a and not b else (a or output[0], b or output[1])
 
 
 class Studio:
@@ -133,8 +134,8 @@ class Studio:
                orig_w, orig_h, crop_top, crop_left, target_w, target_h, aesthetic, negative_aesthetic,
                cache_interval=1):
         width, height = parse_size(size)
-        original = _pair(orig_h, orig_w, "Original size")
-        target = _pair(target_h, target_w, "Target size")
+        original = _pair(orig_h, orig_w, "Original size", (height, width))
+        target = _pair(target_h, target_w, "Target size", (height, width))
         try:
             return sdxl_fast.GenerationParams(
                 prompt=prompt or "", negative_prompt=negative or "", mode=mode, steps=_int(steps, "Steps"),

@@ -5,20 +5,23 @@
     sdxl-fast buckets                                           # the SDXL aspect-ratio size presets
 
 Exit status: 0 on success, 2 for invalid arguments (nothing is loaded or written), 1 when the models
-cannot be loaded or generation fails.
+cannot be loaded or generation fails. Every error is one line on stderr. `-o` must be writable (checked before
+anything is loaded) and is never overwritten without `--overwrite`: scripts get the name they asked for.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
 from . import __version__, metadata
-from .params import DEFAULT_SIDE, MAX_SEED, SDXL_BUCKETS, GenerationParams, bucket_label, parse_size
+from .params import DEFAULT_SIDE, MAX_SEED, SAMPLERS, SDXL_BUCKETS, GenerationParams, bucket_label, parse_size
 
 EXAMPLES = """examples:
   sdxl-fast generate "a lighthouse at dusk, oil painting" --mode quality --seed 1 -o lighthouse.png
@@ -76,11 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", help="the text prompt (omit with --from-png)")
     gen.add_argument("-o", "--output", type=Path,
                      help="output PNG (default: MODE-SEED.png); several images get -1, -2, ... suffixes")
+    gen.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     gen.add_argument("--from-png", type=Path, metavar="PNG",
                      help="take every parameter from this PNG's metadata; other flags given override it")
     what = gen.add_argument_group("generation")
     what.add_argument("--mode", choices=["fast", "quality"], help="fast: ADD student, 1-4 steps (default); "
                       "quality: base + refiner with guidance")
+    what.add_argument("--sampler", choices=list(SAMPLERS["fast"]),
+                      help="fast mode: 'Euler a' (diffusers' SDXL-Turbo recipe, the default of full few-step "
+                           "pipelines such as sdxl-turbo) or 'ADD' (the default of our distilled students)")
     what.add_argument("-n", "--negative-prompt", help="what to steer away from (quality mode)")
     what.add_argument("--steps", type=int, help="denoising steps (fast: 1-4, default 1; quality: default 50)")
     what.add_argument("--seed", type=int, help=f"0 to {MAX_SEED}; random when omitted (and printed)")
@@ -119,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PARAM_FLAGS = ("negative_prompt", "mode", "steps", "seed", "num_images", "cache_interval", "guidance_scale",
+PARAM_FLAGS = ("negative_prompt", "mode", "sampler", "steps", "seed", "num_images", "cache_interval", "guidance_scale",
                "refiner_switch", "use_refiner", "original_size", "crops_coords_top_left", "target_size",
                "negative_original_size", "negative_crops_coords_top_left", "negative_target_size",
                "aesthetic_score", "negative_aesthetic_score")
@@ -151,6 +158,24 @@ def output_paths(output: Path | None, params: GenerationParams) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(params.num_images)]
 
 
+def check_writable(paths: list[Path], overwrite: bool) -> None:
+    """Before any work: every output can be written, and none exists unless `overwrite`. A ValueError says
+    which and why, in one line."""
+    for path in paths:
+        if path.is_dir():
+            raise ValueError(f"output {path} is a folder")
+        if path.exists() and not overwrite:
+            raise ValueError(f"output {path} exists; pass --overwrite to replace it")
+    for folder in dict.fromkeys(path.parent for path in paths):
+        try:  # the real test (permissions, read-only file systems, a file where a folder should be)
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=folder, suffix=".png.tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise ValueError(f"cannot write the output in {folder}: {err.strerror or err}") from None
+
+
 def _generate(args: argparse.Namespace) -> int:
     try:
         params = params_from_args(args)
@@ -167,6 +192,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     try:
         sources = sdxl_fast.resolve_sources(args.preset, args.base, args.refiner, args.fast)
+        check_writable(paths, args.overwrite)
     except ValueError as err:
         print(f"sdxl-fast generate: error: {err}", file=sys.stderr)
         return 2
@@ -193,7 +219,11 @@ def _generate(args: argparse.Namespace) -> int:
         images = sdxl_fast.generate(models, params, callback=on_step)
     bar.close()
     for image, path in zip(images, paths):
-        metadata.save_png(image, path)
+        try:
+            metadata.save_png(image, path)
+        except OSError as err:  # the folder changed while generating
+            print(f"sdxl-fast generate: error: cannot write {path}: {err.strerror or err}", file=sys.stderr)
+            return 1
         print(path)
     return 0
 

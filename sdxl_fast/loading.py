@@ -167,9 +167,48 @@ def is_unet_only(folder: Path) -> bool:
     return config.is_file() and json.loads(config.read_text()).get("_class_name") == "UNet2DConditionModel"
 
 
+# Beside a UNet-only student's config.json: {"sampler": "ADD"}, the Fast sampler it was trained for
+# (written by sdxl_fast.distill.export). A student folder without it runs the ADD sampler.
+STUDENT_CONFIG = "sdxl_fast.json"
+
+
+def write_student_config(folder: str | Path, sampler: str = "ADD") -> Path:
+    path = Path(folder) / STUDENT_CONFIG
+    path.write_text(json.dumps({"sampler": sampler}, indent=2) + "\n")
+    return path
+
+
+def fast_sampler(folder: Path) -> str:
+    """The Fast sampler a fast model runs by default: diffusers' SDXL-Turbo recipe ("Euler a") for a full
+    few-step pipeline (model_index.json), else what the student folder's sdxl_fast.json says, else "ADD"."""
+    from .params import SAMPLERS
+
+    if not is_unet_only(folder):
+        return "Euler a"
+    config = folder / STUDENT_CONFIG
+    sampler = json.loads(config.read_text()).get("sampler", "ADD") if config.is_file() else "ADD"
+    if sampler not in SAMPLERS["fast"]:
+        raise ValueError(f"{config}: unknown sampler {sampler!r}; choose one of {SAMPLERS['fast']}")
+    return sampler
+
+
 def model_name(source: str) -> str:
     """Short name for metadata: the hub repo name or the folder name."""
     return Path(source.rstrip("/")).name
+
+
+PICKLES = ("*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl")
+
+
+def _unloadable(cls, folder: Path, err: OSError) -> str:
+    """One line: why `cls` could not be loaded from `folder`."""
+    if folder.is_dir() and not list(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for pattern in PICKLES for p in folder.glob(pattern))
+        if pickles:
+            return (f"{folder} has only pickled weights ({', '.join(pickles)}); sdxl-fast loads only .safetensors "
+                    "(a pickle can run code when loaded): re-save them with save_pretrained(folder, "
+                    "safe_serialization=True)")
+    return f"could not load {cls.__name__} from {folder}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
 
 
 class _Loader:
@@ -182,10 +221,14 @@ class _Loader:
         key = (str(folder.resolve()), subfolder)
         if key not in self.cache:
             kwargs = {"subfolder": subfolder} if subfolder else {}
-            if cls is CLIPTokenizer:
-                obj = cls.from_pretrained(folder, **kwargs)
-            else:
-                obj = cls.from_pretrained(folder, use_safetensors=True, torch_dtype=self.dtype, **kwargs)
+            try:
+                if cls is CLIPTokenizer:
+                    obj = cls.from_pretrained(folder, **kwargs)
+                else:
+                    obj = cls.from_pretrained(folder, use_safetensors=True, torch_dtype=self.dtype, **kwargs)
+            except OSError as err:
+                raise ModelNotFoundError(_unloadable(cls, folder / (subfolder or ""), err)) from err
+            if cls is not CLIPTokenizer:
                 obj = obj.to(self.device).eval().requires_grad_(False)
             self.cache[key] = obj
         return self.cache[key]
@@ -233,10 +276,13 @@ def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | N
     base_folder = find_local_folder(sources.base, "quality base") if need_base else None
 
     if "quality" in modes:
-        refiner = None
+        refiner, refiner_zeros = None, False
         if sources.refiner is not None:
             refiner_folder = find_local_folder(sources.refiner, "refiner", subfolders=["unet", "scheduler"])
             refiner = loader.get(UNet2DConditionModel, refiner_folder, "unet")
+            refiner_index = refiner_folder / "model_index.json"
+            if refiner_index.is_file():  # diffusers' default when the pipeline's config leaves it out: True
+                refiner_zeros = json.loads(refiner_index.read_text()).get("force_zeros_for_empty_prompt", True)
         index = json.loads((base_folder / "model_index.json").read_text())
         models.quality = QualityModels(
             encoders=loader.encoders(base_folder),
@@ -245,6 +291,7 @@ def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | N
             refiner=refiner,
             scheduler=loader.scheduler(base_folder),
             force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
+            refiner_force_zeros_for_empty_prompt=bool(refiner_zeros),
             names={"base": model_name(sources.base), "refiner": model_name(sources.refiner or "")},
         )
 
@@ -256,6 +303,7 @@ def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | N
         models.fast = FastModels(
             encoders=loader.encoders(family), vae=loader.get(AutoencoderKL, family, "vae"), student=student,
             scheduler=loader.scheduler(family), names={"fast": model_name(sources.fast)},
+            sampler=fast_sampler(fast_folder),
         )
 
     if cpu_offload:

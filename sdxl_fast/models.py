@@ -50,8 +50,10 @@ class QualityModels:
     base: UNet2DConditionModel
     refiner: UNet2DConditionModel | None
     scheduler: SchedulerMixin
-    force_zeros_for_empty_prompt: bool
+    force_zeros_for_empty_prompt: bool  # the base's, from its model_index.json: empty negative -> zeros
     names: dict[str, str]
+    # The refiner's own flag, from its folder (False for SDXL's refiner: it reads the encoded empty prompt).
+    refiner_force_zeros_for_empty_prompt: bool = False
 
 
 @dataclass
@@ -61,6 +63,9 @@ class FastModels:
     student: UNet2DConditionModel
     scheduler: SchedulerMixin  # only its noise schedule (alphas_cumprod) and prediction type are used
     names: dict[str, str]
+    # The sampler used when GenerationParams.sampler is unset: "ADD" for our students (recorded in their
+    # sdxl_fast.json), "Euler a" for full few-step pipelines such as stabilityai/sdxl-turbo (diffusers' recipe).
+    sampler: str = "ADD"
 
 
 @dataclass
@@ -84,7 +89,13 @@ def native_side(models: Models, mode: str) -> int:
     if family is None:
         raise RuntimeError(f"The {mode} models are not loaded")
     unet = family.student if mode == "fast" else family.base
-    return unet.config.sample_size * 2 ** (len(family.vae.config.block_out_channels) - 1)
+    return unet.config.sample_size * vae_scale_factor(family.vae)
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent along each side: 2 per VAE down block after the first (8 for SDXL's VAE), as
+    diffusers' pipelines compute it."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def default_device() -> torch.device:

@@ -8,6 +8,11 @@ from dataclasses import asdict, dataclass, replace
 from math import gcd
 
 MODES = ("fast", "quality")
+# The samplers each mode runs, in AUTOMATIC1111's names where one exists. Fast: "ADD", the ADD paper's sampler
+# our distilled students are trained for (the clean estimate re-noised with fresh noise at the next student
+# timestep), or "Euler a", diffusers' SDXL-Turbo recipe (Euler-ancestral, trailing timesteps), the default of
+# full few-step pipelines such as stabilityai/sdxl-turbo. Unset, a Fast call runs the loaded model's own.
+SAMPLERS = {"quality": ("Euler",), "fast": ("ADD", "Euler a")}
 DEFAULT_STEPS = {"quality": 50, "fast": 1}
 DEFAULT_SIDE = {"quality": 1024, "fast": 512}
 MAX_QUALITY_STEPS = 1000
@@ -91,16 +96,21 @@ class GenerationParams:
     crops_coords_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
     negative_original_size: tuple[int, int] | None = None
+    # None: diffusers' default, which depends on the model (`negative_crop`). `resolved()` makes it (0, 0) when
+    # a negative size is given, as diffusers' base pipeline does.
     negative_crops_coords_top_left: tuple[int, int] | None = None
     negative_target_size: tuple[int, int] | None = None
     aesthetic_score: float = DEFAULT_AESTHETIC_SCORE  # refiner only
     negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE  # refiner only
+    # One of SAMPLERS[mode]; None: Euler for quality, the loaded fast model's own for fast (`resolved`).
+    sampler: str | None = None
 
-    def resolved(self, default_side: int | None = None) -> "GenerationParams":
+    def resolved(self, default_side: int | None = None, default_sampler: str | None = None) -> "GenerationParams":
         """Fill the mode-dependent defaults and validate; the result is fully explicit and reproducible.
 
         `default_side` replaces DEFAULT_SIDE for an unset width or height: the loaded models' own size
-        (`sdxl_fast.native_side`), e.g. 128 for the demo family.
+        (`sdxl_fast.native_side`), e.g. 128 for the demo family. `default_sampler` is the loaded fast model's
+        own sampler (`FastModels.sampler`), for an unset Fast sampler; without it that stays None.
         """
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
@@ -109,6 +119,9 @@ class GenerationParams:
         width = self.width if self.width is not None else side
         original = self.original_size or (height, width)
         target = self.target_size or (height, width)
+        negative_crop = self.negative_crops_coords_top_left
+        if negative_crop is None and (self.negative_original_size or self.negative_target_size):
+            negative_crop = (0, 0)
         out = replace(
             self,
             steps=self.steps if self.steps is not None else DEFAULT_STEPS[self.mode],
@@ -116,11 +129,21 @@ class GenerationParams:
             width=width, height=height, original_size=tuple(original), target_size=tuple(target),
             crops_coords_top_left=tuple(self.crops_coords_top_left),
             negative_original_size=tuple(self.negative_original_size or original),
-            negative_crops_coords_top_left=tuple(self.negative_crops_coords_top_left or self.crops_coords_top_left),
+            negative_crops_coords_top_left=None if negative_crop is None else tuple(negative_crop),
+            sampler=self.sampler or ("Euler" if self.mode == "quality" else default_sampler),
             negative_target_size=tuple(self.negative_target_size or target),
         )
         out.validate()
         return out
+
+    def negative_crop(self, refiner: bool) -> tuple[int, int]:
+        """The negative crop the base (refiner False) or the refiner reads, as diffusers' pipelines default it:
+        an unset negative crop is the positive crop for the base (whose negative time ids are the positive
+        ones unless negative sizes are given, and then the crop defaults to (0, 0), see `resolved`) and
+        (0, 0) for the refiner (StableDiffusionXLImg2ImgPipeline's default)."""
+        if self.negative_crops_coords_top_left is not None:
+            return tuple(self.negative_crops_coords_top_left)
+        return (0, 0) if refiner else tuple(self.crops_coords_top_left)
 
     def validate(self) -> None:
         if not isinstance(self.prompt, str):
@@ -139,6 +162,8 @@ class GenerationParams:
             if not isinstance(value, int) or value % 8 or not MIN_SIDE <= value <= MAX_SIDE:
                 raise ValueError(
                     f"{name} must be a multiple of 8 between {MIN_SIDE} and {MAX_SIDE} pixels, got {value!r}")
+        if self.sampler is not None and self.sampler not in SAMPLERS[self.mode]:
+            raise ValueError(f"sampler must be one of {SAMPLERS[self.mode]} in {self.mode} mode, got {self.sampler!r}")
         if not (isinstance(self.num_images, int) and 1 <= self.num_images <= MAX_IMAGES):
             raise ValueError(f"num_images must be from 1 to {MAX_IMAGES}, got {self.num_images!r}")
         if not (isinstance(self.cache_interval, int) and 1 <= self.cache_interval <= MAX_CACHE_INTERVAL):

@@ -110,3 +110,56 @@ def test_console_script_and_missing_weights_message(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "sdxl_fast", "generate", "--help"], capture_output=True,
                                text=True, timeout=120).stdout
     assert "--from-png" in help_text and "examples:" in help_text
+
+
+def test_a_folder_of_pickled_weights_is_a_one_line_error(tiny_sources, tmp_path, monkeypatch, capsys):
+    from diffusers import UNet2DConditionModel
+
+    student = tmp_path / "pickled"
+    UNet2DConditionModel.from_pretrained(tiny_sources.fast).save_pretrained(student, safe_serialization=False)
+    monkeypatch.setenv("SDXL_FAST_BASE", tiny_sources.base)
+    monkeypatch.setenv("SDXL_FAST_FAST", str(student))
+    assert main(["generate", "a cat", "--size", "64", "-q", "-o", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "only pickled weights" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_an_unwritable_output_is_refused_before_generating(tiny_env, tmp_path, monkeypatch, capsys):
+    import sdxl_fast
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(sdxl_fast, "load", lambda *a, **k: pytest.fail("loaded before checking the output"))
+    assert main(["generate", "a cat", "--size", "64", "-q", "-o", str(tmp_path / "a-file" / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write the output" in err
+
+
+def test_an_existing_output_is_kept_unless_overwrite(tiny_env, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    out.write_bytes(b"precious")
+    assert main(["generate", "a cat", "--size", "64", "-q", "-o", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == b"precious"
+    assert main(["generate", "a cat", "--size", "64", "-q", "-o", str(out), "--overwrite"]) == 0
+    assert Image.open(out).size == (64, 64)
+
+
+def test_from_png_with_a_malformed_size_names_the_field(tmp_path, capsys):
+    from sdxl_fast import save_png
+
+    image = Image.new("RGB", (8, 8))
+    image.info["parameters"] = "a cat\nSteps: 1, Sampler: Euler a, CFG scale: 1.0, Seed: 3, Size: 64x64x2, Mode: fast"
+    save_png(image, tmp_path / "bad.png")
+    assert main(["generate", "--from-png", str(tmp_path / "bad.png"), "-o", str(tmp_path / "y.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "malformed 'Size' field" in err
+
+
+def test_the_sampler_flag_and_from_png_reproduce_the_sampler(tiny_env, tmp_path):
+    out = tmp_path / "a.png"
+    assert main(["generate", "a cat", "--size", "64", "--steps", "2", "--sampler", "Euler a", "-q", "-o", str(out)]) == 0
+    assert parse_infotext(read_parameters(out))[0].sampler == "Euler a"
+    again = tmp_path / "b.png"
+    assert main(["generate", "--from-png", str(out), "-q", "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    assert "Sampler: Euler a" in read_parameters(again)

@@ -117,3 +117,23 @@ def test_requests_batched_together_get_the_images_each_gets_alone(tiny_models):
             assert got.info["parameters"] == want.info["parameters"]
     with pytest.raises(ValueError, match="batch_key"):
         generate_many(tiny_models, [requests[0], GenerationParams("x", mode="fast", steps=1, width=64, height=64)])
+
+
+def test_the_latent_size_follows_the_vaes_downsampling_factor(tiny_models):
+    """A VAE with 3 blocks downsamples by 4, not SDXL's 8: the noise, the latents and the image follow it."""
+    from dataclasses import replace
+
+    from diffusers import AutoencoderKL
+
+    from sdxl_fast.models import vae_scale_factor
+    from sdxl_fast.pipeline.generate import generate_tensors
+
+    config = dict(tiny_models.fast.vae.config)
+    vae = AutoencoderKL.from_config({**config, "block_out_channels": [8, 16, 16],
+                                     "down_block_types": ["DownEncoderBlock2D"] * 3,
+                                     "up_block_types": ["UpDecoderBlock2D"] * 3}).eval().requires_grad_(False)
+    assert vae_scale_factor(vae) == 4 and vae_scale_factor(tiny_models.fast.vae) == 8
+    models = replace(tiny_models, fast=replace(tiny_models.fast, vae=vae))
+    assert native_side(models, "fast") == tiny_models.fast.student.config.sample_size * 4
+    latents, images, _ = generate_tensors(models, GenerationParams("a cat", mode="fast", seed=0, width=96, height=64))
+    assert latents.shape == (1, 4, 16, 24) and images.shape == (1, 64, 96, 3)

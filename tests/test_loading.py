@@ -72,6 +72,26 @@ def test_a_full_few_step_pipeline_loads_as_the_fast_model(tiny_family):
     assert isinstance(models.fast.student, UNet2DConditionModel)
     assert models.fast.names == {"fast": "turbo"}
     assert models.dtype == torch.float32
+    assert models.fast.sampler == "Euler a"  # diffusers' SDXL-Turbo recipe, as its users get from diffusers
+
+
+def test_a_student_runs_the_sampler_its_folder_records(tiny_family, tmp_path):
+    import shutil
+
+    from sdxl_fast.distill.export import export_student
+
+    def sampler_of(student: str) -> str:
+        sources = ModelSources(base=str(tiny_family["base"]), refiner=None, fast=student)
+        return load(modes=("fast",), sources=sources, device="cpu").fast.sampler
+
+    assert sampler_of(str(tiny_family["student"])) == "ADD"  # a student folder without sdxl_fast.json
+    unet = UNet2DConditionModel.from_pretrained(tiny_family["student"])
+    exported = export_student(unet, tmp_path / "exported", {"teacher": "t", "student_timesteps": [999]}, 1, False)
+    assert (exported / loading.STUDENT_CONFIG).is_file() and sampler_of(str(exported)) == "ADD"
+    other = tmp_path / "other"
+    shutil.copytree(tiny_family["student"], other)
+    loading.write_student_config(other, sampler="Euler a")
+    assert sampler_of(str(other)) == "Euler a"
 
 
 def test_missing_weights_offline_fail_fast_with_a_clear_message(monkeypatch):
@@ -114,7 +134,7 @@ def test_pickle_weights_are_refused(tiny_family, tmp_path):
     unet.save_pretrained(tmp_path / "student", safe_serialization=False)
     assert not list((tmp_path / "student").glob("*.safetensors"))
     sources = ModelSources(str(tiny_family["base"]), None, str(tmp_path / "student"))
-    with pytest.raises(EnvironmentError):
+    with pytest.raises(ModelNotFoundError, match="only pickled weights .*diffusion_pytorch_model.bin.*safetensors"):
         load(modes=("fast",), sources=sources, device="cpu")
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sdxl_fast import GenerationParams, generate
-from sdxl_fast.pipeline.schedules import refiner_cutoff, student_timesteps
+from sdxl_fast.pipeline.schedules import fast_timesteps, refiner_cutoff, student_timesteps
 
 from recording import record_unet_calls
 
@@ -15,6 +15,25 @@ def test_fast_path_runs_exactly_the_student_timesteps(tiny_models, steps, expect
     with record_unet_calls(student=tiny_models.fast.student) as calls:
         generate(tiny_models, GenerationParams("a dog", mode="fast", steps=steps, seed=3, width=64, height=64))
     assert [c["timestep"] for c in calls] == expected
+
+
+@pytest.mark.parametrize("steps,expected", [
+    (1, [999]), (2, [999, 499]), (3, [999, 666, 332]), (4, [999, 749, 499, 249]),
+])
+def test_euler_a_runs_diffusers_trailing_timesteps(tiny_models, steps, expected):
+    assert fast_timesteps("Euler a", steps, tiny_models.fast.scheduler.config) == expected
+    with record_unet_calls(student=tiny_models.fast.student) as calls:
+        images = generate(tiny_models, GenerationParams("a dog", mode="fast", steps=steps, seed=3, width=64,
+                                                        height=64, sampler="Euler a"))
+    assert [c["timestep"] for c in calls] == expected
+    assert "Sampler: Euler a" in images[0].info["parameters"]
+
+
+def test_the_fast_sampler_defaults_to_the_models_own(tiny_models):
+    image = generate(tiny_models, GenerationParams("a dog", mode="fast", steps=1, seed=3, width=64, height=64))[0]
+    assert tiny_models.fast.sampler == "ADD" and "Sampler: LCM, Schedule type: ADD" in image.info["parameters"]
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        GenerationParams("a dog", mode="fast", sampler="DPM++ 2M").resolved()
 
 
 @pytest.mark.parametrize("steps", [0, 5, -1])

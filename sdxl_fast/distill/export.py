@@ -1,10 +1,13 @@
 """The trained student as a UNet-only diffusers folder (config.json + diffusion_pytorch_model.safetensors),
-which `sdxl_fast`'s Fast path and `UNet2DConditionModel.from_pretrained` both load, plus a README card."""
+which `sdxl_fast`'s Fast path and `UNet2DConditionModel.from_pretrained` both load, plus a README card and
+sdxl_fast.json (the Fast sampler it was trained for, "ADD", which `sdxl_fast.load` reads)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from ..loading import write_student_config
 
 CARD = """---
 library_name: diffusers
@@ -44,4 +47,5 @@ def export_student(student, folder: str | Path, config: dict, step: int, ema_use
         config=json.dumps(config, indent=2),
     ))
     (folder / "training_config.json").write_text(json.dumps(config, indent=2))
+    write_student_config(folder, sampler="ADD")  # the sampler it was trained for: the Fast path's default for it
     return folder

@@ -20,11 +20,11 @@ def time_ids(params: GenerationParams, refiner: bool, device, dtype) -> tuple[to
     """(negative, positive) time ids, each [1, 6] for the base or [1, 5] for the refiner."""
     if refiner:
         pos = refiner_time_ids(params.original_size, params.crops_coords_top_left, params.aesthetic_score)
-        neg = refiner_time_ids(params.negative_original_size, params.negative_crops_coords_top_left,
+        neg = refiner_time_ids(params.negative_original_size, params.negative_crop(refiner=True),
                                params.negative_aesthetic_score)
     else:
         pos = base_time_ids(params.original_size, params.crops_coords_top_left, params.target_size)
-        neg = base_time_ids(params.negative_original_size, params.negative_crops_coords_top_left,
+        neg = base_time_ids(params.negative_original_size, params.negative_crop(refiner=False),
                             params.negative_target_size)
     as_tensor = lambda ids: torch.tensor([ids], device=device, dtype=dtype)  # noqa: E731
     return as_tensor(neg), as_tensor(pos)

@@ -12,13 +12,19 @@ from diffusers import EulerDiscreteScheduler
 from PIL import Image
 
 from .. import metadata
-from ..models import Models, Runner, native_side, weight_dtype
+from ..models import Models, Runner, native_side, vae_scale_factor, weight_dtype
 from ..params import MODES, GenerationParams, image_seed
 from . import conditioning, decoding, prompts, sampling, schedules, step_cache
 
 
 def _generators(seed: int, n: int) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(image_seed(seed, i)) for i in range(n)]
+
+
+def _latent_shape(unet, vae, p: GenerationParams) -> tuple[int, int, int]:
+    """One image's starting-noise shape [C, h, w]: the output size over the VAE's downsampling factor."""
+    factor = vae_scale_factor(vae)
+    return unet.config.in_channels, p.height // factor, p.width // factor
 
 
 def _batched(pos: sampling.UNetInputs, neg: sampling.UNetInputs | None, batch: int) -> sampling.UNetInputs:
@@ -76,8 +82,10 @@ def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tenso
 
     pos = _encode(models, q.encoders, p.prompt)
     neg = _encode(models, q.encoders, p.negative_prompt)
-    # SDXL base was trained with zeroed (not encoded) empty negatives; the refiner was not (model_index.json).
+    # SDXL base was trained with zeroed (not encoded) empty negatives, its refiner was not: each folder's
+    # model_index.json says which (force_zeros_for_empty_prompt).
     base_neg = neg.zeros_like() if (q.force_zeros_for_empty_prompt and not p.negative_prompt) else neg
+    refiner_neg = neg.zeros_like() if (q.refiner_force_zeros_for_empty_prompt and not p.negative_prompt) else neg
     runner = models.runner
     ids_neg, ids_pos = conditioning.time_ids(p, refiner=False, device=device, dtype=dtype)
     base_inputs = _batched(_inputs(runner, q.base, pos.base_context, pos.pooled, ids_pos),
@@ -87,9 +95,8 @@ def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tenso
     refiner = None
     if use_refiner:
         ids_neg, ids_pos = conditioning.time_ids(p, refiner=True, device=device, dtype=dtype)
-        refiner_inputs = _batched(_inputs(runner, q.refiner, pos.hidden_2, pos.pooled, ids_pos),
-                                  _inputs(runner, q.refiner, neg.hidden_2, neg.pooled, ids_neg) if guided else None,
-                                  batch)
+        negative = _inputs(runner, q.refiner, refiner_neg.hidden_2, refiner_neg.pooled, ids_neg) if guided else None
+        refiner_inputs = _batched(_inputs(runner, q.refiner, pos.hidden_2, pos.pooled, ids_pos), negative, batch)
         refiner = unet_denoiser(runner.run, q.refiner, "refiner", refiner_inputs, p.cache_interval)
     if guided:
         base = sampling.guided(base, p.guidance_scale)
@@ -99,7 +106,7 @@ def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tenso
     scheduler = EulerDiscreteScheduler.from_config(q.scheduler.config)
     timesteps, switch = schedules.quality_timesteps(scheduler, p.steps, p.refiner_switch if use_refiner else None,
                                                     device=device)
-    latent_shape = (q.base.config.in_channels, p.height // 8, p.width // 8)
+    latent_shape = _latent_shape(q.base, q.vae, p)
     latents = sampling.randn(latent_shape, _generators(p.seed, batch), device, dtype) * scheduler.init_noise_sigma
     latents = sampling.sample_quality(base, refiner, scheduler, latents, timesteps, switch, callback)
     names = dict(q.names) if use_refiner else {"base": q.names["base"]}
@@ -108,11 +115,12 @@ def _quality(models: Models, p: GenerationParams, callback) -> tuple[torch.Tenso
 
 def fast_call(f, timesteps: list[int], alphas_cumprod: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
               time_ids: torch.Tensor, noise: torch.Tensor, callback=None, cache_interval: int = 1,
-              runner: Runner = Runner()):
+              runner: Runner = Runner(), sampler: str = "ADD"):
     """The Fast path after the text encoders, as one function of tensors, so a CUDA graph can record it whole.
 
     alphas_cumprod [1000]; context [1, 77, D], pooled [1, P], time_ids [1, 6]; noise [steps, B, 4, h, w]: the
-    start noise, then the noise of each re-noising. Every tensor is an argument, none is closed over: a
+    start noise, then the noise of each re-noising (ADD) or ancestral step ("Euler a"; `timesteps` are then
+    `schedules.fast_timesteps`'s). Every tensor is an argument, none is closed over: a
     graph reads the memory it was recorded on, and a closed-over tensor of the first call is freed after it.
     Returns (latents [B, 4, h, w], uint8 images [B, H, W, 3], all-finite flag).
     """
@@ -121,8 +129,14 @@ def fast_call(f, timesteps: list[int], alphas_cumprod: torch.Tensor, context: to
     renoise = iter(noise[1:])
     # Inside this function nothing is run through the runner again: a graph of it records the whole call.
     student = unet_denoiser(Runner().run, f.student, "student", inputs, cache_interval)
-    latents = sampling.sample_fast(student, alphas_cumprod, f.scheduler.config.prediction_type, noise[0],
-                                   timesteps, renoise=lambda: next(renoise), callback=callback)
+    prediction_type = f.scheduler.config.prediction_type
+    if sampler == "Euler a":
+        schedule = schedules.euler_ancestral(f.scheduler.config, len(timesteps))
+        latents = sampling.sample_euler_ancestral(student, schedule, prediction_type, noise[0],
+                                                  renoise=lambda: next(renoise), callback=callback)
+    else:
+        latents = sampling.sample_fast(student, alphas_cumprod, prediction_type, noise[0], timesteps,
+                                       renoise=lambda: next(renoise), callback=callback)
     pixels = f.vae.decode((latents / f.vae.config.scaling_factor).to(weight_dtype(f.vae))).sample
     return latents, decoding.to_uint8(pixels), torch.isfinite(pixels).all()
 
@@ -153,7 +167,7 @@ def _fast(models: Models, ps: list[GenerationParams], callback) -> tuple[torch.T
     if f is None:
         raise RuntimeError("The fast models are not loaded; load them with sdxl_fast.load(modes=('fast',))")
     device, dtype, p = models.device, models.dtype, ps[0]
-    timesteps = schedules.student_timesteps(p.steps)
+    timesteps = schedules.fast_timesteps(p.sampler, p.steps, f.scheduler.config)
     embeddings = [_encode(models, f.encoders, q.prompt) for q in ps]
     # What follows is host work done while the GPU runs the text encoders; its copies must not wait for them.
     time_ids = [conditioning.time_ids(q, refiner=False, device="cpu", dtype=dtype)[1] for q in ps]
@@ -164,15 +178,16 @@ def _fast(models: Models, ps: list[GenerationParams], callback) -> tuple[torch.T
         context, pooled = rows([e.base_context for e in embeddings]), rows([e.pooled for e in embeddings])
         time_ids = [rows(time_ids)]
     # All the call's noise up front, drawn per image in the order the loop uses it (start, then each
-    # re-noising), so image i is the same whatever the batch, graph or not.
+    # re-noising or ancestral step: the order diffusers draws it from a per-image generator list), so image i
+    # is the same whatever the batch, graph or not.
     generators = [g for q in ps for g in _generators(q.seed, q.num_images)]
-    latent_shape = (f.student.config.in_channels, p.height // 8, p.width // 8)
+    latent_shape = _latent_shape(f.student, f.vae, p)
     noise = torch.stack([sampling.randn(latent_shape, generators, "cpu", dtype) for _ in timesteps])
     args = (_schedule_on(f.scheduler, device), context, pooled, _to_device(time_ids[0], device),
             _to_device(noise, device))
-    run = partial(fast_call, f, timesteps, cache_interval=p.cache_interval, runner=models.runner)
+    run = partial(fast_call, f, timesteps, cache_interval=p.cache_interval, runner=models.runner, sampler=p.sampler)
     if callback is None:
-        name = ("fast", id(f.student), id(f.vae), weight_dtype(f.vae), tuple(timesteps), p.cache_interval)
+        name = ("fast", id(f.student), id(f.vae), weight_dtype(f.vae), p.sampler, tuple(timesteps), p.cache_interval)
         latents, images, finite = models.runner.run(name, run, *args)
     else:  # callbacks need the loop in Python, outside any recorded graph
         latents, images, finite = run(*args, callback=callback)
@@ -185,7 +200,8 @@ def _fast(models: Models, ps: list[GenerationParams], callback) -> tuple[torch.T
 def _resolved(models: Models, params: GenerationParams) -> GenerationParams:
     """An unset size becomes the loaded models' own (128² for the demo family, not SDXL's 512² or 1024²)."""
     loaded = params.mode in MODES and getattr(models, params.mode) is not None
-    return params.resolved(native_side(models, params.mode) if loaded else None)
+    sampler = models.fast.sampler if params.mode == "fast" and loaded else None
+    return params.resolved(native_side(models, params.mode) if loaded else None, default_sampler=sampler)
 
 
 @torch.no_grad()  # nothing here is trained: no activations kept for a backward pass, whatever the modules ask
@@ -219,8 +235,9 @@ def generate(models: Models, params: GenerationParams, callback: sampling.StepCa
 
 
 def batch_key(params: GenerationParams) -> tuple:
-    """Requests with the same key can share one `generate_many` call: Fast, same steps, size and step cache."""
-    return params.mode, params.steps, params.width, params.height, params.cache_interval
+    """Requests with the same key can share one `generate_many` call: Fast, same sampler, steps, size and step
+    cache."""
+    return params.mode, params.sampler, params.steps, params.width, params.height, params.cache_interval
 
 
 @torch.no_grad()
@@ -230,7 +247,8 @@ def generate_many(models: Models, requests: list[GenerationParams]) -> list[list
     `generate` would make for that request alone (up to the rounding of a larger batch)."""
     ps = [_resolved(models, p) for p in requests]
     if len({batch_key(p) for p in ps}) != 1 or ps[0].mode != "fast":
-        raise ValueError("generate_many takes Fast requests of one batch_key: the same steps, size and step cache")
+        raise ValueError("generate_many takes Fast requests of one batch_key: the same sampler, steps, size and "
+                         "step cache")
     _, images, names = _fast(models, ps, None)
     starts = [0, *itertools.accumulate(p.num_images for p in ps)]
     return [_with_parameters(images[a:b], p, names) for p, a, b in zip(ps, starts, starts[1:])]

@@ -1,4 +1,5 @@
-"""The denoising loops: Quality (Euler, classifier-free guidance, base -> refiner hand-off) and Fast (ADD student).
+"""The denoising loops: Quality (Euler, classifier-free guidance, base -> refiner hand-off) and Fast (the ADD
+sampler of our students, or Euler-ancestral as diffusers runs SDXL-Turbo).
 
 Each loop is a plain function over a denoiser, `model(latents [B, 4, h, w], timestep) -> model output`, the
 way k-diffusion writes samplers: the UNet's text inputs, classifier-free guidance and the step cache are
@@ -119,4 +120,35 @@ def sample_fast(student: Denoiser, alphas_cumprod: torch.Tensor, prediction_type
             x = x0
         if callback is not None:
             callback(Step(i + 1, len(timesteps), t, x, x0))
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model: Denoiser, schedule, prediction_type: str, noise: torch.Tensor,
+                           renoise: Callable[[], torch.Tensor], callback: StepCallback | None = None) -> torch.Tensor:
+    """Euler-ancestral sampling, diffusers' `EulerAncestralDiscreteScheduler` as its SDXL pipeline runs it, the
+    same float operations in the same order (`schedules.euler_ancestral` gives the constants): the starting
+    noise times the initial sigma; each step the model reads x / sqrt(sigma² + 1), the Euler step goes down to
+    sigma_down in float32 and `renoise()` (the noise diffusers' step draws) adds sigma_up of fresh noise. The
+    last step's sigma_up is 0, so its noise is not drawn: `renoise` is called steps - 1 times.
+    """
+    x = noise * schedule.init_sigma
+    n = len(schedule.steps)
+    for i, s in enumerate(schedule.steps):
+        t_tensor = torch.full((), s.timestep, device=x.device, dtype=torch.long)
+        output = model(x / s.input_scale, t_tensor)
+        sample = x.to(torch.float32)
+        if prediction_type == "epsilon":
+            x0 = sample - s.sigma * output
+        elif prediction_type == "v_prediction":
+            x0 = output * s.v_out + (sample / s.v_skip)
+        else:
+            raise ValueError(f"Euler a supports epsilon and v_prediction models, not {prediction_type!r}")
+        derivative = (sample - x0) / s.sigma
+        x = sample + derivative * s.dt
+        if i + 1 < n:
+            x = x + renoise() * s.sigma_up
+        x = x.to(output.dtype)
+        if callback is not None:
+            callback(Step(i + 1, n, s.timestep, x, x0))
     return x

@@ -1,0 +1,17 @@
+"""Studio.params: the UI's fields -> GenerationParams."""
+
+import app
+
+
+def params(**micro):
+    fields = dict(orig_w=0, orig_h=0, crop_top=0, crop_left=0, target_w=0, target_h=0)
+    fields.update(micro)
+    return app.Studio(None).params("quality", "a cat", "", 4, 1, "256x128", 5.0, 0.8, 1, aesthetic=6.0,
+                                   negative_aesthetic=2.5, **fields)
+
+
+def test_one_side_of_a_micro_conditioning_pair_means_the_output_size_for_the_other():
+    assert params(orig_w=512).original_size == (128, 512)  # (height, width): the height is the output's
+    assert params(orig_h=64).original_size == (64, 256)
+    assert params(target_w=1024, target_h=None).target_size == (128, 1024)
+    assert params().original_size == (128, 256) and params().target_size == (128, 256)
