@@ -1,0 +1,6 @@
+"""Serving: what a web request may ask for and how it runs.
+
+requests.py turns the raw values of a UI event or API call into GenerationParams, every error naming its field;
+limits.py bounds the work one request may ask for (pixels × images per mode, a time budget); zerogpu.py runs
+the handlers through `spaces.GPU` on a Hugging Face ZeroGPU Space, with a duration estimated per request.
+"""
