@@ -472,10 +472,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="requests that may wait; beyond this users are told the app is busy")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="generations run at once (one per GPU the models occupy)")
-    limits = parser.add_argument_group("limits per request (default: by device; see README, 'Serving')")
+    limits = parser.add_argument_group("limits per request (default: by device; README, 'Limits per request')")
     for name, setting in serving_limits.SETTINGS.items():
+        off = "every Fast request step by step" if name == "realtime_pixels" else "no limit"
         limits.add_argument(setting.flag, dest=name, default=None, metavar="N",
-                            help=f"{setting.what} (env {setting.env}; 0 or none: no limit)")
+                            help=f"{setting.what} (env {setting.env}; 0 or none: {off})")
     parser.add_argument("--delete-cache-after", type=int, default=None, metavar="SECONDS",
                         help=f"delete served images older than this (env {serving_limits.DELETE_CACHE_ENV}; "
                              f"default {serving_limits.DELETE_CACHE_DEFAULT}; 0 keeps them)")
