@@ -9,12 +9,17 @@ most one request pending and replaces it with the newest text instead of queuein
 
 from __future__ import annotations
 
+try:  # first: on a ZeroGPU Space, importing `spaces` patches torch before anything touches CUDA
+    import spaces  # noqa: F401
+except ImportError:  # anywhere else the models sit on their device and the handlers run as they are
+    pass
+
 import argparse
+import inspect
 import logging
 import math
 import queue
 import random
-import re
 import threading
 import time
 import warnings
@@ -32,21 +37,24 @@ from sdxl_fast.params import MAX_SEED, SDXL_BUCKETS, bucket_label
 from sdxl_fast.pipeline.decoding import latent_preview
 from sdxl_fast.pipeline.generate import batch_key, generate_many
 from sdxl_fast.serving.compiler import BackgroundCompiler, load_cache
+from sdxl_fast.serving import limits as serving_limits
+from sdxl_fast.serving import requests, zerogpu
+from sdxl_fast.serving.limits import Limits, LimitError, OverBudget
 
-try:  # On a ZeroGPU Space, `spaces.GPU` attaches a GPU for the duration of each call.
-    import spaces
 
-    gpu = spaces.GPU(duration=120)
-except ImportError:  # Anywhere else the models already sit on their device.
-    def gpu(fn):
-        return fn
+def gpu(handler):
+    """On a ZeroGPU Space, `handler` through `spaces.GPU` with a duration estimated per request (from mode,
+    steps, size and images; a bad request fails there, before a GPU is scheduled); elsewhere `handler` itself."""
+    studio = getattr(handler, "__self__", None)
+    duration = partial(studio.gpu_seconds, handler.__name__) if isinstance(studio, Studio) else None
+    return zerogpu.wrap(handler, duration)
 
 log = logging.getLogger("sdxl_fast.app")
 
 FAST, QUALITY = "Fast", "Quality"
-QUALITY_MAX_STEPS = 100
-FAST_MAX_STEPS = 4
-MAX_IMAGES_UI = 4
+QUALITY_MAX_STEPS = requests.QUALITY_MAX_STEPS
+FAST_MAX_STEPS = requests.MAX_STEPS["fast"]
+MAX_IMAGES_UI = requests.MAX_IMAGES
 LIVE_BATCH = 16  # typists whose keystrokes may share one batched Fast call
 QUALITY_SIZES = [(bucket_label(w, h), f"{w}x{h}") for w, h in SDXL_BUCKETS]
 FAST_SIZES = [(bucket_label(512, 512), "512x512")] + QUALITY_SIZES
@@ -78,37 +86,17 @@ class Stopped(Exception):
     """Raised from the step callback to abort a generation when the user presses Stop."""
 
 
-def parse_size(size: str) -> tuple[int, int]:
-    """"1024x768" (or "1024×768") -> (width, height); the range checks are sdxl_fast's."""
-    match = re.fullmatch(r"\s*(\d+)\s*[x×]\s*(\d+)\s*", str(size or ""))
-    if not match:
-        raise gr.Error(f"Size must look like 1024x1024 (width x height), got {size!r}.")
-    return int(match[1]), int(match[2])
-
-
-def _int(value, name: str):
-    """Gradio Numbers arrive as floats; only whole numbers are valid here."""
-    if value is None or value == "":
-        return None
-    if float(value) != int(float(value)):
-        raise gr.Error(f"{name} must be a whole number, got {value!r}.")
-    return int(float(value))
-
-
-def _pair(first, second, name: str, output: tuple[int, int]):
-    """Two optional fields -> (first, second), or None (use sdxl_fast's default) when both are 0/empty; one
-    left 0/empty is the output's side (`output`, in the same order), as the labels say."""
-    a, b = _int(first, name), _int(second, name)
-    return None if not a and not b else (a or output[0], b or output[1])
-
-
 class Studio:
-    """The loaded models (or why they could not be loaded) and the generation calls the UI makes."""
+    """The loaded models (or why they could not be loaded), the limits a request must keep to, and the
+    generation calls the UI makes. `limits` defaults to none (app.py's main() sets the device's, see
+    sdxl_fast.serving.limits)."""
 
-    def __init__(self, models: sdxl_fast.Models | None, load_errors: dict[str, str] | None = None):
+    def __init__(self, models: sdxl_fast.Models | None, load_errors: dict[str, str] | None = None,
+                 limits: Limits | None = None):
         self.models = models
         self.load_errors = load_errors or {}
-        self._stop_flags: dict[str, threading.Event] = {}
+        self.limits = limits or Limits()
+        self._stop_flags: dict[str | None, threading.Event] = {}
         # Compiles each new (mode, size, images) in the background while it is served eagerly (GPU only).
         self.compiler: BackgroundCompiler | None = None
 
@@ -130,36 +118,31 @@ class Studio:
         loaded = self.models is not None and getattr(self.models, mode) is not None
         return None if loaded else self.load_errors.get(mode, f"The {mode} models are not loaded.")
 
-    def params(self, mode, prompt, negative, steps, seed, size, guidance, refiner_switch, num_images,
-               orig_w, orig_h, crop_top, crop_left, target_w, target_h, aesthetic, negative_aesthetic,
-               cache_interval=1):
-        width, height = parse_size(size)
-        original = _pair(orig_h, orig_w, "Original size", (height, width))
-        target = _pair(target_h, target_w, "Target size", (height, width))
+    def params(self, mode: str, raw: dict) -> sdxl_fast.GenerationParams:
+        """A request's raw values, keyed by API parameter name -> resolved
+        parameters within this server's limits. A bad field or a request over a limit becomes a gr.Error that
+        names it (sdxl_fast.serving.requests, .limits); no user text reaches the message unescaped."""
         try:
-            return sdxl_fast.GenerationParams(
-                prompt=prompt or "", negative_prompt=negative or "", mode=mode, steps=_int(steps, "Steps"),
-                seed=_int(seed, "Seed"), width=width, height=height, num_images=_int(num_images, "Images") or 1,
-                guidance_scale=float(guidance), use_refiner=float(refiner_switch) < 1.0,
-                refiner_switch=float(refiner_switch), original_size=original, target_size=target,
-                crops_coords_top_left=(_int(crop_top, "Crop top") or 0, _int(crop_left, "Crop left") or 0),
-                aesthetic_score=float(aesthetic), negative_aesthetic_score=float(negative_aesthetic),
-                cache_interval=_int(cache_interval, "Step cache") or 1,
-            ).resolved()
-        except ValueError as e:
+            params = requests.parse(mode, raw).params.resolved()
+            self.limits.check(params)
+        except (requests.FieldError, LimitError) as e:  # their messages are escaped already
             raise gr.Error(str(e)) from e
+        except ValueError as e:
+            raise gr.Error(requests.escape(str(e))) from e
+        return params
 
     def run(self, params: sdxl_fast.GenerationParams, callback=None) -> tuple[list, list[str]]:
         """Generate; return (images, warning texts). Every failure becomes a gr.Error with a readable message,
         so the UI shows it and the worker goes on to the next request."""
         reason = self.unavailable(params.mode)
         if reason:
-            raise gr.Error(reason)
+            raise gr.Error(requests.escape(reason))
         self.prepare(params)
         with _generations_lock:
             generations[params.mode] += 1
-        log.info("generation %d (%s): %d steps, %dx%d, seed %d, prompt %r", generations[params.mode],
-                 params.mode, params.steps, params.width, params.height, params.seed, params.prompt[:60])
+        log.info("generation %d (%s): %d steps, %dx%d x %d, seed %d, prompt %r", generations[params.mode],
+                 params.mode, params.steps, params.width, params.height, params.num_images, params.seed,
+                 params.prompt[:60])
         # catch_warnings swaps process-wide state; it is safe because generations run one at a time
         # (a single concurrency group for the models, see build_demo).
         with warnings.catch_warnings(record=True) as caught:
@@ -168,38 +151,81 @@ class Studio:
             images = self._run_errors(sdxl_fast.generate, self.models, params, callback)
             log.info("generate() took %.1f ms (%s, %dx%d x%d)", (time.perf_counter() - started) * 1e3, params.mode,
                      params.width, params.height, params.num_images)
-        notes = [str(w.message) for w in caught if issubclass(w.category, sdxl_fast.PromptTruncatedWarning)]
+        notes = [requests.escape(w.message) for w in caught
+                 if issubclass(w.category, sdxl_fast.PromptTruncatedWarning)]
         return images, notes
 
     @staticmethod
     def _run_errors(fn, *args):
-        """fn(*args), every failure turned into a gr.Error with a readable message, so the UI shows it and the
-        worker goes on to the next request."""
+        """fn(*args), every failure turned into a gr.Error with a readable message (user text escaped), so the UI
+        shows it and the worker goes on to the next request."""
         try:
             return fn(*args)
         except Stopped:
             raise
+        except OverBudget as e:
+            log.info("generation stopped: %s", e)
+            raise gr.Error(str(e)) from e
         except torch.cuda.OutOfMemoryError as e:
             torch.cuda.empty_cache()
             raise gr.Error("The GPU ran out of memory. Try a smaller size or fewer images.") from e
         except FloatingPointError as e:
-            raise gr.Error(f"The image came out as NaN/inf and was discarded: {e}") from e
+            raise gr.Error(requests.escape(f"The image came out as NaN/inf and was discarded: {e}")) from e
         except ValueError as e:
-            raise gr.Error(str(e)) from e
+            raise gr.Error(requests.escape(str(e))) from e
         except Exception as e:  # noqa: BLE001 - any failure must reach the user, not kill the worker
             log.exception("generation failed")
-            raise gr.Error(f"Generation failed: {type(e).__name__}: {e}") from e
+            raise gr.Error(requests.escape(f"Generation failed: {type(e).__name__}: {e}")) from e
+
+    def gpu_seconds(self, handler: str, *args, **kwargs) -> int:
+        """ZeroGPU's `duration` for a call of handler `handler` with these arguments (the ones Gradio passes
+        it): parses the request as the handler will, so a bad one fails here, before a GPU is scheduled."""
+        raw = inspect.signature(getattr(self, handler)).bind_partial(*args, **kwargs).arguments
+        if handler == "live_fast":
+            if raw.get("mode") != FAST or not str(raw.get("prompt") or "").strip():
+                return zerogpu.MIN_SECONDS  # the handler skips without generating
+            raw = {**raw, "randomize_seed": False}  # as live_fast calls generate_fast
+        params = self.params("quality" if handler == "generate_quality" else "fast", raw)
+        return zerogpu.duration_seconds(params, self.limits)
+
+    def _guard(self, stop: threading.Event, then=None):
+        """A step callback that ends the generation when Stop was pressed (or a newer request of the session
+        came) or the time budget is spent, then calls `then`."""
+        deadline = self.limits.deadline()
+
+        def on_step(step: sdxl_fast.Step):
+            if stop.is_set():
+                raise Stopped()
+            deadline.check(step)
+            if then is not None:
+                then(step)
+        return on_step
 
     # -- event handlers ---------------------------------------------------------------------------------
+    # They get the values as sent (the events skip Gradio's preprocessing) and check them in self.params.
 
     def generate_fast(self, prompt, steps, seed, randomize_seed, size, num_images,
-                      orig_w, orig_h, crop_top, crop_left, target_w, target_h):
-        """Fast mode (1-4 steps, no guidance). Returns the images (PNGs with their parameters) and the seed."""
-        if randomize_seed:
-            seed = random.randint(0, MAX_SEED)
-        params = self.params("fast", prompt, "", steps, seed, size, 0.0, 1.0, num_images,
-                             orig_w, orig_h, crop_top, crop_left, target_w, target_h, 6.0, 2.5)
-        images, notes = self.run(params)
+                      orig_w, orig_h, crop_top, crop_left, target_w, target_h, request: gr.Request = None):
+        """Fast mode (1-4 steps, no guidance). Returns the images (PNGs with their parameters) and the seed.
+        Up to the real-time size it runs as one call (one CUDA graph on a GPU); above it with a step callback,
+        so Stop and the time budget can end it."""
+        params = self.params("fast", dict(
+            prompt=prompt, steps=steps, seed=seed, randomize_seed=randomize_seed, size=size, num_images=num_images,
+            orig_w=orig_w, orig_h=orig_h, crop_top=crop_top, crop_left=crop_left, target_w=target_w,
+            target_h=target_h))
+        if self.limits.realtime(params):
+            images, notes = self.run(params)
+        else:
+            stop = self._stop_flag(request)
+            try:
+                images, notes = self.run(params, self._guard(stop))
+            except Stopped:
+                with _generations_lock:
+                    generations["stopped"] += 1
+                gr.Info("Stopped.")
+                return gr.skip(), gr.skip()
+            finally:
+                self._release_stop_flag(request, stop)
         for note in notes:
             gr.Warning(note)
         return [(im, im.info["parameters"]) for im in images], params.seed
@@ -213,55 +239,57 @@ class Studio:
         for i, (mode, prompt) in enumerate(zip(modes, prompts)):
             if mode != FAST or not (prompt or "").strip() or self.unavailable("fast"):
                 continue
+            orig_w, orig_h, crop_top, crop_left, target_w, target_h = (values[i] for values in micro)
             try:
-                params = self.params("fast", prompt, "", steps[i], seeds[i], sizes[i], 0.0, 1.0, num_images[i],
-                                     *(values[i] for values in micro), 6.0, 2.5)
+                params = self.params("fast", dict(
+                    prompt=prompt, steps=steps[i], seed=seeds[i], randomize_seed=False, size=sizes[i],
+                    num_images=num_images[i], orig_w=orig_w, orig_h=orig_h, crop_top=crop_top, crop_left=crop_left,
+                    target_w=target_w, target_h=target_h))
+                if not self.limits.realtime(params):
+                    raise gr.Error("larger than the real-time size: the Generate button runs it, with Stop")
             except gr.Error as e:
                 log.info("live request skipped: %s", e)
                 continue
             groups.setdefault(batch_key(params), []).append((i, params))
         for group in groups.values():
-            requests = [params for _, params in group]
+            batch = [params for _, params in group]
             # Padded to a power of two by repeating the last request: five batch sizes to compile, not sixteen.
-            padded = requests + requests[-1:] * (2 ** math.ceil(math.log2(len(requests))) - len(requests))
+            padded = batch + batch[-1:] * (2 ** math.ceil(math.log2(len(batch))) - len(batch))
             self.prepare(replace(padded[0], num_images=sum(p.num_images for p in padded)), notify=False)
             with _generations_lock:
-                generations["fast"] += len(requests)
+                generations["fast"] += len(batch)
             started = time.perf_counter()
             made = self._run_errors(generate_many, self.models, padded)
             log.info("generate() took %.1f ms (fast live, %d requests as a batch of %d)",
-                     (time.perf_counter() - started) * 1e3, len(requests), len(padded))
+                     (time.perf_counter() - started) * 1e3, len(batch), len(padded))
             for (i, params), images in zip(group, made):
                 results[i], seeds_out[i] = [(im, im.info["parameters"]) for im in images], params.seed
         return results, seeds_out
 
     def live_fast(self, mode, prompt, steps, seed, size, num_images,
-                  orig_w, orig_h, crop_top, crop_left, target_w, target_h):
+                  orig_w, orig_h, crop_top, crop_left, target_w, target_h, request: gr.Request = None):
         """As-you-type generation: Fast mode only, and with the seed as shown, so the words change the
         image and the noise does not."""
         if mode != FAST or not (prompt or "").strip() or self.unavailable("fast"):
             return gr.skip(), gr.skip()
         return self.generate_fast(prompt, steps, seed, False, size, num_images,
-                                  orig_w, orig_h, crop_top, crop_left, target_w, target_h)
+                                  orig_w, orig_h, crop_top, crop_left, target_w, target_h, request)
 
     def generate_quality(self, prompt, negative_prompt, steps, seed, randomize_seed, size, guidance_scale,
                          refiner_switch, num_images, orig_w, orig_h, crop_top, crop_left, target_w, target_h,
-                         aesthetic_score, negative_aesthetic_score, cache_interval, request: gr.Request,
+                         aesthetic_score, negative_aesthetic_score, cache_interval, request: gr.Request = None,
                          progress=gr.Progress()):
         """Quality mode (base + refiner, guided). Streams previews while denoising, then the final PNGs."""
-        if randomize_seed:
-            seed = random.randint(0, MAX_SEED)
-        params = self.params("quality", prompt, negative_prompt, steps, seed, size, guidance_scale,
-                             refiner_switch, num_images, orig_w, orig_h, crop_top, crop_left, target_w,
-                             target_h, aesthetic_score, negative_aesthetic_score, cache_interval)
+        params = self.params("quality", dict(
+            prompt=prompt, negative_prompt=negative_prompt, steps=steps, seed=seed, randomize_seed=randomize_seed,
+            size=size, guidance_scale=guidance_scale, refiner_switch=refiner_switch, num_images=num_images,
+            orig_w=orig_w, orig_h=orig_h, crop_top=crop_top, crop_left=crop_left, target_w=target_w,
+            target_h=target_h, aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+            cache_interval=cache_interval))
         stop = self._stop_flag(request)
         steps_done: queue.Queue = queue.Queue()
         outcome: dict = {}
-
-        def on_step(step: sdxl_fast.Step):
-            if stop.is_set():
-                raise Stopped()
-            steps_done.put(step)
+        on_step = self._guard(stop, steps_done.put)
 
         def work():
             try:
@@ -296,7 +324,7 @@ class Studio:
         finally:
             stop.set()  # if the client went away or the event was cancelled, abort the worker too
             worker.join()
-            self._stop_flags.pop(request.session_hash, None)
+            self._release_stop_flag(request, stop)
         if isinstance(outcome.get("error"), Stopped):
             gr.Info("Stopped.")
             return
@@ -307,10 +335,20 @@ class Studio:
             gr.Warning(note)
         yield [(im, im.info["parameters"]) for im in images], params.seed
 
-    def _stop_flag(self, request: gr.Request) -> threading.Event:
+    def _stop_flag(self, request: gr.Request | None) -> threading.Event:
+        """A new stop flag for the request's session; a generation of the session still running (with more
+        than one worker) is told to stop: the newer request replaces it."""
+        session = getattr(request, "session_hash", None)
         flag = threading.Event()
-        self._stop_flags[request.session_hash] = flag
+        previous, self._stop_flags[session] = self._stop_flags.get(session), flag
+        if previous is not None and session is not None:
+            previous.set()
         return flag
+
+    def _release_stop_flag(self, request: gr.Request | None, flag: threading.Event) -> None:
+        session = getattr(request, "session_hash", None)
+        if self._stop_flags.get(session) is flag:
+            del self._stop_flags[session]
 
     def request_stop(self, request: gr.Request):
         flag = self._stop_flags.get(request.session_hash)
@@ -365,12 +403,16 @@ def on_mode_change(studio: Studio, mode, size):
             quality_only, quality_only, gr.update(visible=fast), quality_only, quality_only)
 
 
-def build_demo(studio: Studio, concurrency_limit: int = 1, examples: list[str] = EXAMPLES, note: str = "") -> gr.Blocks:
+def build_demo(studio: Studio, concurrency_limit: int = 1, examples: list[str] = EXAMPLES, note: str = "",
+               delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
     problems = [f"**{mode.title()} mode unavailable.** {why}" for mode, why in studio.load_errors.items()]
     fast_sizes, fast_size = size_choices(studio, FAST)
-    gpu_events = dict(concurrency_id="gpu", concurrency_limit=concurrency_limit)
+    # preprocess=False: the handlers get the values as sent and check them (sdxl_fast.serving.requests), so
+    # every bad one is answered with its field's name, not Gradio's unnamed or unreadable preprocessing errors.
+    gpu_events = dict(concurrency_id="gpu", concurrency_limit=concurrency_limit, preprocess=False)
 
-    with gr.Blocks(title="sdxl-fast") as demo:
+    # delete_cache (frequency, age) in seconds: served images older than `age` are deleted (--delete-cache-after)
+    with gr.Blocks(title="sdxl-fast", delete_cache=delete_cache) as demo:
         gr.Markdown("# sdxl-fast\nSDXL text-to-image. **Fast** redraws as you type; **Quality** uses base + "
                     "refiner with live previews.")
         gr.Markdown("\n\n".join(problems).replace("\n", "  \n"), visible=bool(problems), elem_id="load-error")
@@ -379,7 +421,7 @@ def build_demo(studio: Studio, concurrency_limit: int = 1, examples: list[str] =
             with gr.Column(scale=2):
                 mode = gr.Radio([FAST, QUALITY], value=FAST, label="Mode", elem_id="mode")
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="Describe an image", elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt", lines=1, visible=False, elem_id="negative")
+                negative = gr.Textbox("", label="Negative prompt", lines=1, visible=False, elem_id="negative")
                 steps_fast = gr.Slider(1, FAST_MAX_STEPS, value=1, step=1, label="Steps")
                 steps_quality = gr.Slider(1, QUALITY_MAX_STEPS, value=50, step=1, label="Steps", visible=False,
                                           elem_id="steps-quality")
@@ -424,11 +466,14 @@ def build_demo(studio: Studio, concurrency_limit: int = 1, examples: list[str] =
 
         micro = [orig_w, orig_h, crop_top, crop_left, target_w, target_h]
         fast_inputs = [prompt, steps_fast, seed, randomize, size, num_images, *micro]
-        # Batched: the keystrokes of every typist waiting when the GPU frees up run as one call (live_fast_batch).
+        # Batched: the keystrokes of every typist waiting when the GPU frees up run as one call (live_fast_batch);
+        # on ZeroGPU each is a GPU call of its own, with its own duration.
+        live, batching = ((studio.live_fast, {}) if zerogpu.active() else
+                          (studio.live_fast_batch, dict(batch=True, max_batch_size=LIVE_BATCH)))
         gr.on([prompt.change, steps_fast.release, seed.input, size.input, num_images.release, mode.input],
-              gpu(studio.live_fast_batch), inputs=[mode, *fast_inputs[:3], *fast_inputs[4:]], outputs=[result, seed],
-              trigger_mode="always_last", show_progress="hidden", api_name="live", api_visibility="undocumented", batch=True,
-              max_batch_size=LIVE_BATCH, **gpu_events,
+              gpu(live), inputs=[mode, *fast_inputs[:3], *fast_inputs[4:]], outputs=[result, seed],
+              trigger_mode="always_last", show_progress="hidden", api_name="live_fast", api_visibility="undocumented",
+              **batching, **gpu_events,
               ).success(add_live_to_history, [result, history_state], [history, history_state], queue=False,
                   api_visibility="private")
         fast_button.click(gpu(studio.generate_fast), fast_inputs, [result, seed], api_name="generate_fast",
@@ -465,6 +510,8 @@ def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None,
         if studio.models is not None and not cpu_offload:
             # compile_new_shapes=False: a new shape runs uncompiled until the background compiler is done with it
             options = replace(accel.Acceleration.for_device(studio.models.device), fp8=fp8, compile_new_shapes=False)
+            if zerogpu.active():
+                options = zerogpu.acceleration(options)
             accel.apply(studio.models, options)
         return studio
 
@@ -514,6 +561,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="requests that may wait; beyond this users are told the app is busy")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="generations run at once (one per GPU the models occupy)")
+    limits = parser.add_argument_group("limits per request (default: by device; README, 'Limits per request')")
+    for name, setting in serving_limits.SETTINGS.items():
+        off = "every Fast request step by step" if name == "realtime_pixels" else "no limit"
+        limits.add_argument(setting.flag, dest=name, default=None, metavar="N",
+                            help=f"{setting.what} (env {setting.env}; 0 or none: {off})")
+    parser.add_argument("--delete-cache-after", type=int, default=None, metavar="SECONDS",
+                        help=f"delete served images older than this (env {serving_limits.DELETE_CACHE_ENV}; "
+                             f"default {serving_limits.DELETE_CACHE_DEFAULT}; 0 keeps them)")
     return parser.parse_args(argv)
 
 
@@ -527,12 +582,20 @@ def main(argv=None) -> None:
     log.info("Model sources: %s", sources)
     started = time.monotonic()
     studio = load_studio(sources, args.device, args.dtype, args.cpu_offload, args.fp8)
-    if studio.models is not None and studio.models.device.type == "cuda":
+    device_type = studio.models.device.type if studio.models is not None else "cpu"
+    try:
+        studio.limits = Limits.resolve(device_type, {name: getattr(args, name) for name in serving_limits.SETTINGS})
+        delete_cache = serving_limits.delete_cache(args.delete_cache_after)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    log.info("Limits per request: %s", studio.limits.describe())
+    # On ZeroGPU the GPU exists only inside decorated calls: nothing is warmed up or compiled there.
+    if studio.models is not None and studio.models.device.type == "cuda" and not zerogpu.active():
         start_compiling(studio)
     log.info("Models ready after %.1f s", time.monotonic() - started)
     demo_family = sources == sdxl_fast.PRESETS["demo"]
     demo = build_demo(studio, concurrency_limit=args.concurrency, examples=DEMO_EXAMPLES if demo_family else EXAMPLES,
-                      note=DEMO_NOTE if demo_family else "")
+                      note=DEMO_NOTE if demo_family else "", delete_cache=delete_cache)
     demo.queue(max_size=args.queue_size).launch(server_name=args.host, server_port=args.port, share=args.share)
 
 

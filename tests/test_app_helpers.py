@@ -15,10 +15,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(models, load_errors=None, max_size: int = 20):
-    """Yield (url, studio) for the app served on 127.0.0.1; closed afterwards."""
-    studio = app.Studio(models, load_errors)
-    demo = app.build_demo(studio)
+def running_app(models, load_errors=None, max_size: int = 20, limits=None, delete_cache=None):
+    """Yield (url, studio) for the app served on 127.0.0.1; closed afterwards. No limits unless given."""
+    studio = app.Studio(models, load_errors, limits)
+    demo = app.build_demo(studio, delete_cache=delete_cache)
     demo.queue(max_size=max_size).launch(server_name="127.0.0.1", server_port=free_port(),
                                          prevent_thread_lock=True, quiet=True)
     try:
