@@ -39,9 +39,9 @@ SDXL_BUCKETS: list[tuple[int, int]] = [
 ]
 
 
-def nearest_bucket(width: int, height: int) -> tuple[int, int]:
-    """The training bucket whose aspect ratio is closest to width/height."""
-    return min(SDXL_BUCKETS, key=lambda b: abs(b[0] / b[1] - width / height))
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]] = SDXL_BUCKETS) -> tuple[int, int]:
+    """The bucket (of SDXL's training buckets, or of `buckets`) whose aspect ratio is closest to width/height."""
+    return min(buckets, key=lambda b: abs(b[0] / b[1] - width / height))
 
 
 def bucket_label(width: int, height: int) -> str:

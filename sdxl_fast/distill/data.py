@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from sdxl_fast.params import SDXL_BUCKETS
+from sdxl_fast.params import SDXL_BUCKETS, nearest_bucket
 from sdxl_fast.pipeline.conditioning import base_time_ids
 
 log = logging.getLogger(__name__)
@@ -170,10 +170,6 @@ def buckets_for(resolution: int) -> list[tuple[int, int]]:
     return sorted({(max(64, round(w * scale / 64) * 64), max(64, round(h * scale / 64) * 64)) for w, h in SDXL_BUCKETS})
 
 
-def nearest(buckets: list[tuple[int, int]], width: int, height: int) -> tuple[int, int]:
-    return min(buckets, key=lambda b: abs(b[0] / b[1] - width / height))
-
-
 def image_size(record: Record) -> tuple[int, int] | None:
     """(width, height) from the image header only; None if it cannot be read (the sample is skipped later)."""
     try:
@@ -278,8 +274,8 @@ def make_loader(cfg, rank: int = 0, world: int = 1, start_batch: int = 0) -> tor
     sizes = groups = None
     if cfg.bucketing:  # reads every image header once, at start-up
         buckets = buckets_for(cfg.resolution)
-        square = nearest(buckets, 1, 1)
-        sizes = [nearest(buckets, *wh) if (wh := image_size(r)) else square for r in records]
+        square = nearest_bucket(1, 1, buckets)
+        sizes = [nearest_bucket(*wh, buckets) if (wh := image_size(r)) else square for r in records]
         groups = [buckets.index(size) for size in sizes]
     dataset = ImageCaptionDataset(records, cfg.resolution, cfg.random_crop, cfg.random_flip, cfg.seed, sizes)
     sampler = ResumableBatchSampler(len(records), cfg.batch_size, cfg.seed, rank, world, start_batch, groups)

@@ -22,6 +22,12 @@ LATENT_RGB_FACTORS = torch.tensor([
 LATENT_RGB_BIAS = torch.tensor([0.1084, -0.0175, -0.0011])
 
 
+def pixels(vae, latents: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """SDXL latents [B, 4, h, w] -> images [B, 3, H, W] in about [-1, 1], in the VAE's dtype (or `dtype`).
+    Differentiable: training decodes the student's samples through it."""
+    return vae.decode((latents / vae.config.scaling_factor).to(dtype or weight_dtype(vae))).sample
+
+
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Decode [B, 4, h, w] latents to uint8 images [B, H, W, 3] (on the latents' device).
@@ -29,15 +35,14 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     SDXL's VAE overflows in fp16 on some images (NaN/inf output). When that happens the VAE is moved to
     fp32 for good and the batch decoded again, so the caller always gets a finite image.
     """
-    scaled = latents / vae.config.scaling_factor
     dtype = weight_dtype(vae)
-    images = vae.decode(scaled.to(dtype)).sample
+    images = pixels(vae, latents, dtype)
     if not torch.isfinite(images).all():
         if dtype == torch.float32:
             raise FloatingPointError("The VAE produced NaN/inf in fp32: the latents themselves are not finite.")
         log.warning("VAE decode in %s overflowed (NaN/inf); decoding again in fp32", dtype)
         vae.to(torch.float32)
-        images = vae.decode(scaled.float()).sample
+        images = pixels(vae, latents, torch.float32)
     return to_uint8(images)
 
 

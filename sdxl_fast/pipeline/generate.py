@@ -137,7 +137,7 @@ def fast_call(f, timesteps: list[int], alphas_cumprod: torch.Tensor, context: to
     else:
         latents = sampling.sample_fast(student, alphas_cumprod, prediction_type, noise[0], timesteps,
                                        renoise=lambda: next(renoise), callback=callback)
-    pixels = f.vae.decode((latents / f.vae.config.scaling_factor).to(weight_dtype(f.vae))).sample
+    pixels = decoding.pixels(f.vae, latents)
     return latents, decoding.to_uint8(pixels), torch.isfinite(pixels).all()
 
 
