@@ -199,10 +199,10 @@ class _Loader:
             text_encoder_2=self.get(CLIPTextModelWithProjection, folder, "text_encoder_2"),
         )
 
-    def scheduler(self, folder: Path):
+    def scheduler(self, folder: Path, subfolder: str | None = "scheduler"):
         from diffusers import EulerDiscreteScheduler
 
-        config = EulerDiscreteScheduler.load_config(folder, subfolder="scheduler")
+        config = EulerDiscreteScheduler.load_config(folder, subfolder=subfolder)
         # The Quality loop is Euler (the SDXL default); read only the noise schedule from the folder.
         return EulerDiscreteScheduler.from_config(config)
 
@@ -251,11 +251,16 @@ def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | N
     if "fast" in modes:
         if is_unet_only(fast_folder):
             family, student = base_folder, loader.get(UNet2DConditionModel, fast_folder, None)
+            # A `distill` student records its schedule and prediction type next to its config (the base's
+            # schedule; epsilon, v_prediction or sample); older student folders are read with the base's.
+            own = (fast_folder / "scheduler_config.json").is_file()
+            scheduler = loader.scheduler(fast_folder, None) if own else loader.scheduler(family)
         else:
             family, student = fast_folder, loader.get(UNet2DConditionModel, fast_folder, "unet")
+            scheduler = loader.scheduler(family)
         models.fast = FastModels(
             encoders=loader.encoders(family), vae=loader.get(AutoencoderKL, family, "vae"), student=student,
-            scheduler=loader.scheduler(family), names={"fast": model_name(sources.fast)},
+            scheduler=scheduler, names={"fast": model_name(sources.fast)},
         )
 
     if cpu_offload:

@@ -1,10 +1,18 @@
 """The trained student as a UNet-only diffusers folder (config.json + diffusion_pytorch_model.safetensors),
-which `sdxl_fast`'s Fast path and `UNet2DConditionModel.from_pretrained` both load, plus a README card."""
+which `sdxl_fast`'s Fast path and `UNet2DConditionModel.from_pretrained` both load, plus a README card.
+
+`scheduler_config.json` next to the UNet's config records how to read the student's output: the teacher's
+noise schedule with the student's `prediction_type` (epsilon, v_prediction or sample). `sdxl_fast.load` uses
+it for a UNet-only student's Fast path; diffusers reads it with `EulerDiscreteScheduler.from_pretrained(folder)`.
+A folder without it (students exported before issue 27) is read with the base model's scheduler, as before.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+SCHEDULER_CONFIG = "scheduler_config.json"
 
 CARD = """---
 library_name: diffusers
@@ -34,10 +42,24 @@ Or `UNet2DConditionModel.from_pretrained("<this folder>")`.
 """
 
 
-def export_student(student, folder: str | Path, config: dict, step: int, ema_used: bool) -> Path:
-    """Save `student` (an unwrapped UNet2DConditionModel) to `folder` with safetensors and a README card."""
+def student_scheduler(teacher_scheduler, prediction_type: str):
+    """The teacher's scheduler (same class and noise schedule) reading outputs as `prediction_type`."""
+    return type(teacher_scheduler).from_config(teacher_scheduler.config, prediction_type=prediction_type)
+
+
+def student_prediction_type(folder: str | Path) -> str | None:
+    """The prediction_type an exported student folder records, None for a folder without one."""
+    path = Path(folder) / SCHEDULER_CONFIG
+    return json.loads(path.read_text()).get("prediction_type") if path.is_file() else None
+
+
+def export_student(student, folder: str | Path, config: dict, step: int, ema_used: bool, scheduler=None) -> Path:
+    """Save `student` (an unwrapped UNet2DConditionModel) to `folder` with safetensors and a README card; with
+    `scheduler` (see `student_scheduler`) also its scheduler_config.json."""
     folder = Path(folder)
     student.save_pretrained(folder, safe_serialization=True)
+    if scheduler is not None:
+        scheduler.save_config(folder)  # writes scheduler_config.json
     (folder / "README.md").write_text(CARD.format(
         teacher=config["teacher"], timesteps=tuple(config["student_timesteps"]), step=step,
         weights="EMA of the student weights" if ema_used else "the student's final weights",

@@ -33,11 +33,11 @@ from sdxl_fast.loading import find_local_folder
 from sdxl_fast.models import DTYPES, FastModels
 from sdxl_fast.pipeline import sampling
 
-from . import checkpoints, data, losses
+from . import augment, balance, checkpoints, continuation, data, losses
 from .cache import EncodingCache
 from .config import TrainConfig
-from .discriminator import build_discriminator, discriminate, image_condition
-from .export import export_student
+from .discriminator import build_discriminator, discriminate, discriminate_real_fake, image_condition
+from .export import export_student, student_prediction_type, student_scheduler
 
 log = logging.getLogger("distill")
 
@@ -119,12 +119,18 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     encoders, vae, teacher = frozen.encoders, frozen.vae, frozen.base
     alphas_cumprod = frozen.scheduler.alphas_cumprod.to(device)  # ᾱ_t, [1000]
     prediction_type = frozen.scheduler.config.prediction_type
+    # [issue 27] How the student's output is read (the teacher's prediction type unless set).
+    student_prediction = prediction_type if cfg.student_prediction == "teacher" else cfg.student_prediction
     last_t = len(alphas_cumprod) - 1
 
     student = copy.deepcopy(teacher).to(torch.float32).train().requires_grad_(True)  # fp32 master weights
     if cfg.student_init:
         init = find_local_folder(cfg.student_init, "student_init")
         student.load_state_dict(UNet2DConditionModel.from_pretrained(init, use_safetensors=True).state_dict())
+        recorded = student_prediction_type(init)  # [issue 27] None: a student exported before it was recorded
+        if recorded not in (None, student_prediction):
+            raise ValueError(f"--student_init {cfg.student_init} predicts {recorded!r}, this run "
+                             f"{student_prediction!r}: set --student_prediction {recorded}")
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     features, heads = build_discriminator(cfg, text_dim=encoders.text_encoder_2.config.projection_dim)
@@ -145,6 +151,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     if fsdp and cfg.gradient_accumulation_steps > 1:  # fails inside FSDP2 (the heads' gradients under no_sync)
         raise ValueError("gradient_accumulation_steps > 1 is not supported under FSDP yet: use more processes or "
                          "a larger batch_size")
+    # [issue 27] A --student_init continuation carries the heads, their optimiser and LR schedule, and the raw
+    # student weights (when the export holds the EMA); the EMA itself after it is built, below.
+    carried = continuation.restore(cfg.to_dict(), init, student, heads, opt_disc, sched_disc,
+                                   load_optimizer=not fsdp) if cfg.student_init else None
     if fsdp:
         # The heads were initialised under per-process seeds. DDP broadcasts rank 0's weights when it wraps them;
         # FSDP2 would shard each process's own copy, so rank 0's are broadcast first. (The student is a copy of
@@ -187,6 +197,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
 
     state = checkpoints.TrainingState()
     ema = checkpoints.EMA(raw_student, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if carried is not None:  # [issue 27]
+        carried.restore_ema(ema)
     accelerator.register_for_checkpointing(state, sched_student, sched_disc, *([ema] if ema else []))
     if resume:
         path = checkpoints.resolve_resume(out, resume)
@@ -228,6 +240,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             real_images = _decode(vae, x0)  # D sees decoded reals, as it sees decoded fakes
             image_emb = features.image_embedding(real_images)  # [B, C] conditions D on the real image
         b = x0.shape[0]
+        # [issue 27] One DiffAugment draw per micro-step, for D's fake and real inputs alike (None: off).
+        aug = augment.draw(cfg.disc_augment, b, device) if cfg.disc_augment else None
 
         # 2. Student: one x0-prediction from a noised real latent. At s = 999 the input is pure noise
         #    (zero terminal SNR), exactly what the Fast path feeds the student at inference.
@@ -238,7 +252,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         x_s = torch.where(pure_noise.view(b, 1, 1, 1), noise, sampling.add_noise(x0, noise, alpha_s))
         image_emb = image_condition(image_emb, ~pure_noise, cfg.disc_image_condition)
         out_s = sampling.UNetInputs(context, pooled, time_ids)(student, x_s, s).float()
-        student_x0 = sampling.predicted_x0(out_s, x_s, alpha_s, prediction_type)  # [B, 4, h, w]
+        student_x0 = sampling.predicted_x0(out_s, x_s, alpha_s, student_prediction)  # [B, 4, h, w]
         fake_images = _decode(vae, student_x0)  # gradients flow through the frozen decoder
 
         # 3. Adversarial loss for the student; the heads take no gradient from it. Under DDP the unwrapped heads
@@ -247,10 +261,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         #    backward (step 5).
         if fsdp:
             heads_grads = [None if p.grad is None else p.grad.clone() for p in heads.parameters()]
-            l_adv = losses.generator_adv_loss(discriminate(features, heads, fake_images, pooled, image_emb))
+            l_adv = losses.generator_adv_loss(discriminate(features, heads, fake_images, pooled, image_emb, aug))
         else:
             raw_heads.requires_grad_(False)
-            l_adv = losses.generator_adv_loss(discriminate(features, raw_heads, fake_images, pooled, image_emb))
+            l_adv = losses.generator_adv_loss(discriminate(features, raw_heads, fake_images, pooled, image_emb,
+                                                           aug))
             raw_heads.requires_grad_(True)
 
         # 4. Score distillation against the frozen teacher at a random teacher timestep t.
@@ -263,14 +278,19 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             target = _decode(vae, teacher_x0) if cfg.distill_space == "pixel" else teacher_x0
         prediction = fake_images if cfg.distill_space == "pixel" else student_x0
         weight = losses.distillation_weight(t, alphas_cumprod, cfg.distill_weighting)
-        l_distill = losses.distillation_loss(prediction, target, weight)
-        l_student = losses.student_loss(l_adv, l_distill, cfg.lambda_distill)
+        l_distill = losses.distillation_loss(prediction, target, weight, cfg.distill_reduction)
+        l_student = losses.student_loss(l_adv, l_distill, cfg.lambda_distill, cfg.lambda_adv)
 
         # 5. Student backward, unless the loss is NaN/inf on any process.
         student_ok = _all_finite(accelerator, l_student)
         if not student_ok:
             return False, False, {"loss/student": l_student.item(), "loss/distill": l_distill.item()}
-        accelerator.backward(l_student / cfg.gradient_accumulation_steps)
+        # [issue 27] λ_adv·L_adv + λ·L_distill back-propagated; on logged steps (or with adaptive λ) each term's
+        # gradient norm at the student's output x̂θ is measured.
+        measure = cfg.log_grad_norms and cfg.log_every > 0 and (state.step + 1) % cfg.log_every == 0
+        balance_metrics = balance.student_backward(
+            lambda t, **kw: accelerator.backward(t / cfg.gradient_accumulation_steps, **kw), student_x0, l_adv,
+            l_distill, cfg.lambda_adv, cfg.lambda_distill, cfg.lambda_mode, measure)
         if fsdp:  # drop what L_adv left on the heads: the gathered weights' gradients, then the shards'
             raw_heads.reshard()
             for p, grad in zip(heads.parameters(), heads_grads):
@@ -278,9 +298,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
 
         # 6. Discriminator on (real, detached fake) in one forward pass, with R1 on the real images.
         real = real_images.detach().requires_grad_(True)
-        logits = discriminate(features, heads, torch.cat([real, fake_images.detach()]), pooled.repeat(2, 1),
-                              image_emb.repeat(2, 1))
-        real_logits, fake_logits = logits.chunk(2)  # [B, K] each
+        # [issue 27] One forward of [real; fake], the heads' batch statistics kept apart, the same augmentation.
+        real_logits, fake_logits = discriminate_real_fake(features, heads, real, fake_images.detach(), pooled,
+                                                          image_emb, aug)  # [B, K] each
         r1 = losses.r1_penalty(real_logits, real)
         l_disc = losses.discriminator_loss(real_logits, fake_logits, r1, cfg.r1_gamma)
         disc_ok = _all_finite(accelerator, l_disc)
@@ -290,6 +310,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         return True, disc_ok, {
             "loss/adv_g": l_adv.item(), "loss/distill": l_distill.item(), "loss/student": l_student.item(),
             "loss/disc": l_disc.item(), "loss/r1": r1.item(), "d_acc/real": acc_real, "d_acc/fake": acc_fake,
+            **balance_metrics,
         }
 
     def optimizer_step(opt, sched, params, ok: bool) -> None:
@@ -363,7 +384,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             log.info("step %d %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
         if cfg.validate_every and state.step % cfg.validate_every == 0:
-            validate(cfg, accelerator, unsharded_student(use_ema=False), frozen, state.step, weight_dtype)
+            validate(cfg, accelerator, unsharded_student(use_ema=False), frozen, state.step, weight_dtype,
+                     prediction_type=student_prediction)
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
             state.sync_ranks(accelerator)
             checkpoints.save_checkpoint(accelerator, out, state.step, cfg.to_dict(), cfg.keep_checkpoints)
@@ -378,9 +400,18 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     use_ema = ema is not None and cfg.export_ema
     final = unsharded_student(use_ema)  # the main process's copy; None elsewhere
     if accelerator.is_main_process:
-        export_student(final, student_dir, cfg.to_dict(), state.step, ema_used=use_ema)
+        export_student(final, student_dir, cfg.to_dict(), state.step, ema_used=use_ema,
+                       scheduler=student_scheduler(frozen.scheduler, student_prediction))
+        if cfg.export_continuation and not fsdp:  # [issue 27] what a --student_init continuation needs
+            continuation.save(student_dir, cfg.to_dict(), state.step, raw_heads, opt_disc, sched_disc,
+                              raw_student=raw_student if use_ema else None,
+                              ema_shadow=ema.shadow if ema is not None and not use_ema else None,
+                              steps_before=carried.steps if carried is not None else 0)
+        elif cfg.export_continuation:
+            log.warning("export_continuation is not supported under FSDP: use --resume with the checkpoint")
         if cfg.validate_every and (use_ema or state.step % cfg.validate_every):
-            validate(cfg, accelerator, final, frozen, state.step, weight_dtype, tag="-ema" if use_ema else "")
+            validate(cfg, accelerator, final, frozen, state.step, weight_dtype, tag="-ema" if use_ema else "",
+                     prediction_type=student_prediction)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     summary = {
@@ -399,12 +430,14 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
 
 
 @torch.no_grad()
-def validate(cfg: TrainConfig, accelerator, student, frozen, step: int, weight_dtype, tag: str = "") -> list[Path]:
+def validate(cfg: TrainConfig, accelerator, student, frozen, step: int, weight_dtype, tag: str = "",
+             prediction_type: str | None = None) -> list[Path]:
     """Fast-path images at each of `validation_steps` for the fixed prompts and seeds (main process only),
     made by sdxl_fast.pipeline.generate itself, so they are exactly what users of the student will see."""
     if not accelerator.is_main_process:
         return []
-    fast = FastModels(encoders=frozen.encoders, vae=frozen.vae, student=student, scheduler=frozen.scheduler,
+    scheduler = frozen.scheduler if prediction_type is None else student_scheduler(frozen.scheduler, prediction_type)
+    fast = FastModels(encoders=frozen.encoders, vae=frozen.vae, student=student, scheduler=scheduler,
                       names={"fast": "student"})
     models = sdxl_fast.Models(device=accelerator.device, dtype=weight_dtype, fast=fast)
     folder = Path(cfg.output_dir) / "validation" / f"step-{step:08d}{tag}"

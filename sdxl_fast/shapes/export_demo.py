@@ -14,6 +14,7 @@ Everything is safetensors in fp16; the total size is printed and checked against
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -75,6 +76,9 @@ def export_demo(work: str | Path = "runs/demo", out: str | Path = "demo_models",
             raise FileNotFoundError(f"No student UNet folder at {student!r} (python -m sdxl_fast.distill writes OUTPUT_DIR/student)")
         unet = UNet2DConditionModel.from_pretrained(student, use_safetensors=True).to(dtype)
         unet.save_pretrained(out / "student", safe_serialization=True)
+        scheduler = Path(student) / "scheduler_config.json"  # the student's prediction type (issue 27)
+        if scheduler.is_file():
+            shutil.copyfile(scheduler, out / "student" / "scheduler_config.json")
         card, trained = Path(student) / "README.md", Path(student) / "training_config.json"
         if card.is_file():
             text = card.read_text()
