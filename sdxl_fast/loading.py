@@ -167,29 +167,52 @@ def is_unet_only(folder: Path) -> bool:
     return config.is_file() and json.loads(config.read_text()).get("_class_name") == "UNet2DConditionModel"
 
 
-# Beside a UNet-only student's config.json: {"sampler": "ADD"}, the Fast sampler it was trained for
-# (written by sdxl_fast.distill.export). A student folder without it runs the ADD sampler.
+# Beside a UNet-only student's config.json: {"sampler": "ADD", "prediction_type": "epsilon"}, the Fast sampler it
+# was trained for and how its output is read (written by sdxl_fast.distill.export). Without the file (or a key)
+# the student runs the ADD sampler and its output is read as the base model's scheduler says (SDXL: epsilon).
 STUDENT_CONFIG = "sdxl_fast.json"
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def write_student_config(folder: str | Path, sampler: str = "ADD") -> Path:
+def write_student_config(folder: str | Path, sampler: str = "ADD", prediction_type: str | None = None) -> Path:
+    record = {"sampler": sampler, **({"prediction_type": prediction_type} if prediction_type else {})}
     path = Path(folder) / STUDENT_CONFIG
-    path.write_text(json.dumps({"sampler": sampler}, indent=2) + "\n")
+    path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def read_student_config(folder: str | Path) -> dict:
+    """The student folder's sdxl_fast.json ({} without one), its values checked."""
+    from .params import SAMPLERS
+
+    path = Path(folder) / STUDENT_CONFIG
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    if record.get("sampler", "ADD") not in SAMPLERS["fast"]:
+        raise ValueError(f"{path}: unknown sampler {record['sampler']!r}; choose one of {SAMPLERS['fast']}")
+    if record.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+        raise ValueError(f"{path}: unknown prediction_type {record['prediction_type']!r}; choose one of "
+                         f"{PREDICTION_TYPES}")
+    return record
+
+
+def student_prediction_type(folder: str | Path) -> str | None:
+    """The prediction type a student folder records; None when it records none (the base's applies)."""
+    return read_student_config(folder).get("prediction_type")
+
+
+def student_scheduler(scheduler, prediction_type: str | None):
+    """`scheduler` (same class and noise schedule) reading the UNet's output as `prediction_type` (None: as is)."""
+    if prediction_type is None or prediction_type == scheduler.config.prediction_type:
+        return scheduler
+    return type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
 
 
 def fast_sampler(folder: Path) -> str:
     """The Fast sampler a fast model runs by default: diffusers' SDXL-Turbo recipe ("Euler a") for a full
     few-step pipeline (model_index.json), else what the student folder's sdxl_fast.json says, else "ADD"."""
-    from .params import SAMPLERS
-
     if not is_unet_only(folder):
         return "Euler a"
-    config = folder / STUDENT_CONFIG
-    sampler = json.loads(config.read_text()).get("sampler", "ADD") if config.is_file() else "ADD"
-    if sampler not in SAMPLERS["fast"]:
-        raise ValueError(f"{config}: unknown sampler {sampler!r}; choose one of {SAMPLERS['fast']}")
-    return sampler
+    return read_student_config(folder).get("sampler", "ADD")
 
 
 def model_name(source: str) -> str:
@@ -298,12 +321,14 @@ def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | N
     if "fast" in modes:
         if is_unet_only(fast_folder):
             family, student = base_folder, loader.get(UNet2DConditionModel, fast_folder, None)
+            # A `distill` student reads the base's noise schedule with its own prediction type (sdxl_fast.json).
+            scheduler = student_scheduler(loader.scheduler(family), student_prediction_type(fast_folder))
         else:
             family, student = fast_folder, loader.get(UNet2DConditionModel, fast_folder, "unet")
+            scheduler = loader.scheduler(family)
         models.fast = FastModels(
             encoders=loader.encoders(family), vae=loader.get(AutoencoderKL, family, "vae"), student=student,
-            scheduler=loader.scheduler(family), names={"fast": model_name(sources.fast)},
-            sampler=fast_sampler(fast_folder),
+            scheduler=scheduler, names={"fast": model_name(sources.fast)}, sampler=fast_sampler(fast_folder),
         )
 
     if cpu_offload:

@@ -61,7 +61,9 @@ class FastModels:
     encoders: TextEncoders
     vae: AutoencoderKL
     student: UNet2DConditionModel
-    scheduler: SchedulerMixin  # only its noise schedule (alphas_cumprod) and prediction type are used
+    # Only its noise schedule (alphas_cumprod) and prediction type are used; for our students the base's schedule
+    # with the prediction type their sdxl_fast.json records.
+    scheduler: SchedulerMixin
     names: dict[str, str]
     # The sampler used when GenerationParams.sampler is unset: "ADD" for our students (recorded in their
     # sdxl_fast.json), "Euler a" for full few-step pipelines such as stabilityai/sdxl-turbo (diffusers' recipe).

@@ -80,16 +80,91 @@ def test_distillation_loss_by_hand_and_stop_gradient():
     student = torch.tensor([[1.0, 2.0], [0.0, 0.0]], requires_grad=True)
     teacher = torch.tensor([[0.0, 0.0], [1.0, 3.0]], requires_grad=True)
     weight = torch.tensor([0.5, 2.0])
+    # The paper's d = ‖x - y‖²₂ per sample, then the batch mean:
+    # sample 0: (1 + 4) * 0.5 = 2.5; sample 1: (1 + 9) * 2 = 20 -> mean 11.25
     loss = losses.distillation_loss(student, teacher, weight)
-    # sample 0: mean(1, 4) = 2.5 * 0.5 = 1.25; sample 1: mean(1, 9) = 5 * 2 = 10 -> mean 5.625
-    assert loss.item() == pytest.approx(5.625)
+    assert loss.item() == pytest.approx(11.25)
     loss.backward()
     assert teacher.grad is None  # sg(x̂ψ)
-    assert torch.allclose(student.grad, torch.tensor([[0.25, 0.5], [-1.0, -3.0]]))
+    # ∂/∂x of c_b·‖x_b - y_b‖² / B = c_b·(x_b - y_b)
+    assert torch.allclose(student.grad, torch.tensor([[0.5, 1.0], [-2.0, -6.0]]))
+    # The old per-element mean: sample 0: mean(1, 4) = 2.5 * 0.5 = 1.25; sample 1: mean(1, 9) = 5 * 2 = 10
+    assert losses.distillation_loss(student, teacher, weight, "mean").item() == pytest.approx(5.625)
+    with pytest.raises(ValueError, match="reduction"):
+        losses.distillation_loss(student, teacher, weight, "max")
+
+
+def test_distillation_loss_sum_is_the_squared_l2_norm_of_an_image_sized_sample():
+    """On [B, 3, 4, 4] 'images' the sum reduction is the per-sample squared L2 norm: 48 times the mean."""
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    ones = torch.ones(2)
+    by_hand = sum(torch.linalg.vector_norm(x[i] - y[i]) ** 2 for i in range(2)) / 2
+    assert losses.distillation_loss(x, y, ones).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert losses.distillation_loss(x, y, ones).item() == pytest.approx(
+        48 * losses.distillation_loss(x, y, ones, "mean").item(), rel=1e-6)
 
 
 def test_student_loss_uses_lambda():
     assert losses.student_loss(torch.tensor(1.0), torch.tensor(2.0), 2.5).item() == pytest.approx(6.0)
+    assert losses.student_loss(torch.tensor(1.0), torch.tensor(2.0), 2.5, lambda_adv=0.0).item() == pytest.approx(5.0)
+
+
+def _two_terms():
+    """A toy 'student' θ -> x̂θ = 2θ, an 'adversarial' term through a nonlinearity and a distillation term."""
+    theta = torch.tensor([[1.0, -2.0], [0.5, 3.0]], requires_grad=True)
+    x0 = 2 * theta
+    l_adv = -torch.tanh(x0).sum() / 4  # ∂/∂x0 = -(1 - tanh²(x0)) / 4
+    target = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    l_distill = losses.distillation_loss(x0, target, torch.ones(2))  # ∂/∂x0 = (x0 - target)
+    return theta, x0, l_adv, l_distill, target
+
+
+def test_gradient_norms_at_the_student_output_by_hand_and_the_same_update():
+    from sdxl_fast.distill import balance
+
+    theta, x0, l_adv, l_distill, target = _two_terms()
+    metrics = balance.student_backward(lambda t, **kw: t.backward(**kw), x0, l_adv, l_distill, 1.0, 2.5,
+                                       measure=True)
+    x = x0.detach()
+    g_adv = -(1 - torch.tanh(x) ** 2) / 4
+    g_distill = 2.5 * (x - target)
+    assert metrics["grad_norm/adv"] == pytest.approx(g_adv.norm().item(), rel=1e-5)
+    assert metrics["grad_norm/distill"] == pytest.approx(g_distill.norm().item(), rel=1e-5)
+    assert metrics["lambda/distill"] == 2.5
+    measured = theta.grad.clone()
+    # The same parameter gradient as back-propagating the summed loss directly (unmeasured steps).
+    theta2, x02, l_adv2, l_distill2, _ = _two_terms()
+    plain = balance.student_backward(lambda t, **kw: t.backward(**kw), x02, l_adv2, l_distill2, 1.0, 2.5)
+    assert set(plain) == {"lambda/distill"}
+    assert torch.allclose(theta2.grad, measured, atol=1e-6)
+    assert torch.allclose(measured, 2 * (g_adv + g_distill), atol=1e-6)
+
+
+def test_adaptive_lambda_sets_the_gradient_ratio():
+    from sdxl_fast.distill import balance
+
+    theta, x0, l_adv, l_distill, target = _two_terms()
+    metrics = balance.student_backward(lambda t, **kw: t.backward(**kw), x0, l_adv, l_distill, 1.0, 3.0,
+                                       mode="adaptive")
+    assert metrics["grad_norm/distill"] == pytest.approx(3.0 * metrics["grad_norm/adv"], rel=1e-5)
+    x = x0.detach()
+    expected = 3.0 * ((1 - torch.tanh(x) ** 2) / 4).norm() / (x - target).norm()
+    assert metrics["lambda/distill"] == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="adaptive needs lambda_adv"):
+        load_config(None, {"lambda_mode": "adaptive", "lambda_adv": "0"})
+
+
+def test_new_config_keys_defaults_and_checks():
+    cfg = TrainConfig()
+    assert (cfg.disc_head, cfg.disc_head_channels, cfg.disc_augment, cfg.distill_reduction, cfg.lambda_mode,
+            cfg.student_prediction, cfg.continue_discriminator) == (
+        "stylegan_t", 0, "color,translation,cutout", "sum", "fixed", "teacher", True)
+    for key, bad in (("disc_head", "mlp"), ("disc_augment", "color,zoom"), ("distill_reduction", "max"),
+                     ("student_prediction", "x0"), ("lambda_mode", "auto")):
+        with pytest.raises(ValueError, match=key):
+            load_config(None, {key: bad})
+    assert load_config(None, {"disc_augment": ""}).disc_augment == ""
 
 
 def test_config_defaults_and_overrides(tmp_path):

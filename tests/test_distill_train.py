@@ -167,3 +167,58 @@ def test_student_init_starts_from_an_earlier_student(tmp_path, tiny_family):
                                            lr_student=0.0, ema_decay=0.0)))
     exported = load_file(Path(summary["student"]) / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(exported[k], v) for k, v in earlier.state_dict().items())  # lr 0: the init, untouched
+
+
+def test_gradient_accumulation_divides_each_micro_step_once(tiny_family):
+    """accelerator.backward divides by gradient_accumulation_steps itself, so one micro-step of k leaves ∇L/k on
+    the weights (the accumulated gradient is the mean over micro-steps, and max_grad_norm keeps its meaning);
+    the steps must not divide the loss as well."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from sdxl_fast.distill import augment, step
+    from sdxl_fast.distill.discriminator import build_discriminator
+    from sdxl_fast.distill.train import _frozen_models, _student
+
+    k = 4
+    cfg = load_config(None, dict(tiny_overrides(str(tiny_family["base"]), "unused", "unused"),
+                                 gradient_accumulation_steps=k, disc_head="plain", distill_space="latent"))
+    frozen = _frozen_models(cfg, torch.device("cpu"), torch.float32)
+    student = _student(cfg, frozen.base, None, "epsilon")
+    torch.manual_seed(0)
+    features, heads = build_discriminator(cfg, text_dim=frozen.encoders.text_encoder_2.config.projection_dim)
+    schedule = step.NoiseSchedule(frozen.scheduler.alphas_cumprod, "epsilon", "epsilon", torch.tensor([999, 499]),
+                                  torch.ones(2), 20, 980)
+    x0 = torch.randn(2, 4, 8, 8)
+    images = step.decode(frozen.vae, x0)
+    real = step.RealBatch(torch.randn(2, 77, frozen.base.config.cross_attention_dim),
+                          torch.randn(2, frozen.encoders.text_encoder_2.config.projection_dim),
+                          torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2), x0, images, features.image_embedding(images))
+
+    def micro_step(accelerator, cfg):
+        for p in [*student.parameters(), *heads.parameters()]:
+            p.grad = None
+        torch.manual_seed(1)
+        aug = augment.draw(cfg.disc_augment, 2, "cpu")
+        heads.requires_grad_(False)
+        g = step.student_step(accelerator, cfg, student, frozen.base, frozen.vae, features, heads, real, schedule,
+                              aug, measure_grad_norms=True)
+        heads.requires_grad_(True)
+        assert g.ok and step.discriminator_step(accelerator, cfg, features, heads, real, g.fake_images, g.image_emb,
+                                                aug)[0]
+        return [p.grad.clone() for p in student.parameters() if p.grad is not None], \
+            [p.grad.clone() for p in heads.parameters()]
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=k)
+    assert accelerator.gradient_accumulation_steps == k
+    scaled = micro_step(accelerator, cfg)
+    # The reference: the gradient of the micro-step's losses themselves (no accumulation, no division anywhere).
+    plain = SimpleNamespace(device=torch.device("cpu"), reduce=lambda t, _: t,
+                            backward=lambda t, **kw: t.backward(**kw))
+    unscaled = micro_step(plain, dataclasses.replace(cfg, gradient_accumulation_steps=1))
+    for got, want in zip(scaled, unscaled):
+        assert len(got) == len(want) > 0
+        got, want = torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in want])
+        assert want.norm() > 0 and ((got * k - want).norm() / want.norm()).item() < 1e-4

@@ -1,4 +1,5 @@
 import copy
+import json
 import time
 
 import pytest
@@ -92,6 +93,17 @@ def test_a_student_runs_the_sampler_its_folder_records(tiny_family, tmp_path):
     shutil.copytree(tiny_family["student"], other)
     loading.write_student_config(other, sampler="Euler a")
     assert sampler_of(str(other)) == "Euler a"
+    # The same file records how the student's output is read (tests/test_distill_continuation.py samples with it).
+    exported = export_student(unet, tmp_path / "v", {"teacher": "t", "student_timesteps": [999]}, 1, False,
+                              prediction_type="v_prediction")
+    assert json.loads((exported / loading.STUDENT_CONFIG).read_text()) == {"sampler": "ADD",
+                                                                          "prediction_type": "v_prediction"}
+    sources = ModelSources(base=str(tiny_family["base"]), refiner=None, fast=str(exported))
+    fast = load(modes=("fast",), sources=sources, device="cpu").fast
+    assert (fast.sampler, fast.scheduler.config.prediction_type) == ("ADD", "v_prediction")
+    loading.write_student_config(other, prediction_type="x0")
+    with pytest.raises(ValueError, match="unknown prediction_type 'x0'"):
+        sampler_of(str(other))
 
 
 def test_missing_weights_offline_fail_fast_with_a_clear_message(monkeypatch):

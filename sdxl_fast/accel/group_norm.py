@@ -1,14 +1,14 @@
 """Group norm written as per-channel reductions, for channels_last tensors at small batch.
 
 At batch 1 a group norm has only 32 statistics to compute (one per group), each over a group's channels at
-every pixel, and in channels_last memory a group's values are strided by the channel count. In session 12's
+every pixel, and in channels_last memory a group's values are strided by the channel count. In a profiler
 trace of a Fast 1-step 512² call (BENCHMARKS.md) Inductor's group-norm kernels took ~2.7 ms of the VAE
 decoder's ~6 ms: about a fifth of the H200's memory bandwidth, for the bytes a group norm must move. Here the
 statistics come from each channel's mean and variance over the pixels (one pass, the reduction batch norm
 uses, which reads channels_last memory in order); a group's are then those of its channels combined, exactly,
 by the law of total variance (equal counts per channel). The output equals nn.GroupNorm's up to rounding.
 Compiled on an H200 this took the decoder from 6.2 to 5.3 ms at 512² and from 28.5 to 20.7 ms at 1024²
-(BENCHMARKS.md, session 13). Eager on a CPU it is slower, being more operations, so it is a GPU default only.
+(BENCHMARKS.md). Eager on a CPU it is slower, being more operations, so it is a GPU default only.
 """
 
 from __future__ import annotations

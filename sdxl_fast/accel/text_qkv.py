@@ -11,8 +11,7 @@ transformers builds it as a tensor, which costs a kernel and a memset per layer 
 kernels. A fused encoder therefore refuses a padding mask instead of ignoring it. Of those kernels it prefers
 FlashAttention-2 to cuDNN's (PyTorch's first choice on Hopper), which needs a memset per call. On an H200 the
 second encoder's 32 layers took 1.89 ms with the mask and 1.66 ms with is_causal (cuDNN), and a whole Fast
-call took 0.35 ms less with only FlashAttention-2 allowed than with the default choice (BENCHMARKS.md,
-session 9).
+call took 0.35 ms less with only FlashAttention-2 allowed than with the default choice (BENCHMARKS.md).
 """
 
 from __future__ import annotations

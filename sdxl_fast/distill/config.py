@@ -26,8 +26,17 @@ class TrainConfig:
     teacher: str = "stabilityai/stable-diffusion-xl-base-1.0"  # SDXL base: hub id or local diffusers folder
     output_dir: str = "runs/add-student"
     # A student UNet folder to start from instead of the teacher's weights, e.g. an earlier run's export: a new
-    # run (fresh optimiser, discriminator heads and EMA), unlike --resume, which needs the whole checkpoint.
+    # run (fresh student optimiser), unlike --resume, which needs the whole checkpoint. If the folder holds the
+    # continuation state its run exported (continuation/: discriminator heads, their optimiser and LR schedule,
+    # the raw weights or EMA that the export did not hold), the run goes on with it (continue_discriminator).
     student_init: str = ""
+    continue_discriminator: bool = True  # False: fresh heads, optimiser and EMA even if student_init has them
+    export_continuation: bool = True  # write student/continuation/ next to the exported student
+    # How the student's UNet output is read: "teacher" (the teacher's prediction_type, SDXL: epsilon), "epsilon",
+    # "v_prediction" or "sample" (x0). An ε-student's x0 at s = 999 is (x - σ·ε̂)/α with α = sqrt(ᾱ_999) ≈ 0.068
+    # for SDXL, which multiplies every error of ε̂ by ~15; v and x0 do not. Recorded in the exported student's
+    # sdxl_fast.json, which sdxl_fast's Fast path reads.
+    student_prediction: str = "teacher"
 
     # --- data -----------------------------------------------------------------------------------------
     data: str = ""  # folder of images + .txt, a .jsonl manifest, or a .tar shard / folder of shards / glob
@@ -62,6 +71,15 @@ class TrainConfig:
     # larger first weight trains the one-step sample (from pure noise at 999) more, e.g. "3,1,1,1".
     student_timestep_weights: tuple[float, ...] = ()
     lambda_distill: float = 2.5
+    lambda_adv: float = 1.0  # weight of the adversarial term (0: distillation only, the ablation's first arm)
+    # How the distillation loss reduces ‖x̂θ - sg(x̂ψ)‖² per sample: "sum" over the sample's elements (the paper's
+    # squared L2 norm, the unit λ = 2.5 is given in) or "mean" over them (the shipped demo student's recipe: its
+    # λ values, e.g. 400, are in that unit). Either way, then the mean over the batch.
+    distill_reduction: str = "sum"
+    # "fixed": L = L_adv + λ·L_distill. "adaptive": λ is set every step so that the distillation gradient at the
+    # student's output x̂θ has lambda_distill times the norm of the adversarial one (like VQGAN's adaptive weight).
+    lambda_mode: str = "fixed"
+    log_grad_norms: bool = True  # on logged steps: ‖∂L_adv/∂x̂θ‖ and ‖∂(λ·L_distill)/∂x̂θ‖ (grad_norm/*)
     r1_gamma: float = 1e-5
     distill_weighting: str = "exponential"  # exponential (c(t) = α_t) | sds
     distill_space: str = "pixel"  # pixel (decode both, as the paper prefers) | latent (low memory)
@@ -75,8 +93,12 @@ class TrainConfig:
     disc_backbone_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs (tests: depth, ...)
     disc_image_size: int = 224
     disc_blocks: tuple[int, ...] = (2, 5, 8, 11)  # backbone blocks whose tokens feed one head each
-    disc_head_channels: int = 64
+    disc_head: str = "stylegan_t"  # stylegan_t (StyleGAN-T's DiscHead) | plain (the demo student's)
+    disc_head_channels: int = 0  # 0: the feature network's width (384 for ViT-S), as StyleGAN-T
     disc_cond_dim: int = 64  # width of the projection-conditioning map
+    disc_virtual_batch: int = 8  # BatchNormLocal's group size (stylegan_t heads)
+    # DiffAugment policies applied to D's real and fake inputs alike ("": none); any of color,translation,cutout.
+    disc_augment: str = "color,translation,cutout"
     # Which samples D judges against the real image's embedding. "all": every one, as in the paper. "noised":
     # only those whose student input showed that image; at s = 999 our input is pure noise, so those get a zero
     # embedding and are judged on the text alone (on the demo family no better: docs/DEMO_MODELS.md).
@@ -100,6 +122,15 @@ class TrainConfig:
             (self.distill_weighting in ("exponential", "sds"), "distill_weighting must be exponential or sds"),
             (self.distill_space in ("pixel", "latent"), "distill_space must be pixel or latent"),
             (self.disc_image_condition in ("all", "noised"), "disc_image_condition must be all or noised"),
+            (self.disc_head in ("stylegan_t", "plain"), "disc_head must be stylegan_t or plain"),
+            (self.disc_head_channels >= 0 and self.disc_virtual_batch > 0, "disc_head_channels, disc_virtual_batch"),
+            (_policy_ok(self.disc_augment), "disc_augment must list color, translation, cutout (or be empty)"),
+            (self.distill_reduction in ("sum", "mean"), "distill_reduction must be sum or mean"),
+            (self.lambda_mode in ("fixed", "adaptive"), "lambda_mode must be fixed or adaptive"),
+            (self.lambda_adv >= 0 and self.lambda_distill >= 0, "lambda_adv and lambda_distill must be >= 0"),
+            (self.lambda_mode == "fixed" or self.lambda_adv > 0, "lambda_mode adaptive needs lambda_adv > 0"),
+            (self.student_prediction in ("teacher", "epsilon", "v_prediction", "sample"),
+             "student_prediction must be teacher, epsilon, v_prediction or sample"),
             (0 <= self.teacher_t_min <= self.teacher_t_max <= 999, "need 0 <= teacher_t_min <= teacher_t_max <= 999"),
             (all(0 <= s <= 999 for s in self.student_timesteps) and self.student_timesteps, "student_timesteps"),
             (not self.student_timestep_weights
@@ -118,6 +149,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _policy_ok(policy: str) -> bool:
+    from .augment import parse_policy
+
+    try:
+        parse_policy(policy)
+    except ValueError:
+        return False
+    return True
 
 
 def _field_types() -> dict[str, typing.Any]:

@@ -1,8 +1,19 @@
 """The ADD discriminator: a frozen DINOv2 ViT feature network with one small trainable head per chosen block.
 
-Heads follow StyleGAN-T: the block's tokens [B, N, C] are treated as a 1-D sequence and go through a short
-stack of 1-D convolutions; the result is conditioned by projection (Miyato & Koyama 2018) on a map computed
-from the text embedding (pooled) and an image embedding, giving one logit per token.
+Each head reads its block's tokens [B, N, C] as a 1-D sequence (channels C, length N) and gives one logit per
+token, conditioned by projection (Miyato & Koyama 2018) on a map computed from the text embedding (pooled)
+and an image embedding. Two head designs (`disc_head`):
+
+* "stylegan_t" (default): StyleGAN-T's DiscHead (Sauer et al. 2023, the discriminator ADD uses): a kernel-1
+  block and a residual kernel-9 block, each a spectrally normalised Conv1d, BatchNormLocal (batch statistics
+  over virtual batches of `disc_virtual_batch` samples) and LeakyReLU(0.2), the residual sum scaled by
+  1/sqrt(2); a spectrally normalised kernel-1 projection to the conditioning width; full width (the feature
+  network's, 384 for ViT-S) by default.
+* "plain": plain Conv1d, no normalisation, an unscaled residual: the shipped demo student's recipe, and an
+  ablation arm.
+
+Because BatchNormLocal mixes samples, real and fake images must never share a virtual batch:
+`discriminate_real_fake` runs the heads on each half separately.
 
 Only the heads train. The backbone is kept outside the heads module, so it is never handed to an optimiser
 or wrapped by DDP, and its parameters have requires_grad False: gradients flow *through* it to the images
@@ -11,11 +22,14 @@ or wrapped by DDP, and its parameters have requires_grad False: gradients flow *
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import augment
 
 # DINOv2 was trained on ImageNet-normalised inputs.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -93,7 +107,7 @@ def _hub_unavailable() -> str | None:
 
 
 class DiscriminatorHead(nn.Module):
-    """tokens [B, N, C] + condition [B, E] -> logits [B, N]."""
+    """The "plain" head: tokens [B, N, C] + condition [B, E] -> logits [B, N]."""
 
     def __init__(self, in_channels: int, channels: int, cond_dim: int, cond_in: int):
         super().__init__()
@@ -104,8 +118,8 @@ class DiscriminatorHead(nn.Module):
         self.cond = nn.Linear(cond_in, cond_dim)
         self.cond_dim = cond_dim
 
-    def forward(self, tokens: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        h = F.leaky_relu(self.inp(tokens.transpose(1, 2)), 0.2)  # [B, channels, N]
+    def forward(self, tokens: torch.Tensor, condition: torch.Tensor, parts: int = 1) -> torch.Tensor:
+        h = F.leaky_relu(self.inp(tokens.transpose(1, 2)), 0.2)  # [B, channels, N]; no batch statistics
         h = h + F.leaky_relu(self.mix(h), 0.2)
         h = self.out(h)  # [B, cond_dim, N]
         cmap = self.cond(condition)  # [B, cond_dim]
@@ -113,15 +127,103 @@ class DiscriminatorHead(nn.Module):
         return torch.einsum("bcn,bc->bn", h, cmap) / self.cond_dim**0.5
 
 
-class DiscriminatorHeads(nn.Module):
-    """The trainable part: one head per feature block. Features: list of [B, N, C]; output [B, sum N]."""
+def spectral_conv1d(in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv1d:
+    """A Conv1d whose weight (viewed as [out, in·kernel]) is divided by its largest singular value, estimated by
+    one power iteration per training forward (Miyato et al. 2018; torch's parametrization, as StyleGAN-T's
+    SpectralConv1d). Circular padding keeps the sequence length, as in StyleGAN-T."""
+    conv = nn.Conv1d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, padding_mode="circular")
+    return nn.utils.parametrizations.spectral_norm(conv)
 
-    def __init__(self, n_heads: int, feature_dim: int, channels: int, cond_dim: int, cond_in: int):
+
+class BatchNormLocal(nn.Module):
+    """Batch normalisation over virtual batches: each of `parts` equal slices of the batch (1: the whole batch)
+    is cut into ceil(size / virtual_batch) groups of about equal size, and each group is normalised per channel
+    with its own mean and variance over samples and tokens. No running statistics: training and evaluation
+    both use the batch at hand. [B, C, N] -> [B, C, N]."""
+
+    def __init__(self, channels: int, virtual_batch: int = 8, eps: float = 1e-5):
         super().__init__()
-        self.heads = nn.ModuleList(DiscriminatorHead(feature_dim, channels, cond_dim, cond_in) for _ in range(n_heads))
+        self.virtual_batch, self.eps = virtual_batch, eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, features: list[torch.Tensor], condition: torch.Tensor) -> torch.Tensor:
-        return torch.cat([head(f, condition) for head, f in zip(self.heads, features)], dim=1)
+    def forward(self, x: torch.Tensor, parts: int = 1) -> torch.Tensor:
+        out = []
+        for part in x.chunk(parts):
+            for group in torch.tensor_split(part, -(-part.shape[0] // self.virtual_batch)):  # ceil
+                mean = group.mean(dim=(0, 2), keepdim=True)
+                var = group.var(dim=(0, 2), keepdim=True, unbiased=False)
+                out.append((group - mean) * torch.rsqrt(var + self.eps))
+        x = torch.cat(out) if len(out) > 1 else out[0]
+        return x * self.weight.view(1, -1, 1) + self.bias.view(1, -1, 1)
+
+
+class ConvBlock(nn.Module):
+    """Spectrally normalised Conv1d -> BatchNormLocal -> LeakyReLU(0.2); with `residual`,
+    (x + block(x)) / sqrt(2), which keeps the variance of the sum that of its terms."""
+
+    def __init__(self, in_channels: int, channels: int, kernel_size: int, virtual_batch: int, residual: bool):
+        super().__init__()
+        if residual and in_channels != channels:
+            raise ValueError("a residual block keeps its width")
+        self.conv = spectral_conv1d(in_channels, channels, kernel_size)
+        self.norm = BatchNormLocal(channels, virtual_batch)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor, parts: int = 1) -> torch.Tensor:
+        h = F.leaky_relu(self.norm(self.conv(x), parts), 0.2)
+        return (x + h) / math.sqrt(2) if self.residual else h
+
+
+class StyleGANTHead(nn.Module):
+    """StyleGAN-T's DiscHead: tokens [B, N, C] + condition [B, E] -> logits [B, N].
+
+    A kernel-1 block from the feature width C to `channels` (StyleGAN-T: channels = C), a residual kernel-9
+    block, and a kernel-1 spectral convolution to the conditioning width. `parts`: the batch is that many
+    equal slices that BatchNormLocal normalises apart (real and fake images)."""
+
+    def __init__(self, in_channels: int, channels: int, cond_dim: int, cond_in: int, virtual_batch: int = 8):
+        super().__init__()
+        self.inp = ConvBlock(in_channels, channels, 1, virtual_batch, residual=False)
+        self.mix = ConvBlock(channels, channels, 9, virtual_batch, residual=True)
+        self.out = spectral_conv1d(channels, cond_dim, 1)
+        # The conditioning map is an ordinary linear layer (StyleGAN-T's cmapper is not spectrally normalised).
+        self.cond = nn.Linear(cond_in, cond_dim)
+        self.cond_dim = cond_dim
+
+    def forward(self, tokens: torch.Tensor, condition: torch.Tensor, parts: int = 1) -> torch.Tensor:
+        h = self.mix(self.inp(tokens.transpose(1, 2), parts), parts)  # [B, channels, N]
+        h = self.out(h)  # [B, cond_dim, N]
+        cmap = self.cond(condition)  # [B, cond_dim]
+        # Projection conditioning: logit_n = <h_n, cmap> / sqrt(cond_dim).
+        return torch.einsum("bcn,bc->bn", h, cmap) / self.cond_dim**0.5
+
+
+HEADS = ("stylegan_t", "plain")
+
+
+class DiscriminatorHeads(nn.Module):
+    """The trainable part: one head per feature block. Features: list of [B, N, C]; output [B, sum N].
+
+    The condition is cat(text embedding, image embedding) mapped by one linear layer, i.e. the sum of a text
+    projection and an image projection."""
+
+    def __init__(self, n_heads: int, feature_dim: int, channels: int, cond_dim: int, cond_in: int,
+                 kind: str = "stylegan_t", virtual_batch: int = 8):
+        super().__init__()
+        if kind not in HEADS:
+            raise ValueError(f"Unknown disc_head {kind!r} ({' | '.join(HEADS)})")
+        channels = channels or feature_dim  # 0: the feature network's own width, as StyleGAN-T
+        if kind == "plain":
+            make = lambda: DiscriminatorHead(feature_dim, channels, cond_dim, cond_in)  # noqa: E731
+        else:
+            make = lambda: StyleGANTHead(feature_dim, channels, cond_dim, cond_in, virtual_batch)  # noqa: E731
+        self.kind = kind
+        self.heads = nn.ModuleList(make() for _ in range(n_heads))
+
+    def forward(self, features: list[torch.Tensor], condition: torch.Tensor, parts: int = 1) -> torch.Tensor:
+        """`parts`: the batch is that many equal slices whose batch statistics are kept apart."""
+        return torch.cat([head(f, condition, parts) for head, f in zip(self.heads, features)], dim=1)
 
 
 class FeatureNetwork(nn.Module):
@@ -175,7 +277,8 @@ def build_discriminator(cfg, text_dim: int) -> tuple[FeatureNetwork, Discriminat
     backbone = load_backbone(cfg.disc_backbone, cfg.disc_weights, cfg.disc_image_size, **cfg.disc_backbone_kwargs)
     features = FeatureNetwork(backbone, cfg.disc_blocks, cfg.disc_image_size)
     heads = DiscriminatorHeads(len(cfg.disc_blocks), features.dim, cfg.disc_head_channels, cfg.disc_cond_dim,
-                               cond_in=text_dim + features.dim)
+                               cond_in=text_dim + features.dim, kind=cfg.disc_head,
+                               virtual_batch=cfg.disc_virtual_batch)
     return features, heads
 
 
@@ -189,7 +292,27 @@ def image_condition(image_emb: torch.Tensor, saw_image: torch.Tensor, mode: str)
 
 
 def discriminate(features: FeatureNetwork, heads: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
-                 image_emb: torch.Tensor) -> torch.Tensor:
-    """D(images | text, image embedding) -> logits [B, K]."""
+                 image_emb: torch.Tensor, augmentation: augment.Draw | None = None) -> torch.Tensor:
+    """D(augmented images | text, image embedding) -> logits [B, K]. All B images share the heads' batch
+    statistics (stylegan_t heads): pass real and fake images through `discriminate_real_fake` instead."""
+    if augmentation is not None:
+        images = augment.apply(images, augmentation)
     tokens, _ = features(images)
     return heads(tokens, torch.cat([text_emb.float(), image_emb.float()], dim=1))
+
+
+def discriminate_real_fake(features: FeatureNetwork, heads: nn.Module, real: torch.Tensor, fake: torch.Tensor,
+                           text_emb: torch.Tensor, image_emb: torch.Tensor,
+                           augmentation: augment.Draw | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D(real), D(fake)), logits [B, K] each, for B real and B fake images with the same conditioning [B, ...];
+    real image i and fake image i get the same augmentation (one `augment.draw` for B samples).
+
+    One forward pass of [real; fake] (so DDP sees one forward per backward), in which BatchNormLocal normalises
+    the two halves apart: batch statistics over a mix of reals and fakes would let D tell them apart by the
+    batch they are in rather than by what they show."""
+    images = torch.cat([real, fake])
+    if augmentation is not None:
+        images = augment.apply(images, augment.repeat(augmentation, 2))
+    tokens, _ = features(images)
+    condition = torch.cat([text_emb.float(), image_emb.float()], dim=1).repeat(2, 1)
+    return heads(tokens, condition, 2).chunk(2)

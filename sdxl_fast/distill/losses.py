@@ -54,18 +54,31 @@ def distillation_weight(t: torch.Tensor, alphas_cumprod: torch.Tensor, kind: str
     raise ValueError(f"Unknown distillation weighting {kind!r} (exponential | sds)")
 
 
-def distillation_loss(student_x0: torch.Tensor, teacher_x0: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """E_b[c(t_b) · mean over elements (x̂θ - sg(x̂ψ))²]; student_x0 and teacher_x0 are [B, ...], weight [B].
+def distillation_loss(student_x0: torch.Tensor, teacher_x0: torch.Tensor, weight: torch.Tensor,
+                      reduction: str = "sum") -> torch.Tensor:
+    """E_b[c(t_b) · d(x̂θ_b, sg(x̂ψ_b))]; student_x0 and teacher_x0 are [B, ...], weight [B].
+
+    reduction "sum": d(x, y) = ‖x - y‖²₂, the squared L2 norm of the whole sample (summed over its channels and
+    pixels or latent elements), as the paper writes d; then the mean over the batch. This is the unit its
+    λ = 2.5 is given in. "mean": the same divided by the number of elements per sample (the demo student's
+    recipe; a 512² RGB image has 786,432 elements, a 64² SDXL latent 16,384, so λ differs by that factor).
 
     The teacher's estimate is detached here (the stop-gradient sg), whatever the caller passed.
     """
-    per_sample = (student_x0.float() - teacher_x0.detach().float()).pow(2).flatten(1).mean(1)
+    squared = (student_x0.float() - teacher_x0.detach().float()).pow(2).flatten(1)
+    if reduction == "sum":
+        per_sample = squared.sum(1)
+    elif reduction == "mean":
+        per_sample = squared.mean(1)
+    else:
+        raise ValueError(f"Unknown distillation reduction {reduction!r} (sum | mean)")
     return (weight.float() * per_sample).mean()
 
 
-def student_loss(adv: torch.Tensor, distill: torch.Tensor, lambda_distill: float) -> torch.Tensor:
-    """L = L_adv + λ·L_distill (λ = 2.5 in the paper)."""
-    return adv + lambda_distill * distill
+def student_loss(adv: torch.Tensor, distill: torch.Tensor, lambda_distill: float,
+                 lambda_adv: float = 1.0) -> torch.Tensor:
+    """L = λ_adv·L_adv + λ·L_distill (λ_adv = 1, λ = 2.5 in the paper)."""
+    return lambda_adv * adv + lambda_distill * distill
 
 
 def discriminator_loss(real_logits, fake_logits, r1: torch.Tensor, r1_gamma: float) -> torch.Tensor:

@@ -3,11 +3,16 @@
   1. `encode_real`: captions -> text embeddings, images -> real latents x0 -> decoded real images (frozen models)
   2. `student_step`:
      a. x_s = noised x0 at a student timestep s (pure noise at s = 999), x̂θ = the student's x0-prediction
-     b. adversarial: D(decode(x̂θ)) through the frozen feature network, L_adv = -D
+        (its output read as `student_prediction`: epsilon, v_prediction or sample)
+     b. adversarial: D(augment(decode(x̂θ))) through the frozen feature network, L_adv = -D
      c. score distillation: x_t = renoised sg(x̂θ) at a teacher timestep t, x̂ψ = guided teacher x0-prediction,
         L_distill = c(t)·‖x̂θ - sg(x̂ψ)‖² in pixel space (decoded) or latent space
-     d. backward on L_adv + λ·L_distill
-  3. `discriminator_step`: hinge loss on (decoded real, detached fake) + γ/2·R1 on the real images, backward
+     d. backward on λ_adv·L_adv + λ·L_distill, measuring each term's gradient at x̂θ on logged steps (balance.py)
+  3. `discriminator_step`: hinge loss on augmented (decoded real, detached fake), the same DiffAugment draw as
+     in 2b, + γ/2·R1 on the real images, backward
+
+Backward goes through `accelerator.backward`, which divides by gradient_accumulation_steps itself, so the
+accumulated gradient is the mean over the micro-steps (the loss is not divided here as well).
 
 A loss that is NaN/inf on any process is not backpropagated, and the step reports it, so every process skips
 the same update.
@@ -21,8 +26,9 @@ import torch
 
 from sdxl_fast.pipeline import sampling
 
-from . import losses
-from .discriminator import discriminate, image_condition
+from . import balance, losses
+from .augment import Draw
+from .discriminator import discriminate, discriminate_real_fake, image_condition
 
 
 @dataclass
@@ -30,7 +36,8 @@ class NoiseSchedule:
     """The teacher's noise schedule and the timesteps each side trains at."""
 
     alphas_cumprod: torch.Tensor  # ᾱ_t, [1000], on the training device
-    prediction_type: str  # what the teacher's (and so the student's) UNet predicts: epsilon | v_prediction | sample
+    prediction_type: str  # what the teacher's UNet predicts: epsilon | v_prediction | sample
+    student_prediction: str  # how the student's output is read (the same three; the config's student_prediction)
     student_timesteps: torch.Tensor  # [N]
     student_weights: torch.Tensor  # [N]: how often each is drawn, relative to the others
     teacher_t_min: int  # teacher timesteps are drawn uniformly from [min, max]
@@ -107,9 +114,10 @@ def encode_real(batch: dict, encoders, vae, features, cache, device) -> RealBatc
 
 
 def student_step(accelerator, cfg, student, teacher, vae, features, heads, real: RealBatch,
-                 schedule: NoiseSchedule) -> StudentResult:
+                 schedule: NoiseSchedule, aug: Draw | None = None, measure_grad_norms: bool = False) -> StudentResult:
     """Step 2: the student's losses and backward. `heads` is the discriminator as the adversarial loss must read
-    it, taking no gradient itself (fsdp.heads_for_student_loss)."""
+    it, taking no gradient itself (fsdp.heads_for_student_loss); `aug` the micro-step's DiffAugment draw (None:
+    off); `measure_grad_norms`: log both terms' gradient norms at x̂θ (grad_norm/*)."""
     b = real.x0.shape[0]
     alphas_cumprod = schedule.alphas_cumprod
 
@@ -122,11 +130,11 @@ def student_step(accelerator, cfg, student, teacher, vae, features, heads, real:
     x_s = torch.where(pure_noise.view(b, 1, 1, 1), noise, sampling.add_noise(real.x0, noise, alpha_s))
     image_emb = image_condition(real.image_emb, ~pure_noise, cfg.disc_image_condition)
     out_s = sampling.UNetInputs(real.context, real.pooled, real.time_ids)(student, x_s, s).float()
-    student_x0 = sampling.predicted_x0(out_s, x_s, alpha_s, schedule.prediction_type)  # [B, 4, h, w]
+    student_x0 = sampling.predicted_x0(out_s, x_s, alpha_s, schedule.student_prediction)  # [B, 4, h, w]
     fake_images = decode(vae, student_x0)
 
     # b. Adversarial loss.
-    l_adv = losses.generator_adv_loss(discriminate(features, heads, fake_images, real.pooled, image_emb))
+    l_adv = losses.generator_adv_loss(discriminate(features, heads, fake_images, real.pooled, image_emb, aug))
 
     # c. Score distillation against the frozen teacher at a random teacher timestep t.
     t = torch.randint(schedule.teacher_t_min, schedule.teacher_t_max + 1, (b,), device=real.x0.device)
@@ -138,30 +146,33 @@ def student_step(accelerator, cfg, student, teacher, vae, features, heads, real:
         target = decode(vae, target_x0) if cfg.distill_space == "pixel" else target_x0
     prediction = fake_images if cfg.distill_space == "pixel" else student_x0
     weight = losses.distillation_weight(t, alphas_cumprod, cfg.distill_weighting)
-    l_distill = losses.distillation_loss(prediction, target, weight)
-    l_student = losses.student_loss(l_adv, l_distill, cfg.lambda_distill)
+    l_distill = losses.distillation_loss(prediction, target, weight, cfg.distill_reduction)
+    l_student = losses.student_loss(l_adv, l_distill, cfg.lambda_distill, cfg.lambda_adv)
 
-    # d. Backward, unless the loss is NaN/inf on any process.
+    # d. Backward, unless the loss is NaN/inf on any process: λ_adv·L_adv + λ·L_distill (λ adaptive with
+    #    lambda_mode "adaptive"), from x̂θ when the terms' gradients there are measured.
     if not all_finite(accelerator, l_student):
         return StudentResult(False, fake_images, image_emb,
                              {"loss/student": l_student.item(), "loss/distill": l_distill.item()})
-    accelerator.backward(l_student / cfg.gradient_accumulation_steps)
+    balance_metrics = balance.student_backward(accelerator.backward, student_x0, l_adv, l_distill, cfg.lambda_adv,
+                                               cfg.lambda_distill, cfg.lambda_mode, measure_grad_norms)
     return StudentResult(True, fake_images, image_emb, {
-        "loss/adv_g": l_adv.item(), "loss/distill": l_distill.item(), "loss/student": l_student.item()})
+        "loss/adv_g": l_adv.item(), "loss/distill": l_distill.item(), "loss/student": l_student.item(),
+        **balance_metrics})
 
 
 def discriminator_step(accelerator, cfg, features, heads, real: RealBatch, fake_images: torch.Tensor,
-                       image_emb: torch.Tensor) -> tuple[bool, dict]:
-    """Step 3: D on (real, detached fake) in one forward pass, with R1 on the real images; backward unless the
-    loss is NaN/inf on any process. -> (loss finite, metrics)."""
+                       image_emb: torch.Tensor, aug: Draw | None = None) -> tuple[bool, dict]:
+    """Step 3: D on (real, detached fake) in one forward pass (their batch statistics kept apart, both with the
+    DiffAugment draw `aug`), with R1 on the real images; backward unless the loss is NaN/inf on any process.
+    -> (loss finite, metrics)."""
     real_images = real.images.detach().requires_grad_(True)
-    logits = discriminate(features, heads, torch.cat([real_images, fake_images.detach()]), real.pooled.repeat(2, 1),
-                          image_emb.repeat(2, 1))
-    real_logits, fake_logits = logits.chunk(2)  # [B, K] each
+    real_logits, fake_logits = discriminate_real_fake(features, heads, real_images, fake_images.detach(),
+                                                      real.pooled, image_emb, aug)  # [B, K] each
     r1 = losses.r1_penalty(real_logits, real_images)
     l_disc = losses.discriminator_loss(real_logits, fake_logits, r1, cfg.r1_gamma)
     ok = all_finite(accelerator, l_disc)
     if ok:
-        accelerator.backward(l_disc / cfg.gradient_accumulation_steps)
+        accelerator.backward(l_disc)
     acc_real, acc_fake = losses.discriminator_accuracy(real_logits.detach(), fake_logits.detach())
     return ok, {"loss/disc": l_disc.item(), "loss/r1": r1.item(), "d_acc/real": acc_real, "d_acc/fake": acc_fake}

@@ -22,10 +22,10 @@ from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
 import sdxl_fast
-from sdxl_fast.loading import find_local_folder
+from sdxl_fast.loading import find_local_folder, student_prediction_type
 from sdxl_fast.models import DTYPES
 
-from . import checkpoints, data, fsdp, step
+from . import augment, checkpoints, continuation, data, fsdp, step
 from .cache import EncodingCache
 from .config import TrainConfig
 from .discriminator import build_discriminator
@@ -56,14 +56,18 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     fsdp.check(accelerator, cfg)
 
     # 2. Models: the frozen teacher family, the student (a copy of the teacher, or student_init), the discriminator.
+    #    The student's output is read as student_prediction: the teacher's prediction type unless set.
     frozen = _frozen_models(cfg, device, weight_dtype)
     encoders, vae, teacher = frozen.encoders, frozen.vae, frozen.base
-    student = _student(cfg, teacher)
+    prediction_type = frozen.scheduler.config.prediction_type
+    student_prediction = prediction_type if cfg.student_prediction == "teacher" else cfg.student_prediction
+    init = find_local_folder(cfg.student_init, "student_init") if cfg.student_init else None
+    student = _student(cfg, teacher, init, student_prediction)
     features, heads = build_discriminator(cfg, text_dim=encoders.text_encoder_2.config.projection_dim)
     features.to(device)
     schedule = step.NoiseSchedule(
         alphas_cumprod=frozen.scheduler.alphas_cumprod.to(device),  # ᾱ_t, [1000]
-        prediction_type=frozen.scheduler.config.prediction_type,
+        prediction_type=prediction_type, student_prediction=student_prediction,
         student_timesteps=torch.tensor(cfg.student_timesteps, device=device),
         student_weights=torch.tensor(cfg.student_timestep_weights or [1.0] * len(cfg.student_timesteps), device=device),
         teacher_t_min=cfg.teacher_t_min, teacher_t_max=cfg.teacher_t_max)
@@ -76,12 +80,18 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     # Schedulers stay unprepared: accelerate would step them once per process, changing warm-up with world size.
     sched_student = torch.optim.lr_scheduler.LambdaLR(opt_student, _warmup(cfg.lr_warmup_steps))
     sched_disc = torch.optim.lr_scheduler.LambdaLR(opt_disc, _warmup(cfg.lr_warmup_steps))
+    # A student_init continuation carries the heads, their optimiser and LR schedule, and the raw student weights
+    # (when the export holds the EMA) from its folder, into the unprepared modules; the EMA once built (step 4).
+    carried = continuation.restore(cfg.to_dict(), init, student, heads, opt_disc, sched_disc,
+                                   load_optimizer=not fsdp.enabled(accelerator)) if init else None
     student, opt_student, heads, opt_disc = fsdp.prepare(accelerator, student, opt_student, heads, opt_disc)
     raw_student = accelerator.unwrap_model(student)
 
     # 4. The EMA and the run's progress, saved in every checkpoint with the models and optimisers; resume.
     state = checkpoints.TrainingState()
     ema = checkpoints.EMA(raw_student, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if carried is not None:
+        carried.restore_ema(ema)
     accelerator.register_for_checkpointing(state, sched_student, sched_disc, *([ema] if ema else []))
     if resume:
         path = checkpoints.resolve_resume(out, resume)
@@ -114,16 +124,20 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         started = time.perf_counter()
         student_ok = disc_ok = True
         metrics, n_images = {}, 0
+        # On logged steps: the norms of both loss terms' gradients at the student's output (balance.py).
+        measure = cfg.log_grad_norms and cfg.log_every > 0 and (state.step + 1) % cfg.log_every == 0
         for _ in range(cfg.gradient_accumulation_steps):
             batch = _next_batch(batches, state)
             n_images += len(batch["captions"])
             with accelerator.accumulate(student, heads), accelerator.autocast():
                 real = step.encode_real(batch, encoders, vae, features, cache, device)
+                # One DiffAugment draw per micro-step, for D's fake and real inputs alike (None: off).
+                aug = augment.draw(cfg.disc_augment, real.x0.shape[0], device) if cfg.disc_augment else None
                 with fsdp.heads_for_student_loss(accelerator, heads) as frozen_heads:
                     g = step.student_step(accelerator, cfg, student, teacher, vae, features, frozen_heads, real,
-                                          schedule)
+                                          schedule, aug, measure_grad_norms=measure)
                 d_ok, d_metrics = step.discriminator_step(accelerator, cfg, features, heads, real, g.fake_images,
-                                                          g.image_emb) if g.ok else (False, {})
+                                                          g.image_emb, aug) if g.ok else (False, {})
             student_ok, disc_ok, metrics = student_ok and g.ok, disc_ok and d_ok, {**g.metrics, **d_metrics}
         fsdp.reshard_heads(accelerator, heads)
         _optimizer_step(accelerator, cfg, opt_student, sched_student, student.parameters(), student_ok)
@@ -151,7 +165,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
 
         if cfg.validate_every and state.step % cfg.validate_every == 0:
             validate(cfg, accelerator, fsdp.whole_student(accelerator, student, teacher), frozen, state.step,
-                     weight_dtype)
+                     weight_dtype, prediction_type=student_prediction)
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
             _save_checkpoint(accelerator, out, state, cfg)
     progress.close()
@@ -165,9 +179,18 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     use_ema = ema is not None and cfg.export_ema
     final = fsdp.whole_student(accelerator, student, teacher, ema if use_ema else None)  # None off the main process
     if accelerator.is_main_process:
-        export_student(final, student_dir, cfg.to_dict(), state.step, ema_used=use_ema)
+        export_student(final, student_dir, cfg.to_dict(), state.step, ema_used=use_ema,
+                       prediction_type=student_prediction)
+        if cfg.export_continuation and not fsdp.enabled(accelerator):  # what a student_init continuation needs
+            continuation.save(student_dir, cfg.to_dict(), state.step, accelerator.unwrap_model(heads), opt_disc,
+                              sched_disc, raw_student=raw_student if use_ema else None,
+                              ema_shadow=ema.shadow if ema is not None and not use_ema else None,
+                              steps_before=carried.steps if carried is not None else 0)
+        elif cfg.export_continuation:
+            log.warning("export_continuation is not supported under FSDP: use --resume with the checkpoint")
         if cfg.validate_every and (use_ema or state.step % cfg.validate_every):
-            validate(cfg, accelerator, final, frozen, state.step, weight_dtype, tag="-ema" if use_ema else "")
+            validate(cfg, accelerator, final, frozen, state.step, weight_dtype, tag="-ema" if use_ema else "",
+                     prediction_type=student_prediction)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     summary = {
@@ -206,11 +229,15 @@ def _frozen_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.d
     return quality
 
 
-def _student(cfg: TrainConfig, teacher) -> torch.nn.Module:
-    """The trainable student in fp32 (the master weights): the teacher's UNet, or the weights of student_init."""
+def _student(cfg: TrainConfig, teacher, init: Path | None, prediction_type: str) -> torch.nn.Module:
+    """The trainable student in fp32 (the master weights): the teacher's UNet, or the weights of student_init
+    (`init`), which must read its output as `prediction_type` if its folder records one."""
     student = copy.deepcopy(teacher).to(torch.float32).train().requires_grad_(True)
-    if cfg.student_init:
-        init = find_local_folder(cfg.student_init, "student_init")
+    if init is not None:
+        recorded = student_prediction_type(init)  # None: a student folder without the record
+        if recorded not in (None, prediction_type):
+            raise ValueError(f"--student_init {cfg.student_init} predicts {recorded!r}, this run "
+                             f"{prediction_type!r}: set --student_prediction {recorded}")
         student.load_state_dict(UNet2DConditionModel.from_pretrained(init, use_safetensors=True).state_dict())
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()

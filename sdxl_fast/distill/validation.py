@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 import sdxl_fast
+from sdxl_fast.loading import student_scheduler
 from sdxl_fast.models import FastModels
 
 from .config import TrainConfig
@@ -17,13 +18,15 @@ log = logging.getLogger("distill")
 
 
 @torch.no_grad()
-def validate(cfg: TrainConfig, accelerator, student, frozen, step: int, weight_dtype, tag: str = "") -> list[Path]:
+def validate(cfg: TrainConfig, accelerator, student, frozen, step: int, weight_dtype, tag: str = "",
+             prediction_type: str | None = None) -> list[Path]:
     """Fast-path images at each of `validation_steps` for the fixed prompts and seeds (main process only),
-    made by sdxl_fast.pipeline.generate itself, so they are exactly what users of the student will see."""
+    made by sdxl_fast.pipeline.generate itself, so they are exactly what users of the student will see: with the
+    teacher's noise schedule, the student's output read as `prediction_type` (None: the teacher's)."""
     if not accelerator.is_main_process:
         return []
-    fast = FastModels(encoders=frozen.encoders, vae=frozen.vae, student=student, scheduler=frozen.scheduler,
-                      names={"fast": "student"})
+    fast = FastModels(encoders=frozen.encoders, vae=frozen.vae, student=student,
+                      scheduler=student_scheduler(frozen.scheduler, prediction_type), names={"fast": "student"})
     models = sdxl_fast.Models(device=accelerator.device, dtype=weight_dtype, fast=fast)
     folder = Path(cfg.output_dir) / "validation" / f"step-{step:08d}{tag}"
     folder.mkdir(parents=True, exist_ok=True)

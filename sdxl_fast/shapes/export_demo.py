@@ -14,10 +14,12 @@ Everything is safetensors in fp16; the total size is printed and checked against
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
+from ..loading import STUDENT_CONFIG
 from . import demo_family
 from .train_demo import load_encoders, load_vae, load_weights
 
@@ -75,6 +77,9 @@ def export_demo(work: str | Path = "runs/demo", out: str | Path = "demo_models",
             raise FileNotFoundError(f"No student UNet folder at {student!r} (python -m sdxl_fast.distill writes OUTPUT_DIR/student)")
         unet = UNet2DConditionModel.from_pretrained(student, use_safetensors=True).to(dtype)
         unet.save_pretrained(out / "student", safe_serialization=True)
+        record = Path(student) / STUDENT_CONFIG  # its Fast sampler and prediction type
+        if record.is_file():
+            shutil.copyfile(record, out / "student" / STUDENT_CONFIG)
         card, trained = Path(student) / "README.md", Path(student) / "training_config.json"
         if card.is_file():
             text = card.read_text()
