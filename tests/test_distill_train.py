@@ -13,6 +13,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 import sdxl_fast
+from sdxl_fast.pipeline import decoding
 from sdxl_fast.distill import losses
 from sdxl_fast.distill.checkpoints import list_checkpoints
 from sdxl_fast.distill.config import load_config
@@ -192,7 +193,7 @@ def test_gradient_accumulation_divides_each_micro_step_once(tiny_family):
     schedule = step.NoiseSchedule(frozen.scheduler.alphas_cumprod, "epsilon", "epsilon", torch.tensor([999, 499]),
                                   torch.ones(2), 20, 980)
     x0 = torch.randn(2, 4, 8, 8)
-    images = step.decode(frozen.vae, x0)
+    images = decoding.pixels(frozen.vae, x0).float()
     real = step.RealBatch(torch.randn(2, 77, frozen.base.config.cross_attention_dim),
                           torch.randn(2, frozen.encoders.text_encoder_2.config.projection_dim),
                           torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2), x0, images, features.image_embedding(images))

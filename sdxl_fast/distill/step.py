@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sdxl_fast.pipeline import sampling
+from sdxl_fast.pipeline import decoding, sampling
 
 from . import balance, losses
 from .augment import Draw
@@ -73,12 +73,6 @@ def draw_student_timesteps(timesteps: torch.Tensor, weights: torch.Tensor, n: in
     return timesteps[torch.multinomial(weights.float(), n, replacement=True)]
 
 
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """SDXL latents [B, 4, h, w] -> images [B, 3, 8h, 8w] in about [-1, 1], differentiable (the student's
-    gradients flow through the frozen decoder)."""
-    return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()
-
-
 def teacher_x0(teacher, x_t, t, alpha_bar, context, pooled, time_ids, guidance: float, prediction_type: str):
     """The frozen teacher's classifier-free-guided x0-prediction at (x_t, t). The unconditional branch uses
     zeroed text embeddings, as SDXL base was trained (force_zeros_for_empty_prompt)."""
@@ -109,7 +103,7 @@ def encode_real(batch: dict, encoders, vae, features, cache, device) -> RealBatc
                                               device)
     time_ids = batch["time_ids"].to(device, torch.float32)
     x0 = (mean + std * torch.randn_like(mean)) * vae.config.scaling_factor
-    images = decode(vae, x0)
+    images = decoding.pixels(vae, x0).float()
     return RealBatch(context, pooled, time_ids, x0, images, features.image_embedding(images))
 
 
@@ -131,7 +125,7 @@ def student_step(accelerator, cfg, student, teacher, vae, features, heads, real:
     image_emb = image_condition(real.image_emb, ~pure_noise, cfg.disc_image_condition)
     out_s = sampling.UNetInputs(real.context, real.pooled, real.time_ids)(student, x_s, s).float()
     student_x0 = sampling.predicted_x0(out_s, x_s, alpha_s, schedule.student_prediction)  # [B, 4, h, w]
-    fake_images = decode(vae, student_x0)
+    fake_images = decoding.pixels(vae, student_x0).float()
 
     # b. Adversarial loss.
     l_adv = losses.generator_adv_loss(discriminate(features, heads, fake_images, real.pooled, image_emb, aug))
@@ -143,7 +137,7 @@ def student_step(accelerator, cfg, student, teacher, vae, features, heads, real:
         x_t = sampling.add_noise(student_x0.detach(), torch.randn_like(real.x0), alpha_t)
         target_x0 = teacher_x0(teacher, x_t, t, alpha_t, real.context, real.pooled, real.time_ids,
                                cfg.teacher_guidance, schedule.prediction_type)
-        target = decode(vae, target_x0) if cfg.distill_space == "pixel" else target_x0
+        target = decoding.pixels(vae, target_x0).float() if cfg.distill_space == "pixel" else target_x0
     prediction = fake_images if cfg.distill_space == "pixel" else student_x0
     weight = losses.distillation_weight(t, alphas_cumprod, cfg.distill_weighting)
     l_distill = losses.distillation_loss(prediction, target, weight, cfg.distill_reduction)
