@@ -221,7 +221,7 @@ def main(argv=None) -> int:
                 sizes = [native, "192x192", big] if args.tiny else [native] + [
                     value for _, value in __import__("app").FAST_SIZES if value != native]  # the page's menu
                 for size in sizes:
-                    first_and_later(client, record, "generate_fast", fast("a lighthouse", size), 3, mode="fast",
+                    first_and_later(client, record, "generate_fast", fast("a lighthouse", size), 2, mode="fast",
                                     size=size, images=1, steps=1)
                 for size in (native, big):
                     for images in (2, 3, 4):
