@@ -4,15 +4,17 @@ Timing depends on shapes, not weight values, so the models are random-weight SDX
 configs (`--configs benchmarks/sdxl-configs`), or the tiny test shapes (`--tiny`, a CPU smoke run).
 Every workload is measured prompt string in -> PIL image out. Output error is our optimised path against our
 eager fp32 path, same seed, on the final latents: ||ours - eager|| / ||eager||.
+
+Each measured (workload, path) is one JSON line in the schema of benchmarks/render.py, written as soon as it is
+measured to `--json FILE` (default: a new file under benchmarks/results/new/, which git ignores); `-o FILE`
+also writes a markdown table of the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import platform
-import statistics
+import math
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import record
+from benchmarks.timing import Timing, time_calls
 from sdxl_fast import accel as acceleration
 from sdxl_fast.accel.cuda_graphs import AcceleratedRunner, CudaGraphs
 from sdxl_fast.models import FastModels, Models, QualityModels, TextEncoders, pick_device_dtype
@@ -129,50 +133,54 @@ def final_latents(models: Models, w: Workload) -> torch.Tensor:
     return generate_tensors(models, _params(w, PROMPT))[0].float().cpu()
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def time_workload(run, w: Workload, device: torch.device, repeats: int) -> tuple[Timing, float | None]:
+    """`repeats` timed calls after one untimed call (which records CUDA graphs), and the peak GPU memory of the
+    timed calls in GiB, weights included (None off CUDA)."""
 
+    def call() -> None:
+        run(w, PROMPT if w.same_prompt else new_prompt())
 
-def time_calls(run, w: Workload, device: torch.device, repeats: int) -> dict:
-    """Median/min/max seconds of `repeats` calls after one untimed call (which records CUDA graphs), and the
-    peak memory of those calls, weights included."""
-
-    def prompt() -> str:
-        return PROMPT if w.same_prompt else new_prompt()
-
-    run(w, prompt())
+    call()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        run(w, prompt())
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return dict(median=statistics.median(times), min=min(times), max=max(times), peak_gib=peak)
+    timing = time_calls(call, repeats, warmup=0, sync=device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return timing, peak
+
+
+def _rate(per_second: float) -> float:
+    """One decimal, and at least three significant digits for slow (CPU) runs: 62.4, 0.0202."""
+    return round(per_second, max(1, 2 - math.floor(math.log10(per_second))))
 
 
 def _rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got - want).norm() / want.norm())
+    return float(f"{float((got - want).norm() / want.norm()):.2e}")  # three significant digits, as recorded
 
 
-def measure(models: Models, label: str, jobs: list[Workload], default_times: dict, fp32: dict, eager: dict,
-            device: torch.device, repeats: int, on_row=None) -> list[dict]:
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def result_row(device: str, w: Workload, path: str, timing: Timing, peak: float | None, dtype: torch.dtype,
+               **errors: float) -> dict:
+    """One results row (benchmarks/render.py's schema) without its provenance: main adds command, commit, date
+    and versions."""
+    return dict(device=device, workload=w.name, path=path, size=f"{w.side}x{w.side}", batch=w.batch, **timing.ms(),
+                images_per_s=_rate(w.batch / timing.median), peak_gib=None if peak is None else round(peak, 2),
+                **errors, dtype=DTYPE_NAMES[dtype])
+
+
+def measure(models: Models, label: str, jobs: list[Workload], fp32: dict, eager: dict, device: torch.device,
+            repeats: int, on_row=None) -> list[dict]:
     rows = []
     for w in jobs:
         if getattr(models.runner, "graphs", None) is not None:  # each workload's peak memory counts its own graphs
             models.runner = AcceleratedRunner(CudaGraphs())
             torch.cuda.empty_cache()
-        timing = time_calls(ours(models), w, device, repeats)
+        timing, peak = time_workload(ours(models), w, device, repeats)
         got = final_latents(models, w)
-        rows.append(dict(
-            workload=w.name, path=label, size=f"{w.side}²", batch=w.batch, ours=timing, default=default_times[w.name],
-            images_per_s=w.batch / timing["median"], speedup=default_times[w.name]["median"] / timing["median"],
-            error_fp32=_rel_error(got, fp32[w.name]), error_eager=_rel_error(got, eager[w.name]),
-        ))
+        rows.append(result_row(record.device_name(device), w, label, timing, peak, models.dtype,
+                               error_vs_fp32=_rel_error(got, fp32[w.name]),
+                               error_vs_eager_same_dtype=_rel_error(got, eager[w.name])))
         if on_row:
             on_row(rows[-1])
     return rows
@@ -201,54 +209,64 @@ def run_bench(configs: dict, device: torch.device, dtype: torch.dtype, repeats: 
     done("eager fp32 reference latents")
     models = build_models(components, device, dtype)
     baseline = diffusers_default(models)
-    default_times = {w.name: time_calls(baseline, w, device, repeats) for w in jobs}
+    rows = []
+    for w in jobs:
+        rows.append(result_row(record.device_name(device), w, "diffusers default",
+                               *time_workload(baseline, w, device, repeats), dtype))
+        if on_row:
+            on_row(rows[-1])
     done("diffusers default timings")
     eager = {w.name: final_latents(models, w) for w in jobs}  # our loop, same dtype, no options
     done("eager reference latents")
     notes = acceleration.apply(models, options)
-    rows = []
     if uncompiled_rows or not compile_too:
-        rows = measure(models, "ours", jobs, default_times, fp32, eager, device, repeats, on_row)
+        rows += measure(models, "ours", jobs, fp32, eager, device, repeats, on_row)
         done("ours")
     if compile_too:
         notes += acceleration.apply(models, replace(acceleration.Acceleration.none(), cuda_graphs=options.cuda_graphs,
                                                     compile=True, compile_mode=options.compile_mode,
                                                     combo_kernels=options.combo_kernels))
-        rows += measure(models, label(), jobs, default_times, fp32, eager, device, repeats, on_row)
+        rows += measure(models, label(), jobs, fp32, eager, device, repeats, on_row)
         done(label())
     if fp8:
         notes += acceleration.apply(models, replace(acceleration.Acceleration.none(), fp8=True,
                                                     cuda_graphs=options.cuda_graphs))
-        rows += measure(models, label("fp8"), jobs, default_times, fp32, eager, device, repeats, on_row)
+        rows += measure(models, label("fp8"), jobs, fp32, eager, device, repeats, on_row)
         done(label("fp8"))
     if step_cache > 1:  # last, on top of whatever options are on by then; only workloads with a step to cache
         cached = [replace(w, cache_interval=step_cache) for w in jobs if w.steps > 1]
         cache_label = label(*(["fp8"] if fp8 else []), f"step cache {step_cache}")
-        rows += measure(models, cache_label, cached, default_times, fp32, eager, device, repeats, on_row)
+        rows += measure(models, cache_label, cached, fp32, eager, device, repeats, on_row)
         done(cache_label)
     return rows, notes
 
 
-def markdown(rows: list[dict], notes: list[str], device: torch.device, command: str) -> str:
-    import diffusers
-    import transformers
-
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+def markdown(rows: list[dict], notes: list[str], provenance: dict) -> str:
+    """The run's rows as one table, ours against diffusers' default of the same workload (`-o`)."""
+    default = {r["workload"]: r for r in rows if r["path"] == "diffusers default"}
+    versions = provenance["versions"]
     lines = [
         "# Benchmarks", "",
-        f"- device: {gpu}", f"- torch {torch.__version__}, diffusers {diffusers.__version__}, "
-        f"transformers {transformers.__version__}, Python {platform.python_version()}",
-        f"- command: `{command}`", f"- acceleration: {'; '.join(dict.fromkeys(notes)) or 'none'}", "",
+        f"- device: {rows[0]['device'] if rows else ''}",
+        "- " + ", ".join(f"{name} {versions[key]}" for key, name in (
+            ("torch", "torch"), ("diffusers", "diffusers"), ("transformers", "transformers"), ("python", "Python"))
+            if key in versions),
+        f"- command: `{provenance['command']}`", f"- commit: {provenance['commit'] or 'unknown'}",
+        f"- acceleration: {'; '.join(dict.fromkeys(notes)) or 'none'}", "",
         "| workload | path | size | batch | median (min–max) ms | diffusers default median ms | speed-up | "
         "images/s | peak GiB | latent rel. error vs eager fp32 | vs our eager loop, same dtype |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        o, d = r["ours"], r["default"]
+        if r["path"] == "diffusers default":
+            continue
+        d = default[r["workload"]]
+        peak = "" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
         lines.append(
-            f"| {r['workload']} | {r['path']} | {r['size']} | {r['batch']} | {o['median'] * 1e3:.1f} "
-            f"({o['min'] * 1e3:.1f}–{o['max'] * 1e3:.1f}) | {d['median'] * 1e3:.1f} | {r['speedup']:.2f}× | "
-            f"{r['images_per_s']:.1f} | {o['peak_gib']:.2f} | {r['error_fp32']:.2e} | {r['error_eager']:.2e} |")
+            f"| {r['workload']} | {r['path']} | {r['size']} | {r['batch']} | {r['median_ms']:.1f} "
+            f"({r['min_ms']:.1f}–{r['max_ms']:.1f}) | {d['median_ms']:.1f} | "
+            f"{d['median_ms'] / r['median_ms']:.2f}× | "
+            f"{r['images_per_s']:.1f} | {peak} | {r['error_vs_fp32']:.2e} | {r['error_vs_eager_same_dtype']:.2e} |")
     return "\n".join(lines) + "\n"
 
 
@@ -277,8 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "sdxl_fast.pipeline.step_cache)")
     bench.add_argument("--only", action="append", metavar="WORKLOAD", choices=[w.name for w in workloads(tiny=False)],
                        help='measure only this workload (repeatable), e.g. --only "fast 1-step"')
-    bench.add_argument("--json", type=Path, help="also write the rows here, one JSON line per row as measured")
-    bench.add_argument("-o", "--output", type=Path, help="also write the markdown table here")
+    bench.add_argument("--json", type=Path, metavar="FILE",
+                       help="append the rows here, one JSON line per row as measured (default: a new file under "
+                            "benchmarks/results/new/ named by date and device)")
+    bench.add_argument("-o", "--output", type=Path, metavar="FILE", help="also write the markdown table here")
     return bench
 
 
@@ -294,18 +314,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_graphs:
         options = replace(options, cuda_graphs=False)
 
-    def on_row(row: dict) -> None:
-        print(json.dumps(row), flush=True)
-        if args.json:
-            with args.json.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+    provenance = record.provenance(command)
+    json_path = args.json or record.new_results_file(record.device_name(device))
+    write = record.Writer(json_path)
 
-    rows, notes = run_bench(configs, device, dtype, args.repeats, args.tiny, options, args.compile, on_row, args.only,
-                            args.fp8, args.step_cache, uncompiled_rows=not args.compiled_only)
-    table = markdown(rows, notes, device, command)
+    rows, notes = run_bench(configs, device, dtype, args.repeats, args.tiny, options, args.compile,
+                            lambda row: write({**row, **provenance}), args.only, args.fp8, args.step_cache,
+                            uncompiled_rows=not args.compiled_only)
+    print(f"bench: {len(rows)} rows in {json_path}", file=sys.stderr)
     if args.output:
-        args.output.write_text(table)
-    print(table)
+        args.output.write_text(markdown(rows, notes, provenance))
     return 0
 
 

@@ -13,6 +13,7 @@ stages of whole calls with host clocks and CUDA events, without the profiler's o
 """
 
 import argparse
+import itertools
 import statistics
 import time
 from dataclasses import replace
@@ -21,7 +22,8 @@ from functools import partial
 import torch
 from PIL import Image
 
-from benchmarks.bench import PROMPT, build_models, new_prompt, synchronize
+from benchmarks.bench import PROMPT, build_models, new_prompt
+from benchmarks.timing import synchronize, time_calls
 from benchmarks.unet_probe import add_switches, only_sdpa, switches
 from sdxl_fast import accel as acceleration
 from sdxl_fast.accel import cross_kv, cuda_graphs
@@ -61,18 +63,10 @@ def main() -> None:
     print("acceleration:", "; ".join(acceleration.apply(models, options)))
     f = models.fast
 
-    def timeit(label, fn):
-        for i in range(3):
-            fn(1000 + i)
-        times = []
-        for i in range(20):
-            synchronize(device)
-            start = time.perf_counter()
-            fn(i)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        print(f"{label:52s} median {statistics.median(times) * 1e3:8.3f} ms   min {min(times) * 1e3:8.3f} ms",
-              flush=True)
+    def timeit(label, fn):  # fn(i): i differs on every call, so no two calls share a prompt
+        calls = itertools.count()
+        timing = time_calls(lambda: fn(next(calls)), repeats=20, warmup=3, sync=device)
+        print(f"{label:52s} median {timing.median * 1e3:8.3f} ms   min {timing.min * 1e3:8.3f} ms", flush=True)
 
     def graphed(key, fn, *inputs):
         return models.runner.run(key, fn, *inputs)

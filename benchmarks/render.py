@@ -1,6 +1,6 @@
 """`python -m benchmarks.render`: write BENCHMARKS.md from the recorded results in `benchmarks/results/*.jsonl`.
 
-Each line of a results file is one JSON object, of one of three kinds:
+Each line of a results file is one JSON object, of one of these kinds:
 
 - a result (no "kind", or "kind": "result"): one measured (workload, path) on one device. Fields: device,
   workload, path, size ("512x512"), batch, median_ms, and where known min_ms, max_ms, images_per_s, peak_gib,
@@ -10,9 +10,18 @@ Each line of a results file is one JSON object, of one of three kinds:
 - "kind": "device": a sentence ("note") added to that device's conditions paragraph.
 - "kind": "ablation": an A/B that justifies a default: option, default, device, workload, unit, without, with
   (a number or a list of numbers), and note, command, commit, date, versions where known.
+- "kind" one of SERVING_KINDS: a row of `python -m benchmarks.serving`, with device, command, commit, date,
+  versions and the kind's fields (SERVING_COLUMNS); shown as one table per kind under "Serving on DEVICE".
 
 Numbers are read as decimals, so they print with the digits they were recorded with. `--check` exits 1 when
 BENCHMARKS.md differs from what this would write. Standard library only.
+
+How a new run becomes part of BENCHMARKS.md: `python -m benchmarks.bench` and `python -m benchmarks.serving`
+write their rows, each with its command, commit, date and versions, to a new file under
+`benchmarks/results/new/` (git ignores it; `--json FILE` picks another file), never to a tracked one. Check the
+rows, move or merge the lines to keep into `benchmarks/results/<device>.jsonl` (e.g. h100.jsonl; a row that a
+new measurement replaces is deleted, since history lives in git), run `python -m benchmarks.render`, and commit
+the results file and BENCHMARKS.md together. Within a device, rows print in file order.
 """
 
 from __future__ import annotations
@@ -67,6 +76,28 @@ The versions are those of the measuring machine.
 
 TABLE_HEAD = ("| workload | path | size | batch | median ms (min–max) | images/s | peak GiB | error vs eager fp32 "
               "| command | commit |\n|---|---|---|---|---|---|---|---|---|---|")
+SERVING_KINDS = ("start-up", "first call", "http", "typists", "compiled", "models saved")
+# The columns of each serving kind's table: (field, heading); then the command and the commit.
+SERVING_COLUMNS = {
+    "start-up": [("cache", "compile cache"), ("cache_mb", "cache MB"), ("serving_s", "serving after s"),
+                 ("first_fast_image_s", "first Fast image after s"), ("first_fast_call_ms", "first Fast call ms"),
+                 ("defaults_compiled_after_s", "defaults compiled after s"), ("compiled", "shapes compiled")],
+    "first call": [("api", "api"), ("mode", "mode"), ("size", "size"), ("images", "images"), ("steps", "steps"),
+                   ("compiled", "compiled"), ("first_ms", "first call ms"), ("later_ms", "later calls, median ms")],
+    "http": [("size", "size"), ("calls", "calls"), ("end_to_end_p50_ms", "over HTTP p50 ms"),
+             ("end_to_end_p95_ms", "over HTTP p95 ms"), ("generate_alone_p50_ms", "generate() alone p50 ms"),
+             ("generate_alone_p95_ms", "generate() alone p95 ms")],
+    "typists": [("typists", "typists"), ("size", "size"), ("requests", "requests"), ("images_per_s", "images/s"),
+                ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms")],
+    "compiled": [("shapes", "shapes compiled"), ("after_s", "after s")],
+    "models saved": [("seconds", "seconds")],
+}
+SERVING_INTRO = """\
+`python -m benchmarks.serving` starts `python app.py` on random-weight SDXL and measures it over HTTP as a browser
+gets its images (from joining the queue until the image bytes have arrived): start-up with empty ("cold") and
+saved ("cached") compile caches, the first and later calls of each size, the compiled calls, Fast over HTTP
+against `generate()` alone, and N typists at once."""
+
 ABLATION_HEAD = ("| option | default | measured | without | with | device | command | commit |\n"
                  "|---|---|---|---|---|---|---|---|")
 
@@ -182,14 +213,46 @@ def ablation_section(rows: list[dict]) -> str:
     return f"## Why the defaults\n\n{intro}\n\n" + "\n".join(lines) + f"\n\n{commands.listing()}\n"
 
 
+def _cell(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, str):
+        return _size(value) if value[:1].isdigit() and "x" in value else value
+    return _number(value)
+
+
+def serving_section(device: str, rows: list[dict]) -> str:
+    """One table per serving kind measured on this device, in SERVING_KINDS order, rows in file order."""
+    commands = _Commands()
+    parts = [f"## Serving on {device}", SERVING_INTRO,
+             _conditions(device, rows, [])]
+    for kind in SERVING_KINDS:
+        of_kind = [r for r in rows if r["kind"] == kind]
+        if not of_kind:
+            continue
+        columns = SERVING_COLUMNS[kind]
+        lines = ["| " + " | ".join([heading for _, heading in columns] + ["command", "commit"]) + " |",
+                 "|" + "---|" * (len(columns) + 2)]
+        for r in of_kind:
+            cells = [_cell(r.get(key)) for key, _ in columns]
+            cells += [commands.ref(r.get("command")), r.get("commit") or "–"]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append(f"### {kind}\n\n" + "\n".join(lines))
+    parts.append(commands.listing())
+    return "\n\n".join(parts) + "\n"
+
+
 def render(records: list[dict]) -> str:
     results = [r for r in records if r.get("kind", "result") == "result"]
     notes = [r for r in records if r.get("kind") == "device"]
     ablations = [r for r in records if r.get("kind") == "ablation"]
+    serving = [r for r in records if r.get("kind") in SERVING_KINDS]
     sections = [INTRO]
     for device in _unique(r["device"] for r in results):
         sections.append(device_section(device, [r for r in results if r["device"] == device],
                                        [n["note"] for n in notes if n["device"] == device]))
+    for device in _unique(r["device"] for r in serving):
+        sections.append(serving_section(device, [r for r in serving if r["device"] == device]))
     if ablations:
         sections.append(ablation_section(ablations))
     return "\n".join(sections)

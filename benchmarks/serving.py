@@ -1,7 +1,7 @@
 """Serving as users meet it: `python app.py` on random-weight SDXL, measured over HTTP the way a browser gets
 its images (the event's request until the image bytes have arrived).
 
-    python -m benchmarks.serving --configs benchmarks/sdxl-configs --work /tmp/serving -o serving.jsonl
+    python -m benchmarks.serving --configs benchmarks/sdxl-configs --work /tmp/serving --json serving.jsonl
     python -m benchmarks.serving --tiny --work /tmp/serving-tiny        # the tiny test shapes, a CPU check
 
 1. Saves random-weight SDXL base, refiner and a UNet-only student (trained size 512²) as diffusers folders.
@@ -11,7 +11,10 @@ its images (the event's request until the image bytes have arrived).
 4. Fast 1 step at the models' size over HTTP against `generate()` alone (the app logs each call's time).
 5. N typists at once (each sends its next keystroke's request when the last image has arrived).
 6. Restarts the app with the portable compile cache from step 2 ("cached") and times its first Fast image.
-Each result is one JSON line (stdout, and `-o`).
+Each result is one JSON line, printed and appended to `--json FILE` (default: a new file under
+benchmarks/results/new/, which git ignores): "kind" (one of SERVING_KINDS in benchmarks/render.py), "device",
+the kind's own fields, and the command, commit, date and versions that made it. `python -m benchmarks.render`
+shows them as one table per kind per device.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import argparse
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import threading
@@ -30,6 +32,8 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks import record
+from benchmarks.timing import Timing
 ROOT = Path(__file__).resolve().parent.parent
 # What app.start_compiling queues at start: Fast 1 image and the live batches of 2, 4, 8, 16; Quality 1 image.
 DEFAULT_SHAPES = 6
@@ -134,31 +138,29 @@ def quality(prompt: str, size: str, steps: int = 50, images: int = 1) -> list:
     return [prompt, "", steps, 7, False, size, 5.0, 0.8, images, 0, 0, 0, 0, 0, 0, 6.0, 2.5, 1]
 
 
-def ms(seconds: list[float]) -> dict:
-    s = sorted(seconds)
-    return {"p50_ms": round(statistics.median(s) * 1e3, 1), "p95_ms": round(s[min(len(s) - 1, int(0.95 * len(s)))] * 1e3, 1)}
+def ms(seconds: list[float], prefix: str = "") -> dict:
+    """The median and 95th percentile of these latencies, in ms: {PREFIXp50_ms, PREFIXp95_ms}."""
+    timing = Timing(tuple(seconds))
+    return {f"{prefix}p50_ms": round(timing.median * 1e3, 1), f"{prefix}p95_ms": round(timing.percentile(95) * 1e3, 1)}
 
 
 class Recorder:
-    def __init__(self, out: Path | None, common: dict):
-        self.out, self.common = out, common
+    """write(kind=..., **fields) writes one row: its kind, the device, its fields, then the provenance."""
 
-    def __call__(self, **row) -> None:
-        line = json.dumps({**self.common, **row})
-        print(line, flush=True)
-        if self.out:
-            with self.out.open("a") as f:
-                f.write(line + "\n")
+    def __init__(self, out: Path, device: str, command: str):
+        self.write, self.device, self.provenance = record.Writer(out), device, record.provenance(command)
+
+    def __call__(self, kind: str, **fields) -> None:
+        self.write({"kind": kind, "device": self.device, **fields, **self.provenance})
 
 
-def first_and_later(client: Client, record, api: str, data, later: int, **what) -> None:
+def first_and_later(client: Client, write, api: str, data, later: int, **what) -> None:
     first, _ = client.call(api, data)
-    times = [client.call(api, data)[0] for _ in range(later)]
-    record(kind="first call", api=api, **what, first_ms=round(first * 1e3, 1),
-           later_ms=round(statistics.median(times) * 1e3, 1))
+    times = Timing(tuple(client.call(api, data)[0] for _ in range(later)))
+    write(kind="first call", api=api, **what, first_ms=round(first * 1e3, 1), later_ms=round(times.median * 1e3, 1))
 
 
-def typists(client_root: str, record, n: int, seconds: float, size: str) -> None:
+def typists(client_root: str, write, n: int, seconds: float, size: str) -> None:
     latencies, lock, stop = [], threading.Lock(), time.perf_counter() + seconds
 
     def type_(who: int):
@@ -175,8 +177,8 @@ def typists(client_root: str, record, n: int, seconds: float, size: str) -> None
         t.start()
     for t in threads:
         t.join()
-    record(kind="typists", typists=n, size=size, requests=len(latencies),
-           images_per_s=round(len(latencies) / (time.perf_counter() - started), 1), **ms(latencies))
+    write(kind="typists", typists=n, size=size, requests=len(latencies),
+          images_per_s=round(len(latencies) / (time.perf_counter() - started), 1), **ms(latencies))
 
 
 def main(argv=None) -> int:
@@ -185,7 +187,8 @@ def main(argv=None) -> int:
     shapes.add_argument("--configs", help="folder of the SDXL configs (base/, refiner/) for full size")
     shapes.add_argument("--tiny", action="store_true", help="the tiny test shapes (a check of the harness)")
     parser.add_argument("--work", type=Path, required=True, help="models, logs and caches go here")
-    parser.add_argument("-o", "--output", type=Path, help="append the JSON lines here too")
+    parser.add_argument("--json", "-o", type=Path, metavar="FILE",
+                        help="append the JSON lines here (default: a new file under benchmarks/results/new/)")
     parser.add_argument("--port", type=int, default=7871)
     parser.add_argument("--phases", default="cold,sizes,http,typists,cached",
                         help="which parts to run, comma-separated")
@@ -198,12 +201,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    record = Recorder(args.output, {"device": device, "torch": torch.__version__,
-                                    "command": " ".join(["python -m benchmarks.serving", *(argv or sys.argv[1:])])})
+    device = record.device_name("cuda" if torch.cuda.is_available() else "cpu")
+    command = " ".join(["python -m benchmarks.serving", *(sys.argv[1:] if argv is None else argv)])
+    write = Recorder(args.json or record.new_results_file(device), device, command)
     started = time.perf_counter()
     family = save_family(args.configs, args.work / "models")
-    record(kind="models saved", seconds=round(time.perf_counter() - started, 1))
+    write(kind="models saved", seconds=round(time.perf_counter() - started, 1))
     native = "128x128" if args.tiny else "512x512"
     big = "256x256" if args.tiny else "1024x1024"
     cache = args.work / "compiled.bin"
@@ -214,43 +217,45 @@ def main(argv=None) -> int:
         client = app.wait_until_serving()
         serving = time.perf_counter() - app.started
         took, _ = client.call("generate_fast", fast("a red fox", native))
-        record(kind="start-up", cache="cold", serving_s=round(serving, 1),
-               first_fast_image_s=round(time.perf_counter() - app.started, 1), first_fast_call_ms=round(took * 1e3, 1))
+        write(kind="start-up", cache="cold", serving_s=round(serving, 1),
+              first_fast_image_s=round(time.perf_counter() - app.started, 1), first_fast_call_ms=round(took * 1e3, 1))
         try:
             if "sizes" in phases:
                 sizes = [native, "192x192", big] if args.tiny else [native] + [
                     value for _, value in __import__("app").FAST_SIZES if value != native]  # the page's menu
                 for size in sizes:
-                    first_and_later(client, record, "generate_fast", fast("a lighthouse", size), 2, mode="fast",
+                    first_and_later(client, write, "generate_fast", fast("a lighthouse", size), 2, mode="fast",
                                     size=size, images=1, steps=1)
                 for size in (native, big):
                     for images in (2, 3, 4):
-                        first_and_later(client, record, "generate_fast", fast("a lighthouse", size, images=images), 2,
+                        first_and_later(client, write, "generate_fast", fast("a lighthouse", size, images=images), 2,
                                         mode="fast", size=size, images=images, steps=1)
-                first_and_later(client, record, "generate_fast", fast("a lighthouse", native, steps=4), 3,
+                first_and_later(client, write, "generate_fast", fast("a lighthouse", native, steps=4), 3,
                                 mode="fast", size=native, images=1, steps=4)
                 for size in ([native, "192x128"] if args.tiny else QUALITY_SIZES):
-                    first_and_later(client, record, "generate_quality", quality("a lighthouse", size), 1,
+                    first_and_later(client, write, "generate_quality", quality("a lighthouse", size), 1,
                                     mode="quality", size=size, images=1, steps=50)
                 for images in (2, 4):
-                    first_and_later(client, record, "generate_quality", quality("a lighthouse", native if args.tiny else big, 20, images), 1,
-                                    mode="quality", size=big, images=images, steps=20)
+                    size = native if args.tiny else big
+                    first_and_later(client, write, "generate_quality", quality("a lighthouse", size, 20, images), 1,
+                                    mode="quality", size=size, images=images, steps=20)
             compiled = app.wait_compiled(count=DEFAULT_SHAPES, timeout=args.compile_wait if torch.cuda.is_available() else 0)
-            record(kind="compiled", shapes=compiled, after_s=round(time.perf_counter() - app.started, 1),
-                   log=[m[0] for m in app.log_lines(r"compiled shapes: [^\n]*")])
+            write(kind="compiled", shapes=compiled, after_s=round(time.perf_counter() - app.started, 1),
+                  log=[m[0] for m in app.log_lines(r"compiled shapes: [^\n]*")])
             if "sizes" in phases:
-                first_and_later(client, record, "generate_fast", fast("a lighthouse", native), 5, mode="fast",
+                first_and_later(client, write, "generate_fast", fast("a lighthouse", native), 5, mode="fast",
                                 size=native, images=1, steps=1, compiled=True)
-                first_and_later(client, record, "generate_quality", quality("a lighthouse", big), 2,
+                first_and_later(client, write, "generate_quality", quality("a lighthouse", big), 2,
                                 mode="quality", size=big, images=1, steps=50, compiled=True)
             if "http" in phases:
                 mark = len(app.log_lines(r"generate\(\) took ([\d.]+) ms \(fast, "))
                 times = [client.call("generate_fast", fast(f"a red fox {i}", native))[0] for i in range(30)]
                 alone = [float(m[1]) / 1e3 for m in app.log_lines(r"generate\(\) took ([\d.]+) ms \(fast, ")][mark:]
-                record(kind="http", size=native, calls=len(times), end_to_end=ms(times), generate_alone=ms(alone))
+                write(kind="http", size=native, calls=len(times), **ms(times, "end_to_end_"),
+                      **ms(alone, "generate_alone_"))
             if "typists" in phases:
                 for n in (1, 4, 16):
-                    typists(app.root, record, n, args.typist_seconds, native)
+                    typists(app.root, write, n, args.typist_seconds, native)
         finally:
             app.stop()
 
@@ -262,10 +267,10 @@ def main(argv=None) -> int:
             took, _ = client.call("generate_fast", fast("a red fox", native))
             first = time.perf_counter() - app.started
             compiled = app.wait_compiled(count=2, timeout=args.compile_wait if torch.cuda.is_available() else 0)
-            record(kind="start-up", cache="cached", cache_mb=round(cache.stat().st_size / 1e6, 1),
-                   serving_s=round(serving, 1), first_fast_image_s=round(first, 1),
-                   first_fast_call_ms=round(took * 1e3, 1), defaults_compiled_after_s=round(time.perf_counter() - app.started, 1),
-                   compiled=compiled, log=[m[0] for m in app.log_lines(r"compiled shapes: [^\n]*")])
+            write(kind="start-up", cache="cached", cache_mb=round(cache.stat().st_size / 1e6, 1),
+                  serving_s=round(serving, 1), first_fast_image_s=round(first, 1),
+                  first_fast_call_ms=round(took * 1e3, 1), defaults_compiled_after_s=round(time.perf_counter() - app.started, 1),
+                  compiled=compiled, log=[m[0] for m in app.log_lines(r"compiled shapes: [^\n]*")])
         finally:
             app.stop()
     return 0

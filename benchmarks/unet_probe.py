@@ -19,7 +19,6 @@ of `--configs` runs the tiny test shapes, on the CPU too (fp32, eager, without g
 
 import argparse
 import ast
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -27,7 +26,8 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks.bench import build_models, synchronize
+from benchmarks.bench import build_models
+from benchmarks.timing import synchronize, time_calls
 from sdxl_fast import accel as acceleration
 from sdxl_fast.accel import cross_kv
 from sdxl_fast.accel.compile import compile_models
@@ -148,19 +148,15 @@ def main():
             fwd(*inputs)
         synchronize(device)
         print(f"{tag} {shape} first call (compile) {time.perf_counter() - start:.1f} s", flush=True)
-        times = []
-        for i in range(25):
-            synchronize(device)
-            start = time.perf_counter()
+
+        def step():
             with torch.no_grad():
-                graphs.run(("step",), fwd, *inputs) if graphs else fwd(*inputs)
-            synchronize(device)
-            if i >= 5:
-                times.append(time.perf_counter() - start)
-        med = statistics.median(times)
-        rate = tflop[args.model].get(side, float("nan")) * batch / med
-        print(f"RESULT {tag} {shape} {'graphed' if graphs else 'eager'} median {med * 1e3:.3f} ms min {min(times) * 1e3:.3f} ms "
-              f"~{rate:.0f} TFLOP/s", flush=True)
+                return graphs.run(("step",), fwd, *inputs) if graphs else fwd(*inputs)
+
+        timing = time_calls(step, repeats=20, warmup=5, sync=device)
+        rate = tflop[args.model].get(side, float("nan")) * batch / timing.median
+        print(f"RESULT {tag} {shape} {'graphed' if graphs else 'eager'} median {timing.median * 1e3:.3f} ms "
+              f"min {timing.min * 1e3:.3f} ms ~{rate:.0f} TFLOP/s", flush=True)
         if args.profile:
             profile(fwd, inputs, tag, shape)
 
@@ -220,15 +216,10 @@ def sdpa_micro():
         row = []
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
             try:
-                with sdpa_kernel(backend):
-                    for _ in range(5):
-                        F.scaled_dot_product_attention(q, k, v)
-                    torch.cuda.synchronize()
-                    s = time.perf_counter()
-                    for _ in range(50):
-                        F.scaled_dot_product_attention(q, k, v)
-                    torch.cuda.synchronize()
-                row.append(f"{backend.name} {(time.perf_counter() - s) / 50 * 1e6:8.1f} us")
+                with sdpa_kernel(backend):  # 50 calls back to back, as a UNet issues them: one sync around all
+                    timing = time_calls(lambda: [F.scaled_dot_product_attention(q, k, v) for _ in range(50)],
+                                        repeats=1, warmup=1, sync=dev)
+                row.append(f"{backend.name} {timing.median / 50 * 1e6:8.1f} us")
             except Exception as e:
                 row.append(f"{backend.name} failed {type(e).__name__}")
         print(f"SDPA {label:20s} " + " | ".join(row), flush=True)
@@ -253,13 +244,8 @@ def gemm_micro():
         with torch.cuda.graph(graph):
             for _ in range(20):
                 fn(a, w)
-        graph.replay()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(10):
-            graph.replay()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) / 200 * 1e6
+        timing = time_calls(lambda: [graph.replay() for _ in range(10)], repeats=1, warmup=1, sync=dev)
+        return timing.median / 200 * 1e6  # 10 replays of 20 matmuls
 
     def matmul(a, w):
         return a @ w

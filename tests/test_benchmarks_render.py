@@ -71,3 +71,44 @@ def test_the_committed_benchmarks_md_is_the_rendering_of_the_committed_results()
     assert done.returncode == 0, done.stderr
     text = (ROOT / "BENCHMARKS.md").read_text()
     assert ".carry" not in text and "runs/" not in text and "ession " not in text
+
+
+SERVING = "python -m benchmarks.serving --configs benchmarks/sdxl-configs --work /tmp/serving"
+
+
+def test_serving_rows_get_one_table_per_kind_per_device_with_command_and_commit(tmp_path):
+    common = {"command": SERVING, "commit": "abc1234", "date": "2026-12-07", "versions": VERSIONS}
+    _write(tmp_path, "serving.jsonl", [
+        {"kind": "models saved", "device": "Some GPU", "seconds": 41.2, **common},
+        {"kind": "start-up", "device": "Some GPU", "cache": "cold", "serving_s": 20.5, "first_fast_image_s": 22.0,
+         "first_fast_call_ms": 1480.3, **common},
+        {"kind": "first call", "device": "Some GPU", "api": "generate_fast", "mode": "fast", "size": "512x512",
+         "images": 1, "steps": 1, "first_ms": 90.1, "later_ms": 31.0, **common},
+        {"kind": "first call", "device": "Some GPU", "api": "generate_fast", "mode": "fast", "size": "512x512",
+         "images": 1, "steps": 1, "compiled": True, "first_ms": 25.0, "later_ms": 24.2, **common},
+        {"kind": "http", "device": "Some GPU", "size": "512x512", "calls": 30, "end_to_end_p50_ms": 30.2,
+         "end_to_end_p95_ms": 33.0, "generate_alone_p50_ms": 17.1, "generate_alone_p95_ms": 18.0, **common},
+        {"kind": "typists", "device": "Some GPU", "typists": 4, "size": "512x512", "requests": 300,
+         "images_per_s": 30.0, "p50_ms": 120.5, "p95_ms": 150.0, **common},
+        {"kind": "compiled", "device": "Some GPU", "shapes": 6, "after_s": 200.4, "log": ["compiled shapes: ..."],
+         **{**common, "command": SERVING + " --phases cold"}},
+        {"kind": "typists", "device": "Other GPU", "typists": 1, "size": "512x512", "requests": 90,
+         "images_per_s": 9.0, "p50_ms": 100.0, "p95_ms": 110.0, **{**common, "commit": "def5678"}},
+    ])
+    text = render.render(render.load(tmp_path))
+
+    assert "## Some GPU\n" not in text  # serving rows are not results rows
+    some, other = text.split("## Serving on Some GPU")[1].split("## Serving on Other GPU")
+    assert [line[4:] for line in some.splitlines() if line.startswith("### ")] == [
+        "start-up", "first call", "http", "typists", "compiled", "models saved"]  # one table per kind, this order
+    assert ("Some GPU; torch 2.11.0+cu130, diffusers 0.42.1, transformers 5.17.0, Python 3.12.3; measured "
+            "2026-12-07.") in " ".join(some.split())
+    assert "| cold |  | 20.5 | 22.0 | 1480.3 |  |  | [1] | abc1234 |" in some
+    assert "| generate_fast | fast | 512² | 1 | 1 |  | 90.1 | 31.0 | [1] | abc1234 |" in some
+    assert "| generate_fast | fast | 512² | 1 | 1 | yes | 25.0 | 24.2 | [1] | abc1234 |" in some
+    assert "| 512² | 30 | 30.2 | 33.0 | 17.1 | 18.0 | [1] | abc1234 |" in some
+    assert "| 4 | 512² | 300 | 30.0 | 120.5 | 150.0 | [1] | abc1234 |" in some
+    assert "| 6 | 200.4 | [2] | abc1234 |" in some and "| 41.2 | [1] | abc1234 |" in some
+    assert f"1. `{SERVING}`" in some and f"2. `{SERVING} --phases cold`" in some
+    assert "compiled shapes: ..." not in text  # the log is for reading the JSONL, not for the table
+    assert "| 1 | 512² | 90 | 9.0 | 100.0 | 110.0 | [1] | def5678 |" in other and "### http" not in other
