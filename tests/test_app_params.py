@@ -6,8 +6,9 @@ import app
 def params(**micro):
     fields = dict(orig_w=0, orig_h=0, crop_top=0, crop_left=0, target_w=0, target_h=0)
     fields.update(micro)
-    return app.Studio(None).params("quality", "a cat", "", 4, 1, "256x128", 5.0, 0.8, 1, aesthetic=6.0,
-                                   negative_aesthetic=2.5, **fields)
+    return app.Studio(None).params("quality", dict(
+        prompt="a cat", negative_prompt="", steps=4, seed=1, randomize_seed=False, size="256x128", guidance_scale=5.0, refiner_switch=0.8,
+        num_images=1, aesthetic_score=6.0, negative_aesthetic_score=2.5, **fields))
 
 
 def test_one_side_of_a_micro_conditioning_pair_means_the_output_size_for_the_other():
