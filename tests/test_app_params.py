@@ -8,7 +8,7 @@ def params(**micro):
     fields.update(micro)
     return app.Studio(None).params("quality", dict(
         prompt="a cat", negative_prompt="", steps=4, seed=1, randomize_seed=False, size="256x128", guidance_scale=5.0, refiner_switch=0.8,
-        num_images=1, aesthetic_score=6.0, negative_aesthetic_score=2.5, **fields))
+        num_images=1, aesthetic_score=6.0, negative_aesthetic_score=2.5, cache_interval=1, **fields))
 
 
 def test_one_side_of_a_micro_conditioning_pair_means_the_output_size_for_the_other():
