@@ -148,8 +148,9 @@ def test_aspect_ratio_bucketing_trains_on_non_square_latents(tmp_path, tiny_fami
         Image.new("RGB", (w, h), (60 * i, 90, 30)).save(root / f"{i}.png")
         (root / f"{i}.txt").write_text("a shape")
     seen = []
-    real_decode = step_module.decode
-    monkeypatch.setattr(step_module, "decode", lambda vae, z: seen.append(tuple(z.shape[2:])) or real_decode(vae, z))
+    real_pixels = step_module.decoding.pixels
+    monkeypatch.setattr(step_module.decoding, "pixels",
+                        lambda vae, z, *a: seen.append(tuple(z.shape[2:])) or real_pixels(vae, z, *a))
     cfg = load_config(None, dict(tiny_overrides(str(tiny_family["base"]), str(root), str(tmp_path / "run")),
                                  resolution=128, bucketing=True, max_steps=2))
     assert train(cfg)["step"] == 2
