@@ -36,7 +36,8 @@ from sdxl_fast.cli import add_model_arguments
 from sdxl_fast.params import MAX_SEED, SDXL_BUCKETS, bucket_label
 from sdxl_fast.pipeline.decoding import latent_preview
 from sdxl_fast.pipeline.generate import batch_key, generate_many
-from sdxl_fast.serving.compiler import BackgroundCompiler, load_cache
+from sdxl_fast.accel.compile import compiling
+from sdxl_fast.serving.compiler import BackgroundCompiler, load_cache, save_cache
 from sdxl_fast.serving import limits as serving_limits
 from sdxl_fast.serving import requests, zerogpu
 from sdxl_fast.serving.limits import Limits, LimitError, OverBudget
@@ -502,7 +503,7 @@ def build_demo(studio: Studio, concurrency_limit: int = 1, examples: list[str] =
 
 
 def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None, cpu_offload=False,
-                fp8=False) -> Studio:
+                fp8=False, compile_mode: str = "off") -> Studio:
     """Load both paths; when that fails, each path alone, so one missing model does not take down the other.
     A path that cannot load is reported in the page and the log, never by crashing. `fp8`: the opt-in fp8
     matmuls on top of the device's default acceleration (skipped, with a log line, where unsupported)."""
@@ -512,6 +513,7 @@ def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None,
             options = replace(accel.Acceleration.for_device(studio.models.device), fp8=fp8, compile_new_shapes=False)
             if zerogpu.active():
                 options = zerogpu.acceleration(options)
+            options = replace(options, compile=options.compile and compile_mode != "off")
             accel.apply(studio.models, options)
         return studio
 
@@ -534,13 +536,23 @@ def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None,
     return loaded(Studio(models, errors))
 
 
-def start_compiling(studio: Studio) -> None:
-    """Serve at once, compile in the background: record the default shapes' CUDA graphs around the eager
-    models (seconds), then compile those shapes, and each new one a request brings, in another thread."""
+def start_serving(studio: Studio, compile_mode: str) -> None:
+    """Record the default shapes' CUDA graphs before the first visitor. With `compile_mode` "start" those shapes
+    are compiled first (minutes on a cold machine; a restart loads PyTorch's compile cache); with "background"
+    they, and each new shape a request brings, are compiled in another thread while being served. Any shape not
+    compiled runs uncompiled through CUDA graphs: no request waits for a compile."""
     models = studio.models
-    load_cache()
-    log.info("Recording the default shapes' CUDA graphs (uncompiled)")
-    accel.warmup(models)
+    if compile_mode != "off":
+        load_cache()
+    log.info("Recording the default shapes' CUDA graphs%s", " (compiling them first)" if compile_mode == "start" else "")
+    if compile_mode == "start":
+        with compiling():
+            accel.warmup(models)
+        save_cache()
+    else:
+        accel.warmup(models)
+    if compile_mode != "background":
+        return
     studio.compiler = BackgroundCompiler(models).start()
     # The models' own size: Fast at 1 image, Quality at 1 image, then Fast at the live batches' sizes.
     for mode, images in (("fast", 1), ("quality", 1), *(("fast", n) for n in (2, 4, 8, LIVE_BATCH))):
@@ -559,6 +571,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_arguments(parser)
     parser.add_argument("--queue-size", type=int, default=20,
                         help="requests that may wait; beyond this users are told the app is busy")
+    parser.add_argument("--compile", choices=["off", "start", "background"], default="off",
+                        help="torch.compile on a GPU: off (default: uncompiled kernels in CUDA graphs, serving within "
+                             "seconds); start (compile the default shapes before serving, minutes when cold); "
+                             "background (experimental: compile each shape in a thread while serving it uncompiled)")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="generations run at once (one per GPU the models occupy)")
     limits = parser.add_argument_group("limits per request (default: by device; README, 'Limits per request')")
@@ -581,7 +597,7 @@ def main(argv=None) -> None:
         raise SystemExit(str(e)) from e
     log.info("Model sources: %s", sources)
     started = time.monotonic()
-    studio = load_studio(sources, args.device, args.dtype, args.cpu_offload, args.fp8)
+    studio = load_studio(sources, args.device, args.dtype, args.cpu_offload, args.fp8, args.compile)
     device_type = studio.models.device.type if studio.models is not None else "cpu"
     try:
         studio.limits = Limits.resolve(device_type, {name: getattr(args, name) for name in serving_limits.SETTINGS})
@@ -591,7 +607,7 @@ def main(argv=None) -> None:
     log.info("Limits per request: %s", studio.limits.describe())
     # On ZeroGPU the GPU exists only inside decorated calls: nothing is warmed up or compiled there.
     if studio.models is not None and studio.models.device.type == "cuda" and not zerogpu.active():
-        start_compiling(studio)
+        start_serving(studio, args.compile)
     log.info("Models ready after %.1f s", time.monotonic() - started)
     demo_family = sources == sdxl_fast.PRESETS["demo"]
     demo = build_demo(studio, concurrency_limit=args.concurrency, examples=DEMO_EXAMPLES if demo_family else EXAMPLES,

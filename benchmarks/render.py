@@ -7,7 +7,8 @@ Each line of a results file is one JSON object, of one of these kinds:
   error_vs_fp32, error_vs_eager_same_dtype, dtype, command (what produced it), commit (the code it ran on),
   date, versions ({"torch", "diffusers", "transformers", "python"}); a figure not measured here (a published
   one) has "source" instead of command and commit.
-- "kind": "device": a sentence ("note") added to that device's conditions paragraph.
+- "kind": "device": a sentence ("note") added to that device's conditions paragraph (with "section": "serving",
+  to its serving section's).
 - "kind": "ablation": an A/B that justifies a default: option, default, device, workload, unit, without, with
   (a number or a list of numbers), and note, command, commit, date, versions where known.
 - "kind" one of SERVING_KINDS: a row of `python -m benchmarks.serving`, with device, command, commit, date,
@@ -221,11 +222,11 @@ def _cell(value) -> str:
     return _number(value)
 
 
-def serving_section(device: str, rows: list[dict]) -> str:
+def serving_section(device: str, rows: list[dict], notes: list[str]) -> str:
     """One table per serving kind measured on this device, in SERVING_KINDS order, rows in file order."""
     commands = _Commands()
     parts = [f"## Serving on {device}", SERVING_INTRO,
-             _conditions(device, rows, [])]
+             _conditions(device, rows, notes)]
     for kind in SERVING_KINDS:
         of_kind = [r for r in rows if r["kind"] == kind]
         if not of_kind:
@@ -250,9 +251,12 @@ def render(records: list[dict]) -> str:
     sections = [INTRO]
     for device in _unique(r["device"] for r in results):
         sections.append(device_section(device, [r for r in results if r["device"] == device],
-                                       [n["note"] for n in notes if n["device"] == device]))
+                                       [n["note"] for n in notes if n["device"] == device
+                                        and n.get("section") != "serving"]))
     for device in _unique(r["device"] for r in serving):
-        sections.append(serving_section(device, [r for r in serving if r["device"] == device]))
+        sections.append(serving_section(device, [r for r in serving if r["device"] == device],
+                                        [n["note"] for n in notes if n["device"] == device
+                                         and n.get("section") == "serving"]))
     if ablations:
         sections.append(ablation_section(ablations))
     return "\n".join(sections)

@@ -20,6 +20,7 @@ shows them as one table per kind per device.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -53,13 +54,16 @@ def save_family(configs: str | None, out: Path) -> dict[str, Path]:
     full = random_weights.full_configs(configs) if configs else None
     random_weights.save_random_family(out, full, dtype=torch.float16 if cuda else torch.float32,
                                       device="cuda" if cuda else "cpu", names=tuple(paths))
+    gc.collect()
+    if cuda:  # built on the GPU: give its memory back before the app needs it
+        torch.cuda.empty_cache()
     return paths
 
 
 class App:
     """`python app.py` in a subprocess, its log in a file."""
 
-    def __init__(self, family: dict[str, Path], work: Path, cache: Path, port: int, label: str):
+    def __init__(self, family: dict[str, Path], work: Path, cache: Path, port: int, label: str, compile_mode: str):
         self.log = work / f"app-{label}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1", SDXL_FAST_COMPILE_CACHE=str(cache),
                    # a new machine: Inductor's and Triton's on-disk caches start empty every time
@@ -67,7 +71,7 @@ class App:
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "app.py", "--base", str(family["base"]), "--refiner", str(family["refiner"]),
-             "--fast", str(family["student"]), "--port", str(port)],
+             "--fast", str(family["student"]), "--port", str(port), "--compile", compile_mode],
             cwd=ROOT, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
         self.root = f"http://127.0.0.1:{port}"
 
@@ -195,6 +199,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-wait", type=float, default=240,
                         help="seconds to wait for the background compiler before the compiled measurements")
     parser.add_argument("--typist-seconds", type=float, default=10)
+    parser.add_argument("--app-compile", choices=["off", "start", "background"], default="off",
+                        help="the app's --compile")
+    parser.add_argument("--size-stride", type=int, default=1, help="every Nth size of the page's menu")
     args = parser.parse_args(argv)
     phases = set(args.phases.split(","))
     args.work.mkdir(parents=True, exist_ok=True)
@@ -213,7 +220,7 @@ def main(argv=None) -> int:
 
     if phases & {"cold", "sizes", "http", "typists"}:
         cache.unlink(missing_ok=True)
-        app = App(family, args.work, cache, args.port, "cold")
+        app = App(family, args.work, cache, args.port, "cold", args.app_compile)
         client = app.wait_until_serving()
         serving = time.perf_counter() - app.started
         took, _ = client.call("generate_fast", fast("a red fox", native))
@@ -222,7 +229,7 @@ def main(argv=None) -> int:
         try:
             if "sizes" in phases:
                 sizes = [native, "192x192", big] if args.tiny else [native] + [
-                    value for _, value in __import__("app").FAST_SIZES if value != native]  # the page's menu
+                    value for _, value in __import__("app").FAST_SIZES if value != native][::args.size_stride]
                 for size in sizes:
                     first_and_later(client, write, "generate_fast", fast("a lighthouse", size), 2, mode="fast",
                                     size=size, images=1, steps=1)
@@ -260,7 +267,7 @@ def main(argv=None) -> int:
             app.stop()
 
     if "cached" in phases and cache.is_file():
-        app = App(family, args.work, cache, args.port, "cached")
+        app = App(family, args.work, cache, args.port, "cached", args.app_compile)
         try:
             client = app.wait_until_serving()
             serving = time.perf_counter() - app.started
