@@ -36,3 +36,19 @@ def tiny_models(tiny_sources):
     models = load(sources=tiny_sources, device="cpu", dtype=torch.float32)
     accel.apply(models, accel.Acceleration.for_device(models.device))  # as the app and the CLI do
     return models
+
+
+@pytest.fixture(scope="module")
+def served(tiny_models):
+    """The app on the tiny models, served on a free port for one test module: (url, studio)."""
+    from test_app_helpers import running_app
+
+    with running_app(tiny_models) as (url, studio):
+        yield url, studio
+
+
+@pytest.fixture
+def client(served):
+    from gradio_client import Client
+
+    return Client(served[0], verbose=False, download_files=True)

@@ -16,15 +16,6 @@ import sdxl_fast
 from test_app_helpers import running_app
 
 
-@pytest.fixture(scope="module")
-def served(tiny_models):
-    with running_app(tiny_models) as (url, studio):
-        yield url, studio
-
-
-@pytest.fixture
-def client(served):
-    return Client(served[0], verbose=False, download_files=True)
 
 
 def fast(client, prompt="a red fox", **kw):

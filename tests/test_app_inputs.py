@@ -34,15 +34,6 @@ NOT_JSON = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 BAD = {**NOT_JSON, "huge": 1e300, "huge int": 10**30, "text": "abc", "None": None}
 
 
-@pytest.fixture(scope="module")
-def served(tiny_models):
-    with running_app(tiny_models) as (url, studio):
-        yield url, studio
-
-
-@pytest.fixture
-def client(served):
-    return Client(served[0], verbose=False, download_files=True)
 
 
 def call_raw(url: str, endpoint: str, args: dict) -> str:

@@ -1,7 +1,5 @@
 import copy
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
