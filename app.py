@@ -33,7 +33,8 @@ import torch
 import sdxl_fast
 from sdxl_fast import accel
 from sdxl_fast.cli import add_model_arguments
-from sdxl_fast.params import MAX_SEED, SDXL_BUCKETS, bucket_label
+from sdxl_fast.params import (DEFAULT_AESTHETIC_SCORE, DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_AESTHETIC_SCORE,
+                              DEFAULT_REFINER_SWITCH, MAX_SEED, SDXL_BUCKETS, bucket_label)
 from sdxl_fast.pipeline.decoding import latent_preview
 from sdxl_fast.pipeline.generate import batch_key, generate_many
 from sdxl_fast.accel.compile import compiling
@@ -431,8 +432,8 @@ def build_demo(studio: Studio, concurrency_limit: int = 1, examples: list[str] =
                     randomize = gr.Checkbox(label="Randomize seed on Generate", value=True)
                 size = gr.Dropdown(fast_sizes, value=fast_size, label="Size (width × height)",
                                    allow_custom_value=True)
-                guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="Guidance scale", visible=False)
-                switch = gr.Slider(0.5, 1.0, value=0.8, step=0.05, visible=False,
+                guidance = gr.Slider(0, 20, value=DEFAULT_GUIDANCE_SCALE, step=0.5, label="Guidance scale", visible=False)
+                switch = gr.Slider(0.5, 1.0, value=DEFAULT_REFINER_SWITCH, step=0.05, visible=False,
                                    label="Refiner switch point (share of the noise levels the base handles; 1 = no refiner)")
                 # Opt-in and labelled as approximate (sdxl_fast.pipeline.step_cache): 0.90 s instead of 1.61 s per SDXL
                 # image at 2 on an H200 (BENCHMARKS.md), with a small change to the picture.
@@ -450,8 +451,8 @@ def build_demo(studio: Studio, concurrency_limit: int = 1, examples: list[str] =
                         target_w = gr.Number(0, label="Target width", precision=0)
                         target_h = gr.Number(0, label="Target height", precision=0)
                     with gr.Row(visible=False) as aesthetic_row:
-                        aesthetic = gr.Slider(0, 10, value=6.0, step=0.5, label="Aesthetic score (refiner)")
-                        negative_aesthetic = gr.Slider(0, 10, value=2.5, step=0.5,
+                        aesthetic = gr.Slider(0, 10, value=DEFAULT_AESTHETIC_SCORE, step=0.5, label="Aesthetic score (refiner)")
+                        negative_aesthetic = gr.Slider(0, 10, value=DEFAULT_NEGATIVE_AESTHETIC_SCORE, step=0.5,
                                                        label="Negative aesthetic score (refiner)")
                 with gr.Row():
                     fast_button = gr.Button("Generate", variant="primary", elem_id="generate-fast")

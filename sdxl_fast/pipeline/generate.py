@@ -171,19 +171,20 @@ def _fast(models: Models, ps: list[GenerationParams], callback) -> tuple[torch.T
     embeddings = [_encode(models, f.encoders, q.prompt) for q in ps]
     # What follows is host work done while the GPU runs the text encoders; its copies must not wait for them.
     time_ids = [conditioning.time_ids(q, refiner=False, device="cpu", dtype=dtype)[1] for q in ps]
-    context, pooled = embeddings[0].base_context, embeddings[0].pooled  # [1, 77, D], [1, P]: expanded in the call
+    # [1, 77, D], [1, P], [1, 6] for one request, expanded to its images in the call
+    context, pooled, ids = embeddings[0].base_context, embeddings[0].pooled, time_ids[0]
     if len(ps) > 1:  # one row per image: request i's rows repeated num_images times
         def rows(tensors):
             return torch.cat([t.expand(q.num_images, *t.shape[1:]) for t, q in zip(tensors, ps)])
         context, pooled = rows([e.base_context for e in embeddings]), rows([e.pooled for e in embeddings])
-        time_ids = [rows(time_ids)]
+        ids = rows(time_ids)
     # All the call's noise up front, drawn per image in the order the loop uses it (start, then each
     # re-noising or ancestral step: the order diffusers draws it from a per-image generator list), so image i
     # is the same whatever the batch, graph or not.
     generators = [g for q in ps for g in _generators(q.seed, q.num_images)]
     latent_shape = _latent_shape(f.student, f.vae, p)
     noise = torch.stack([sampling.randn(latent_shape, generators, "cpu", dtype) for _ in timesteps])
-    args = (_schedule_on(f.scheduler, device), context, pooled, _to_device(time_ids[0], device),
+    args = (_schedule_on(f.scheduler, device), context, pooled, _to_device(ids, device),
             _to_device(noise, device))
     run = partial(fast_call, f, timesteps, cache_interval=p.cache_interval, runner=models.runner, sampler=p.sampler)
     if callback is None:

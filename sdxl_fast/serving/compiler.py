@@ -23,6 +23,7 @@ import torch
 
 from ..accel.compile import compiling
 from ..accel.cuda_graphs import AcceleratedRunner
+from ..files import atomic_write
 from ..models import Models
 from ..params import GenerationParams
 from ..pipeline.generate import generate
@@ -88,10 +89,8 @@ def save_cache(path: Path = CACHE_FILE) -> None:
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(saved[0])
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(saved[0])
 
 
 class BackgroundCompiler:
