@@ -22,16 +22,18 @@ import queue
 import random
 import threading
 import time
+import uuid
 import warnings
 from collections import Counter
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 
 import gradio as gr
 import torch
 
 import sdxl_fast
-from sdxl_fast import accel
+from sdxl_fast import accel, metadata
 from sdxl_fast.cli import add_model_arguments
 from sdxl_fast.params import (DEFAULT_AESTHETIC_SCORE, DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_AESTHETIC_SCORE,
                               DEFAULT_REFINER_SWITCH, MAX_SEED, SDXL_BUCKETS, bucket_label)
@@ -208,13 +210,24 @@ class Studio:
 
     def generate_fast(self, prompt, steps, seed, randomize_seed, size, num_images,
                       orig_w, orig_h, crop_top, crop_left, target_w, target_h, request: gr.Request = None):
-        """Fast mode (1-4 steps, no guidance). Returns the images (PNGs with their parameters) and the seed.
-        Up to the real-time size it runs as one call (one CUDA graph on a GPU); above it with a step callback,
-        so Stop and the time budget can end it."""
-        params = self.params("fast", dict(
+        """Fast mode (1-4 steps, no guidance). Returns the images (PNGs with their parameters) and the seed."""
+        params = self.fast_params(prompt, steps, seed, randomize_seed, size, num_images,
+                                  orig_w, orig_h, crop_top, crop_left, target_w, target_h)
+        images = self._fast(params, request)
+        if images is None:
+            return gr.skip(), gr.skip()
+        return [(im, im.info["parameters"]) for im in images], params.seed
+
+    def fast_params(self, prompt, steps, seed, randomize_seed, size, num_images,
+                    orig_w, orig_h, crop_top, crop_left, target_w, target_h) -> sdxl_fast.GenerationParams:
+        return self.params("fast", dict(
             prompt=prompt, steps=steps, seed=seed, randomize_seed=randomize_seed, size=size, num_images=num_images,
             orig_w=orig_w, orig_h=orig_h, crop_top=crop_top, crop_left=crop_left, target_w=target_w,
             target_h=target_h))
+
+    def _fast(self, params: sdxl_fast.GenerationParams, request: gr.Request | None) -> list | None:
+        """The Fast images, or None if Stop ended the run. Up to the real-time size it runs as one call (one
+        CUDA graph on a GPU); above it with a step callback, so Stop and the time budget can end it."""
         if self.limits.realtime(params):
             images, notes = self.run(params)
         else:
@@ -225,12 +238,12 @@ class Studio:
                 with _generations_lock:
                     generations["stopped"] += 1
                 gr.Info("Stopped.")
-                return gr.skip(), gr.skip()
+                return None
             finally:
                 self._release_stop_flag(request, stop)
         for note in notes:
             gr.Warning(note)
-        return [(im, im.info["parameters"]) for im in images], params.seed
+        return images
 
     def live_fast_batch(self, modes, prompts, steps, seeds, sizes, num_images, *micro):
         """As-you-type generation for every typist whose keystroke is waiting, as Gradio batches them: the
@@ -243,10 +256,8 @@ class Studio:
                 continue
             orig_w, orig_h, crop_top, crop_left, target_w, target_h = (values[i] for values in micro)
             try:
-                params = self.params("fast", dict(
-                    prompt=prompt, steps=steps[i], seed=seeds[i], randomize_seed=False, size=sizes[i],
-                    num_images=num_images[i], orig_w=orig_w, orig_h=orig_h, crop_top=crop_top, crop_left=crop_left,
-                    target_w=target_w, target_h=target_h))
+                params = self.fast_params(prompt, steps[i], seeds[i], False, sizes[i], num_images[i],
+                                          orig_w, orig_h, crop_top, crop_left, target_w, target_h)
                 if not self.limits.realtime(params):
                     raise gr.Error("larger than the real-time size: the Generate button runs it, with Stop")
             except gr.Error as e:
@@ -265,17 +276,19 @@ class Studio:
             log.info("generate() took %.1f ms (fast live, %d requests as a batch of %d)",
                      (time.perf_counter() - started) * 1e3, len(batch), len(padded))
             for (i, params), images in zip(group, made):
-                results[i], seeds_out[i] = [(im, im.info["parameters"]) for im in images], params.seed
+                results[i], seeds_out[i] = live_frames(images), params.seed
         return results, seeds_out
 
     def live_fast(self, mode, prompt, steps, seed, size, num_images,
                   orig_w, orig_h, crop_top, crop_left, target_w, target_h, request: gr.Request = None):
-        """As-you-type generation: Fast mode only, and with the seed as shown, so the words change the
-        image and the noise does not."""
+        """As-you-type generation, one typist per call (ZeroGPU): Fast mode only, and with the seed as shown, so
+        the words change the image and the noise does not."""
         if mode != FAST or not (prompt or "").strip() or self.unavailable("fast"):
             return gr.skip(), gr.skip()
-        return self.generate_fast(prompt, steps, seed, False, size, num_images,
-                                  orig_w, orig_h, crop_top, crop_left, target_w, target_h, request)
+        params = self.fast_params(prompt, steps, seed, False, size, num_images,
+                                  orig_w, orig_h, crop_top, crop_left, target_w, target_h)
+        images = self._fast(params, request)
+        return (gr.skip(), gr.skip()) if images is None else (live_frames(images), params.seed)
 
     def generate_quality(self, prompt, negative_prompt, steps, seed, randomize_seed, size, guidance_scale,
                          refiner_switch, num_images, orig_w, orig_h, crop_top, crop_left, target_w, target_h,
@@ -356,6 +369,20 @@ class Studio:
         flag = self._stop_flags.get(request.session_hash)
         if flag is not None:
             flag.set()
+
+
+def live_frames(images) -> list[tuple[str, str]]:
+    """Live images as JPEG files (parameters in EXIF) in Gradio's cache, served as they are: the gallery would
+    encode each as a PNG, 30-70 ms at 512², most of what a typing user waits for besides the model.
+    delete_cache removes them with Gradio's own files."""
+    folder = Path(gr.utils.get_upload_folder()) / "live"
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = []
+    for image in images:
+        path = folder / f"{uuid.uuid4().hex}.jpeg"
+        path.write_bytes(metadata.jpeg_bytes(image))
+        frames.append((str(path), image.info["parameters"]))
+    return frames
 
 
 def add_to_history(result, history: list, live: bool = False):

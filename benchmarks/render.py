@@ -85,7 +85,7 @@ SERVING_COLUMNS = {
                  ("defaults_compiled_after_s", "defaults compiled after s"), ("compiled", "shapes compiled")],
     "first call": [("api", "api"), ("mode", "mode"), ("size", "size"), ("images", "images"), ("steps", "steps"),
                    ("compiled", "compiled"), ("first_ms", "first call ms"), ("later_ms", "later calls, median ms")],
-    "http": [("size", "size"), ("calls", "calls"), ("end_to_end_p50_ms", "over HTTP p50 ms"),
+    "http": [("api", "event"), ("size", "size"), ("calls", "calls"), ("end_to_end_p50_ms", "over HTTP p50 ms"),
              ("end_to_end_p95_ms", "over HTTP p95 ms"), ("generate_alone_p50_ms", "generate() alone p50 ms"),
              ("generate_alone_p95_ms", "generate() alone p95 ms")],
     "typists": [("typists", "typists"), ("size", "size"), ("requests", "requests"), ("images_per_s", "images/s"),
@@ -96,8 +96,9 @@ SERVING_COLUMNS = {
 SERVING_INTRO = """\
 `python -m benchmarks.serving` starts `python app.py` on random-weight SDXL and measures it over HTTP as a browser
 gets its images (from joining the queue until the image bytes have arrived): start-up with empty ("cold") and
-saved ("cached") compile caches, the first and later calls of each size, the compiled calls, Fast over HTTP
-against `generate()` alone, and N typists at once."""
+saved ("cached") compile caches, or a second start without compilation ("restart"), the first and later calls
+of each size, the compiled calls, Fast over HTTP against `generate()` alone (the live event sends JPEGs, the
+Generate button PNGs), and N typists at once."""
 
 ABLATION_HEAD = ("| option | default | measured | without | with | device | command | commit |\n"
                  "|---|---|---|---|---|---|---|---|")

@@ -6,11 +6,14 @@ its images (the event's request until the image bytes have arrived).
 
 1. Saves random-weight SDXL base, refiner and a UNet-only student (trained size 512²) as diffusers folders.
 2. Starts the app with empty compile caches ("cold") and times it to its first Fast image over HTTP.
-3. First and later calls of every size in the page's menus (1 image, Fast 1 step), 1-4 images at two sizes,
-   and Quality at a sample of sizes; then, once the background compiler is done with them, the compiled calls.
-4. Fast 1 step at the models' size over HTTP against `generate()` alone (the app logs each call's time).
-5. N typists at once (each sends its next keystroke's request when the last image has arrived).
-6. Restarts the app with the portable compile cache from step 2 ("cached") and times its first Fast image.
+3. Fast 1 step at the models' size over HTTP against `generate()` alone (the app logs each call's time): the
+   live event (JPEG frames) and the Generate button (PNGs).
+4. N typists at once (each sends its next keystroke's request when the last image has arrived).
+5. First and later calls of every size in the page's menus (1 image, Fast 1 step), 1-4 images at two sizes,
+   and Quality at a sample of sizes; with --app-compile start/background, once the compiler is done with
+   them, the compiled calls.
+6. Restarts the app ("cached": with the portable compile cache from step 2; "restart": without compilation)
+   and times its first Fast image.
 Each result is one JSON line, printed and appended to `--json FILE` (default: a new file under
 benchmarks/results/new/, which git ignores): "kind" (one of SERVING_KINDS in benchmarks/render.py), "device",
 the kind's own fields, and the command, commit, date and versions that made it. `python -m benchmarks.render`
@@ -227,6 +230,18 @@ def main(argv=None) -> int:
         write(kind="start-up", cache="cold", serving_s=round(serving, 1),
               first_fast_image_s=round(time.perf_counter() - app.started, 1), first_fast_call_ms=round(took * 1e3, 1))
         try:
+            if "http" in phases:
+                # The live event (JPEG frames, what a typing user waits for) and the button (PNGs with parameters).
+                for api, data, logged in (("live_fast", live, "fast live"), ("generate_fast", fast, "fast")):
+                    pattern = rf"generate\(\) took ([\d.]+) ms \({logged}, "
+                    mark = len(app.log_lines(pattern))
+                    times = [client.call(api, data(f"a red fox {i}", native))[0] for i in range(30)]
+                    alone = [float(m[1]) / 1e3 for m in app.log_lines(pattern)][mark:]
+                    write(kind="http", api=api, size=native, calls=len(times), **ms(times, "end_to_end_"),
+                          **ms(alone, "generate_alone_"))
+            if "typists" in phases:
+                for n in (1, 4, 16):
+                    typists(app.root, write, n, args.typist_seconds, native)
             if "sizes" in phases:
                 sizes = [native, "192x192", big] if args.tiny else [native] + [
                     value for _, value in __import__("app").FAST_SIZES if value != native][::args.size_stride]
@@ -246,35 +261,31 @@ def main(argv=None) -> int:
                     size = native if args.tiny else big
                     first_and_later(client, write, "generate_quality", quality("a lighthouse", size, 20, images), 1,
                                     mode="quality", size=size, images=images, steps=20)
-            compiled = app.wait_compiled(count=DEFAULT_SHAPES, timeout=args.compile_wait if torch.cuda.is_available() else 0)
-            write(kind="compiled", shapes=compiled, after_s=round(time.perf_counter() - app.started, 1),
-                  log=[m[0] for m in app.log_lines(r"compiled shapes: [^\n]*")])
-            if "sizes" in phases:
+            compiles = args.app_compile != "off" and torch.cuda.is_available()
+            if compiles:
+                compiled = app.wait_compiled(count=DEFAULT_SHAPES, timeout=args.compile_wait)
+                write(kind="compiled", shapes=compiled, after_s=round(time.perf_counter() - app.started, 1),
+                      log=[m[0] for m in app.log_lines(r"compiled shapes: [^\n]*")])
+            if "sizes" in phases and compiles:
                 first_and_later(client, write, "generate_fast", fast("a lighthouse", native), 5, mode="fast",
                                 size=native, images=1, steps=1, compiled=True)
                 first_and_later(client, write, "generate_quality", quality("a lighthouse", big), 2,
                                 mode="quality", size=big, images=1, steps=50, compiled=True)
-            if "http" in phases:
-                mark = len(app.log_lines(r"generate\(\) took ([\d.]+) ms \(fast, "))
-                times = [client.call("generate_fast", fast(f"a red fox {i}", native))[0] for i in range(30)]
-                alone = [float(m[1]) / 1e3 for m in app.log_lines(r"generate\(\) took ([\d.]+) ms \(fast, ")][mark:]
-                write(kind="http", size=native, calls=len(times), **ms(times, "end_to_end_"),
-                      **ms(alone, "generate_alone_"))
-            if "typists" in phases:
-                for n in (1, 4, 16):
-                    typists(app.root, write, n, args.typist_seconds, native)
         finally:
             app.stop()
 
-    if "cached" in phases and cache.is_file():
+    # A restart: with the compile cache of the first start (--app-compile start/background), or, without
+    # compilation, what a restarted server pays with its model files in the OS's page cache.
+    if "cached" in phases and (cache.is_file() or args.app_compile == "off"):
         app = App(family, args.work, cache, args.port, "cached", args.app_compile)
         try:
             client = app.wait_until_serving()
             serving = time.perf_counter() - app.started
             took, _ = client.call("generate_fast", fast("a red fox", native))
             first = time.perf_counter() - app.started
-            compiled = app.wait_compiled(count=2, timeout=args.compile_wait if torch.cuda.is_available() else 0)
-            write(kind="start-up", cache="cached", cache_mb=round(cache.stat().st_size / 1e6, 1),
+            compiled = app.wait_compiled(count=2, timeout=args.compile_wait) if cache.is_file() else 0
+            write(kind="start-up", cache="cached" if cache.is_file() else "restart",
+                  cache_mb=round(cache.stat().st_size / 1e6, 1) if cache.is_file() else 0,
                   serving_s=round(serving, 1), first_fast_image_s=round(first, 1),
                   first_fast_call_ms=round(took * 1e3, 1), defaults_compiled_after_s=round(time.perf_counter() - app.started, 1),
                   compiled=compiled, log=[m[0] for m in app.log_lines(r"compiled shapes: [^\n]*")])

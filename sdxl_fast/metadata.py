@@ -25,6 +25,7 @@ exact text is also written as a JSON-quoted field of the last line, `Prompt: "..
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import replace
@@ -207,9 +208,35 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     return Path(path)
 
 
+# EXIF UserComment (in the Exif IFD), where AUTOMATIC1111 writes the parameters of a JPEG: an 8-byte character
+# code, then the text.
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    """The image as a JPEG with its `parameters` text in EXIF UserComment. At 512² it encodes in 1-2 ms where a
+    PNG takes 30-70 ms, which is why the live preview uses it."""
+    exif = Image.Exif()
+    if "parameters" in image.info:
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + image.info["parameters"].encode("utf-16-be")
+    out = io.BytesIO()
+    image.convert("RGB").save(out, format="JPEG", quality=quality, exif=exif)
+    return out.getvalue()
+
+
+def _exif_comment(image: Image.Image) -> str | None:
+    raw = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    if isinstance(raw, bytes) and raw[:8] == b"UNICODE\0":
+        return raw[8:].decode("utf-16-be")
+    if isinstance(raw, bytes) and raw[:8] == b"ASCII\0\0\0":
+        return raw[8:].decode("ascii", errors="replace")
+    return raw if isinstance(raw, str) else None
+
+
 def read_parameters(path: str | Path) -> str:
+    """The parameters text of a PNG (its `parameters` chunk) or a JPEG (EXIF UserComment)."""
     with Image.open(path) as image:
-        text = image.info.get("parameters")
+        text = image.info.get("parameters") or _exif_comment(image)
     if text is None:
-        raise ValueError(f"{path} has no 'parameters' text chunk")
+        raise ValueError(f"{path} has no 'parameters' text (PNG chunk or JPEG EXIF UserComment)")
     return text

@@ -45,6 +45,52 @@ def test_fast_returns_pngs_of_the_requested_size_with_parameters(client):
         assert (params.prompt, params.mode, params.steps, params.seed) == ("a red fox", "fast", 2, 11 + i)
 
 
+def test_live_frames_are_served_as_jpegs_with_their_parameters(served, tmp_path):
+    """The live event's images, fetched as the browser fetches them: JPEGs (PNG encoding took most of the
+    serving time) with their parameters in EXIF."""
+    import httpx
+
+    from benchmarks.serving import Client as BrowserClient, live
+
+    url, _ = served
+    browser, http = BrowserClient(url), httpx.Client(base_url=url)
+    for prompt in ("a red circle", "a blue star"):
+        _, output = browser.call("live_fast", live(prompt, "128x128"))
+        (item,) = output["data"][0]
+        response = http.get(item["image"]["url"]).raise_for_status()
+        assert response.headers["content-type"] == "image/jpeg"
+        path = tmp_path / f"{prompt}.jpeg"
+        path.write_bytes(response.content)
+        assert Image.open(path).size == (128, 128)
+        params, _ = sdxl_fast.parse_infotext(sdxl_fast.read_parameters(path))
+        assert sdxl_fast.read_parameters(path) == item["caption"] and (params.prompt, params.seed) == (prompt, 7)
+
+
+def test_waiting_typists_of_one_shape_share_one_call(served, monkeypatch):
+    """live_fast_batch, as Gradio calls it with every waiting keystroke: one generate_many call per shape,
+    each typist's own image back; Quality mode and empty prompts are left alone."""
+    _, studio = served
+    calls, generate_many = [], app.generate_many
+
+    def counting(models, requests):
+        calls.append(sorted((p.prompt, p.width) for p in requests))
+        return generate_many(models, requests)
+
+    monkeypatch.setattr(app, "generate_many", counting)
+    prompts = ["a red circle", "a blue star", "a green cross", "a quality prompt", " "]
+    modes = [app.FAST, app.FAST, app.FAST, "Quality", app.FAST]
+    sizes = ["128x128", "128x128", "64x64", "128x128", "128x128"]
+    zeros = [[0] * 5 for _ in range(6)]
+    results, seeds = studio.live_fast_batch(modes, prompts, [1] * 5, [7, 8, 9, 10, 11], sizes, [1] * 5, *zeros)
+    assert sorted(calls) == [[("a blue star", 128), ("a red circle", 128)], [("a green cross", 64)]]
+    for i in range(3):
+        (path, caption), = results[i]
+        params, _ = sdxl_fast.parse_infotext(caption)
+        assert path.endswith(".jpeg") and (params.prompt, params.seed) == (prompts[i], seeds[i]) == (prompts[i], 7 + i)
+        assert Image.open(path).size == (params.width, params.height)
+    assert results[3] == results[4] == app.gr.skip()
+
+
 def test_quality_returns_pngs_of_the_requested_size_with_parameters(client):
     gallery, seed = quality(client, size="640x384", steps=4, guidance_scale=3.0, refiner_switch=0.5)
     assert seed == 7 and len(gallery) == 1

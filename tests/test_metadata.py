@@ -4,7 +4,7 @@ import re
 import pytest
 from PIL import Image
 
-from sdxl_fast import GenerationParams, infotext, parse_infotext, read_parameters, save_png
+from sdxl_fast import GenerationParams, infotext, metadata, parse_infotext, read_parameters, save_png
 
 
 def test_infotext_is_in_the_format_other_sdxl_tools_read():
@@ -38,6 +38,20 @@ def test_png_carries_the_text_chunk(tmp_path):
     path = save_png(image, tmp_path / "sub" / "x.png")
     assert read_parameters(path) == image.info["parameters"]
     assert not list((tmp_path / "sub").glob("*.tmp"))
+
+
+def test_jpeg_carries_the_parameters_in_exif_user_comment(tmp_path):
+    image = Image.new("RGB", (8, 8), "red")
+    image.info["parameters"] = "a prompt ünïcode\nSteps: 1, Seed: 3, Size: 8x8, Mode: fast"
+    path = tmp_path / "x.jpeg"
+    path.write_bytes(metadata.jpeg_bytes(image))
+    with Image.open(path) as read:
+        assert read.format == "JPEG" and read.size == (8, 8)
+    assert read_parameters(path) == image.info["parameters"]
+    bare = tmp_path / "bare.jpeg"
+    Image.new("RGB", (8, 8)).save(bare)
+    with pytest.raises(ValueError, match="no 'parameters' text"):
+        read_parameters(bare)
 
 
 def test_an_unset_negative_crop_keeps_diffusers_defaults_through_the_metadata():
