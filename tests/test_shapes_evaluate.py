@@ -45,10 +45,12 @@ def test_evaluate_command_writes_the_full_table(tiny_family, probe_dir, tmp_path
     # then the multi-step rows again with the step cache, and the reference
     assert [(r[0], r[1]) for r in rows[7:12]] == [(f"{s}, step cache 2", n) for s, n in EXPECTED_ROWS if n != "1"]
     assert rows[12][0] == REFERENCE and len(rows) == 13
-    for sampler, steps, accuracy, frechet, ms in rows[:12]:
+    for sampler, steps, accuracy, frechet, ms, accuracy_se, frechet_se in rows[:12]:
         assert 0.0 <= float(accuracy) <= 1.0
         assert float(frechet) >= 0.0 and math.isfinite(float(frechet))
         assert float(ms) > 0.0
+        assert float(accuracy_se) == pytest.approx(math.sqrt(float(accuracy) * (1 - float(accuracy)) / 2), abs=1e-3)
+        assert float(frechet_se) >= 0.0
     report = json.loads(raw.read_text())
     assert report["setup"]["n"] == 2 and len(report["rows"]) == 12
     assert all(set(r["accuracy"]) == {"shape", "colour", "position", "count", "all"} for r in report["rows"])

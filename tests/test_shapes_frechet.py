@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sdxl_fast.shapes.frechet import frechet_distance, frechet_from_statistics, statistics
+from sdxl_fast.shapes.frechet import frechet_distance, frechet_from_statistics, frechet_standard_error, statistics
 
 
 def test_one_dimensional_hand_computed():
@@ -52,3 +52,13 @@ def test_matches_scipy_sqrtm_and_handles_fewer_samples_than_dimensions():
 def test_rejects_a_single_sample():
     with pytest.raises(ValueError):
         frechet_distance([[1.0, 2.0]], [[1.0, 2.0], [0.0, 1.0]])
+
+
+def test_bootstrap_standard_error_shrinks_with_n_and_is_zero_for_identical_rows():
+    rng = np.random.default_rng(0)
+    small = [frechet_standard_error(rng.normal(size=(n, 4)) + 1, rng.normal(size=(n, 4))) for n in (50, 2000)]
+    assert small[1] < small[0] / 3  # about 1/sqrt(40) of it
+    same = np.tile(rng.normal(size=(1, 4)), (10, 1))
+    assert frechet_standard_error(same, same) == 0.0
+    with pytest.raises(ValueError, match="differ in length"):
+        frechet_standard_error(np.zeros((3, 2)), np.zeros((4, 2)))

@@ -24,6 +24,7 @@ from the base; the refiner only handles the last 20% of noise levels and is not 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 from sdxl_fast.params import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, MAX_FAST_STEPS
 
 from . import data
-from .frechet import frechet_distance
+from .frechet import frechet_distance, frechet_standard_error
 from .probe import (DEFAULT_DIR, HEADS, features, label_targets, load_probe, predict, predict_indices, render, score,
                     to_uint8)
 
@@ -62,7 +63,8 @@ ROWS = (
     Row("student (ADD)", "fast", MAX_FAST_STEPS),
 )
 REFERENCE = "real held-out images (reference)"
-HEADER = "| sampler | steps | attribute accuracy | Fréchet distance | CPU ms / image |"
+HEADER = ("| sampler | steps | attribute accuracy | Fréchet distance | CPU ms / image | accuracy s.e. "
+          "| Fréchet s.e. |")
 
 
 def cached_rows(interval: int, rows: tuple[Row, ...] = ROWS) -> tuple[Row, ...]:
@@ -132,8 +134,12 @@ def evaluate(base: str, refiner: str | None, student: str, n: int = 200, probe_d
             images.extend(sdxl_fast.generate(models, params(caption, row, seed=i)))
             seconds += time.perf_counter() - started
         x = to_uint8(images, probe.config.input_size)
-        result = {"sampler": row.sampler, "steps": row.steps, "accuracy": score(predict_indices(probe, x), targets),
-                  "frechet": frechet_distance(features(probe, x), real_features), "ms_per_image": 1000 * seconds / n}
+        accuracy, generated = score(predict_indices(probe, x), targets), features(probe, x)
+        result = {"sampler": row.sampler, "steps": row.steps, "accuracy": accuracy,
+                  "frechet": frechet_distance(generated, real_features), "ms_per_image": 1000 * seconds / n,
+                  # binomial for the share of captions read right; a paired bootstrap over captions for Fréchet
+                  "accuracy_se": math.sqrt(accuracy["all"] * (1 - accuracy["all"]) / n),
+                  "frechet_se": frechet_standard_error(generated, real_features)}
         if short_prompts:
             result["short_prompts"] = short_prompt_accuracy(
                 lambda prompt, seed: sdxl_fast.generate(models, params(prompt, row, seed))[0], probe, short_prompts)
@@ -155,14 +161,15 @@ def _fmt(value, digits: int) -> str:
 def markdown(report: dict) -> str:
     """The sampler table, then per-attribute accuracies, then the setup that produced them."""
     s = report["setup"]
-    lines = [HEADER, "|---|---|---|---|---|"]
+    lines = [HEADER, "|---|---|---|---|---|---|---|"]
     for r in report["rows"] + [report["reference"]]:
         if "skipped" in r:
-            lines.append(f"| {r['sampler']} | {r['steps']} | not run ({r['skipped']}) | – | – |")
+            lines.append(f"| {r['sampler']} | {r['steps']} | not run ({r['skipped']}) | – | – | – | – |")
             continue
         steps = "–" if r["steps"] is None else str(r["steps"])
         lines.append(f"| {r['sampler']} | {steps} | {_fmt(r['accuracy']['all'], 3)} | {_fmt(r['frechet'], 2)} | "
-                     f"{_fmt(r['ms_per_image'], 0)} |")
+                     f"{_fmt(r['ms_per_image'], 0)} | {_fmt(r.get('accuracy_se'), 3)} | "
+                     f"{_fmt(r.get('frechet_se'), 1)} |")
     lines += ["", "| sampler | steps | " + " | ".join(HEADS) + " |", "|---|---|" + "---|" * len(HEADS)]
     for r in report["rows"] + [report["reference"]]:
         if "skipped" not in r:

@@ -39,3 +39,14 @@ def frechet_from_statistics(mu1, s1, mu2, s2) -> float:
 def frechet_distance(features_a, features_b) -> float:
     """The (squared, as FID reports it) Fréchet distance between two [N, D] feature sets."""
     return frechet_from_statistics(*statistics(features_a), *statistics(features_b))
+
+
+def frechet_standard_error(features_a, features_b, rounds: int = 100, seed: int = 0) -> float:
+    """Bootstrap standard error of frechet_distance(a, b) over paired rows: row i of both sets comes from caption
+    i, so each round redraws the captions (with replacement) and keeps every pair together."""
+    a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
+    if len(a) != len(b):
+        raise ValueError(f"paired feature sets differ in length: {len(a)} and {len(b)}")
+    rng = np.random.default_rng(seed)
+    draws = [frechet_distance(a[idx], b[idx]) for idx in (rng.integers(0, len(a), len(a)) for _ in range(rounds))]
+    return float(np.std(draws, ddof=1))
