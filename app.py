@@ -60,6 +60,7 @@ QUALITY_MAX_STEPS = requests.QUALITY_MAX_STEPS
 FAST_MAX_STEPS = requests.MAX_STEPS["fast"]
 MAX_IMAGES_UI = requests.MAX_IMAGES
 LIVE_BATCH = 16  # typists whose keystrokes may share one batched Fast call
+LIVE_BATCHES = (1, 2, 4, 8, LIVE_BATCH)  # the batch sizes live calls are padded to (powers of two)
 QUALITY_SIZES = [(bucket_label(w, h), f"{w}x{h}") for w, h in SDXL_BUCKETS]
 FAST_SIZES = [(bucket_label(512, 512), "512x512")] + QUALITY_SIZES
 DEFAULT_SIZE = {FAST: "512x512", QUALITY: "1024x1024"}
@@ -573,17 +574,19 @@ def start_serving(studio: Studio, compile_mode: str) -> None:
     if compile_mode != "off":
         load_cache()
     log.info("Recording the default shapes' CUDA graphs%s", " (compiling them first)" if compile_mode == "start" else "")
+    # On a GPU each live batch size is its own CUDA graph: record them all now, not on a typist's keystroke.
+    batches = LIVE_BATCHES if models.device.type == "cuda" else (1,)
     if compile_mode == "start":
         with compiling():
-            accel.warmup(models)
+            accel.warmup(models, batches)
         save_cache()
     else:
-        accel.warmup(models)
+        accel.warmup(models, batches)
     if compile_mode != "background":
         return
     studio.compiler = BackgroundCompiler(models).start()
     # The models' own size: Fast at 1 image, Quality at 1 image, then Fast at the live batches' sizes.
-    for mode, images in (("fast", 1), ("quality", 1), *(("fast", n) for n in (2, 4, 8, LIVE_BATCH))):
+    for mode, images in (("fast", 1), ("quality", 1), *(("fast", n) for n in LIVE_BATCHES[1:])):
         if getattr(models, mode) is not None:
             side = sdxl_fast.native_side(models, mode)
             studio.compiler.request(sdxl_fast.GenerationParams("", mode=mode, seed=0, width=side, height=side,

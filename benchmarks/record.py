@@ -22,10 +22,11 @@ NEW_RESULTS = ROOT / "benchmarks" / "results" / "new"
 
 
 def commit() -> str | None:
-    """The short hash of the checkout's HEAD, or None when there is no git or no checkout."""
+    """The short hash of the checkout's HEAD, with "+modified" when tracked files differ from it (the code that
+    ran is then not that commit), or None when there is no git or no checkout."""
     try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10)
+        done = subprocess.run(["git", "describe", "--always", "--exclude=*", "--abbrev=7", "--dirty=+modified"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     if done.returncode != 0:

@@ -94,8 +94,9 @@ def test_warmup_runs_every_path_and_the_quality_step_cache(tiny_models, monkeypa
     real_generate, real_cached = generate_module.generate, step_cache.cached_step
     monkeypatch.setattr(generate_module, "generate", lambda models, p, *a: calls.append(p) or real_generate(models, p, *a))
     monkeypatch.setattr(step_cache, "cached_step", lambda unet, *a: cached_unets.append(unet) or real_cached(unet, *a))
-    warmup_module.warmup(tiny_models)
-    assert [(p.mode, p.steps, p.cache_interval) for p in calls] == [("fast", 1, 1), ("quality", 2, 1), ("quality", 4, 2)]
+    warmup_module.warmup(tiny_models, fast_batches=(1, 2))
+    assert [(p.mode, p.steps, p.num_images, p.cache_interval) for p in calls] == [
+        ("fast", 1, 1, 1), ("fast", 1, 2, 1), ("quality", 2, 1, 1), ("quality", 4, 1, 2)]
     q = tiny_models.quality
     assert cached_unets == [q.base, q.refiner]  # each Quality UNet's cached step has run (and compiled, on a GPU)
 

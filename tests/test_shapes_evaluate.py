@@ -126,3 +126,23 @@ def test_evaluate_adds_the_short_prompt_column_when_asked(tiny_family, probe_dir
                       rows=(Row("student (ADD)", "fast", 1),), short_prompts=1)
     assert 0.0 <= report["rows"][0]["short_prompts"] <= 1.0
     assert "| student (ADD) | 1 | " in markdown(report).split("short prompts read as asked")[1]
+
+
+def test_grid_holds_each_students_fast_images_row_by_row(tiny_family, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import sdxl_fast
+
+    out = tmp_path / "grid.png"
+    assert main(["grid", "--base", str(tiny_family["base"]), "--student", str(tiny_family["student"]),
+                 "--student", str(tiny_family["turbo"]), "--prompt", "a red circle", "--prompt", "a blue star",
+                 "--size", "64", "--out", str(out)]) == 0
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (128, 128, 3)
+    models = sdxl_fast.load(modes=("fast",), device="cpu", dtype=torch.float32, sources=sdxl_fast.ModelSources(
+        base=str(tiny_family["base"]), refiner=None, fast=str(tiny_family["turbo"])))
+    (star,) = sdxl_fast.generate(models, sdxl_fast.GenerationParams("a blue star", mode="fast", steps=1, seed=7,
+                                                                    width=64, height=64))
+    assert np.array_equal(grid[64:, 64:], np.asarray(star))  # row 2 (turbo), column 2
+    assert not np.array_equal(grid[:64, 64:], grid[64:, 64:])  # the other student's differs

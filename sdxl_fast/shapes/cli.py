@@ -62,6 +62,17 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _grid(args) -> int:
+    from .grid import PROMPTS, student_grid
+
+    _set_threads(args)
+    grid = student_grid(args.base, args.student, tuple(args.prompt or PROMPTS), seed=args.seed, steps=args.steps,
+                        size=args.size)
+    grid.save(args.out)
+    print(f"wrote {args.out}: {len(args.student)} rows x {len(args.prompt or PROMPTS)} prompts")
+    return 0
+
+
 def _train_demo(args) -> int:
     from .demo_config import DemoTrainConfig
     from .train_demo import run_stage
@@ -174,6 +185,21 @@ def _add_evaluate(sub) -> None:
     e.set_defaults(run=_evaluate)
 
 
+def _add_grid(sub) -> None:
+    from .grid import PROMPTS
+
+    g = sub.add_parser("grid", help="students' Fast images of three prompts at one seed, one row per student")
+    g.add_argument("--base", default="demo_models/base", help="the base whose encoders and VAE the students use")
+    g.add_argument("--student", action="append", required=True, help="a student folder (repeat: one row each)")
+    g.add_argument("--prompt", action="append", help=f"a column (repeat; default: {', '.join(PROMPTS)})")
+    g.add_argument("--seed", type=int, default=7)
+    g.add_argument("--steps", type=int, default=1)
+    g.add_argument("--size", type=int, default=128)
+    g.add_argument("--out", required=True, help="image file (.png, .jpg, ...)")
+    _add_threads(g)
+    g.set_defaults(run=_grid)
+
+
 def _add_train_demo(sub) -> None:
     from .demo_config import STAGES, DemoTrainConfig
 
@@ -210,7 +236,8 @@ def _add_threads(parser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sdxl_fast.shapes", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_write, _add_train_probe, _add_evaluate, _add_train_demo, _add_export_demo, _add_pretrain_vit):
+    for add in (_add_write, _add_train_probe, _add_evaluate, _add_grid, _add_train_demo, _add_export_demo,
+                _add_pretrain_vit):
         add(sub)
     return parser
 
