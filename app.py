@@ -9,6 +9,10 @@ most one request pending and replaces it with the newest text instead of queuein
 
 from __future__ import annotations
 
+import time
+
+STARTED = time.monotonic()  # before the imports, which are much of a restart's time (torch, diffusers, gradio)
+
 try:  # first: on a ZeroGPU Space, importing `spaces` patches torch before anything touches CUDA
     import spaces  # noqa: F401
 except ImportError:  # anywhere else the models sit on their device and the handlers run as they are
@@ -21,7 +25,6 @@ import math
 import queue
 import random
 import threading
-import time
 import uuid
 import warnings
 from collections import Counter
@@ -626,7 +629,7 @@ def main(argv=None) -> None:
         sources = sdxl_fast.resolve_sources(args.preset, args.base, args.refiner, args.fast)
     except ValueError as e:
         raise SystemExit(str(e)) from e
-    log.info("Model sources: %s", sources)
+    log.info("Imports took %.1f s; model sources: %s", time.monotonic() - STARTED, sources)
     started = time.monotonic()
     studio = load_studio(sources, args.device, args.dtype, args.cpu_offload, args.fp8, args.compile)
     device_type = studio.models.device.type if studio.models is not None else "cpu"

@@ -14,8 +14,8 @@ set -euo pipefail
 work=${1:?usage: add-ablation.sh WORK MINUTES [ARM ...]}
 minutes=${2:?usage: add-ablation.sh WORK MINUTES [ARM ...]}
 shift 2
-arms=("${@:-old add distill adv add-v add-bal}")
-read -r -a arms <<<"${arms[*]}"
+arms=("$@")
+[ ${#arms[@]} -gt 0 ] || arms=(old add distill adv add-v add-bal)
 every=${EVERY:-50}
 mkdir -p "$work"
 

@@ -1,5 +1,5 @@
-"""The PNG `parameters` text: written in the format AUTOMATIC1111, ComfyUI, Civitai and other SDXL tools read,
-and parsed back so an image can be reproduced from its own file.
+"""The `parameters` text: written in the format AUTOMATIC1111, ComfyUI, Civitai and other SDXL tools read (a
+PNG text chunk; in a JPEG, EXIF UserComment), and parsed back so an image can be reproduced from its own file.
 
     a prompt
     Negative prompt: a negative prompt
@@ -226,11 +226,7 @@ def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
 
 def _exif_comment(image: Image.Image) -> str | None:
     raw = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
-    if isinstance(raw, bytes) and raw[:8] == b"UNICODE\0":
-        return raw[8:].decode("utf-16-be")
-    if isinstance(raw, bytes) and raw[:8] == b"ASCII\0\0\0":
-        return raw[8:].decode("ascii", errors="replace")
-    return raw if isinstance(raw, str) else None
+    return raw[8:].decode("utf-16-be") if isinstance(raw, bytes) and raw[:8] == b"UNICODE\0" else None
 
 
 def read_parameters(path: str | Path) -> str:
