@@ -62,8 +62,9 @@ def test_live_frames_are_served_as_jpegs_with_their_parameters(served, tmp_path)
         path = tmp_path / f"{prompt}.jpeg"
         path.write_bytes(response.content)
         assert Image.open(path).size == (128, 128)
-        params, _ = sdxl_fast.parse_infotext(sdxl_fast.read_parameters(path))
-        assert sdxl_fast.read_parameters(path) == item["caption"] and (params.prompt, params.seed) == (prompt, 7)
+        text = sdxl_fast.read_parameters(path)
+        params, _ = sdxl_fast.parse_infotext(text)
+        assert text == item["caption"] and (params.prompt, params.seed) == (prompt, 7)
 
 
 def test_waiting_typists_of_one_shape_share_one_call(served, monkeypatch):
