@@ -21,7 +21,6 @@ except ImportError:  # anywhere else the models sit on their device and the hand
 import argparse
 import inspect
 import logging
-import math
 import queue
 import random
 import threading
@@ -41,11 +40,12 @@ from sdxl_fast.cli import add_model_arguments
 from sdxl_fast.params import (DEFAULT_AESTHETIC_SCORE, DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_AESTHETIC_SCORE,
                               DEFAULT_REFINER_SWITCH, MAX_SEED, SDXL_BUCKETS, bucket_label)
 from sdxl_fast.pipeline.decoding import latent_preview
-from sdxl_fast.pipeline.generate import batch_key, generate_many
+from sdxl_fast.pipeline.generate import generate_many
 from sdxl_fast.accel.compile import compiling
 from sdxl_fast.serving.compiler import BackgroundCompiler, load_cache, save_cache
 from sdxl_fast.serving import limits as serving_limits
 from sdxl_fast.serving import requests, zerogpu
+from sdxl_fast.serving.batcher import Batcher
 from sdxl_fast.serving.limits import Limits, LimitError, OverBudget
 
 
@@ -62,7 +62,7 @@ FAST, QUALITY = "Fast", "Quality"
 QUALITY_MAX_STEPS = requests.QUALITY_MAX_STEPS
 FAST_MAX_STEPS = requests.MAX_STEPS["fast"]
 MAX_IMAGES_UI = requests.MAX_IMAGES
-LIVE_BATCH = 16  # typists whose keystrokes may share one batched Fast call
+LIVE_BATCH = 16  # images that the keystrokes of several typists may share in one batched Fast call
 LIVE_BATCHES = (1, 2, 4, 8, LIVE_BATCH)  # the batch sizes live calls are padded to (powers of two)
 QUALITY_SIZES = [(bucket_label(w, h), f"{w}x{h}") for w, h in SDXL_BUCKETS]
 FAST_SIZES = [(bucket_label(512, 512), "512x512")] + QUALITY_SIZES
@@ -97,13 +97,18 @@ class Stopped(Exception):
 class Studio:
     """The loaded models (or why they could not be loaded), the limits a request must keep to, and the
     generation calls the UI makes. `limits` defaults to none (app.py's main() sets the device's, see
-    sdxl_fast.serving.limits)."""
+    sdxl_fast.serving.limits); `concurrency` generations may run at once (`--concurrency`)."""
 
     def __init__(self, models: sdxl_fast.Models | None, load_errors: dict[str, str] | None = None,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, concurrency: int = 1):
         self.models = models
         self.load_errors = load_errors or {}
         self.limits = limits or Limits()
+        self.concurrency = concurrency
+        # Held by every generation: the live batches run in a thread of their own, beside Gradio's "gpu" group.
+        self.slots = threading.BoundedSemaphore(concurrency)
+        # The live keystrokes of all typists, batched (on ZeroGPU each is a GPU call of its own instead).
+        self.batcher = Batcher(self._live_batch, LIVE_BATCH) if models is not None and not zerogpu.active() else None
         self._stop_flags: dict[str | None, threading.Event] = {}
         # Compiles each new (mode, size, images) in the background while it is served eagerly (GPU only).
         self.compiler: BackgroundCompiler | None = None
@@ -151,9 +156,9 @@ class Studio:
         log.info("generation %d (%s): %d steps, %dx%d x %d, seed %d, prompt %r", generations[params.mode],
                  params.mode, params.steps, params.width, params.height, params.num_images, params.seed,
                  params.prompt[:60])
-        # catch_warnings swaps process-wide state; it is safe because generations run one at a time
-        # (a single concurrency group for the models, see build_demo).
-        with warnings.catch_warnings(record=True) as caught:
+        # catch_warnings swaps process-wide state; it is safe because generations run one at a time (one slot
+        # unless --concurrency says otherwise).
+        with self.slots, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", sdxl_fast.PromptTruncatedWarning)
             started = time.perf_counter()
             images = self._run_errors(sdxl_fast.generate, self.models, params, callback)
@@ -229,10 +234,20 @@ class Studio:
             orig_w=orig_w, orig_h=orig_h, crop_top=crop_top, crop_left=crop_left, target_w=target_w,
             target_h=target_h))
 
-    def _fast(self, params: sdxl_fast.GenerationParams, request: gr.Request | None) -> list | None:
+    def _fast(self, params: sdxl_fast.GenerationParams, request: gr.Request | None,
+              batched: bool = False) -> list | None:
         """The Fast images, or None if Stop ended the run. Up to the real-time size it runs as one call (one
-        CUDA graph on a GPU); above it with a step callback, so Stop and the time budget can end it."""
-        if self.limits.realtime(params):
+        CUDA graph on a GPU), `batched` with the other typists' waiting requests; above it with a step
+        callback, so Stop, a newer request of the session and the time budget can end it."""
+        realtime = self.limits.realtime(params)
+        if realtime and batched and self.batcher is not None:
+            reason = self.unavailable("fast")
+            if reason:
+                raise gr.Error(requests.escape(reason))
+            with _generations_lock:
+                generations["fast"] += 1
+            return self.batcher(params)
+        if realtime:
             images, notes = self.run(params)
         else:
             stop = self._stop_flag(request)
@@ -249,49 +264,25 @@ class Studio:
             gr.Warning(note)
         return images
 
-    def live_fast_batch(self, modes, prompts, steps, seeds, sizes, num_images, *micro):
-        """As-you-type generation for every typist whose keystroke is waiting, as Gradio batches them: the
-        requests of one shape share one batched call (`generate_many`). A request that cannot run (Quality mode,
-        an empty prompt, a bad field: the Generate button says why) leaves that typist's image as it is."""
-        results, seeds_out = [gr.skip()] * len(prompts), [gr.skip()] * len(prompts)
-        groups: dict[tuple, list[tuple[int, sdxl_fast.GenerationParams]]] = {}
-        for i, (mode, prompt) in enumerate(zip(modes, prompts)):
-            if mode != FAST or not (prompt or "").strip() or self.unavailable("fast"):
-                continue
-            orig_w, orig_h, crop_top, crop_left, target_w, target_h = (values[i] for values in micro)
-            try:
-                params = self.fast_params(prompt, steps[i], seeds[i], False, sizes[i], num_images[i],
-                                          orig_w, orig_h, crop_top, crop_left, target_w, target_h)
-                if not self.limits.realtime(params):
-                    raise gr.Error("larger than the real-time size: the Generate button runs it, with Stop")
-            except gr.Error as e:
-                log.info("live request skipped: %s", e)
-                continue
-            groups.setdefault(batch_key(params), []).append((i, params))
-        for group in groups.values():
-            batch = [params for _, params in group]
-            # Padded to a power of two by repeating the last request: five batch sizes to compile, not sixteen.
-            padded = batch + batch[-1:] * (2 ** math.ceil(math.log2(len(batch))) - len(batch))
-            self.prepare(replace(padded[0], num_images=sum(p.num_images for p in padded)), notify=False)
-            with _generations_lock:
-                generations["fast"] += len(batch)
+    def _live_batch(self, batch: list[sdxl_fast.GenerationParams]) -> list[list]:
+        """One batched call for the live requests the batcher gathered (padded to a power of two images)."""
+        self.prepare(replace(batch[0], num_images=sum(p.num_images for p in batch)), notify=False)
+        with self.slots:
             started = time.perf_counter()
-            made = self._run_errors(generate_many, self.models, padded)
-            log.info("generate() took %.1f ms (fast live, %d requests as a batch of %d)",
-                     (time.perf_counter() - started) * 1e3, len(batch), len(padded))
-            for (i, params), images in zip(group, made):
-                results[i], seeds_out[i] = live_frames(images), params.seed
-        return results, seeds_out
+            made = self._run_errors(generate_many, self.models, batch)
+        log.info("generate() took %.1f ms (fast live, %d requests, %d images)", (time.perf_counter() - started) * 1e3,
+                 len(batch), sum(p.num_images for p in batch))
+        return made
 
     def live_fast(self, mode, prompt, steps, seed, size, num_images,
                   orig_w, orig_h, crop_top, crop_left, target_w, target_h, request: gr.Request = None):
-        """As-you-type generation, one typist per call (ZeroGPU): Fast mode only, and with the seed as shown, so
-        the words change the image and the noise does not."""
+        """As-you-type generation: Fast mode only, and with the seed as shown, so the words change the image and
+        the noise does not. The frames are JPEGs; the waiting keystrokes of all typists share batched calls."""
         if mode != FAST or not (prompt or "").strip() or self.unavailable("fast"):
             return gr.skip(), gr.skip()
         params = self.fast_params(prompt, steps, seed, False, size, num_images,
                                   orig_w, orig_h, crop_top, crop_left, target_w, target_h)
-        images = self._fast(params, request)
+        images = self._fast(params, request, batched=True)
         return (gr.skip(), gr.skip()) if images is None else (live_frames(images), params.seed)
 
     def generate_quality(self, prompt, negative_prompt, steps, seed, randomize_seed, size, guidance_scale,
@@ -436,13 +427,13 @@ def on_mode_change(studio: Studio, mode, size):
             quality_only, quality_only, gr.update(visible=fast), quality_only, quality_only)
 
 
-def build_demo(studio: Studio, concurrency_limit: int = 1, examples: list[str] = EXAMPLES, note: str = "",
+def build_demo(studio: Studio, examples: list[str] = EXAMPLES, note: str = "",
                delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
     problems = [f"**{mode.title()} mode unavailable.** {why}" for mode, why in studio.load_errors.items()]
     fast_sizes, fast_size = size_choices(studio, FAST)
     # preprocess=False: the handlers get the values as sent and check them (sdxl_fast.serving.requests), so
     # every bad one is answered with its field's name, not Gradio's unnamed or unreadable preprocessing errors.
-    gpu_events = dict(concurrency_id="gpu", concurrency_limit=concurrency_limit, preprocess=False)
+    gpu_events = dict(concurrency_id="gpu", concurrency_limit=studio.concurrency, preprocess=False)
 
     # delete_cache (frequency, age) in seconds: served images older than `age` are deleted (--delete-cache-after)
     with gr.Blocks(title="sdxl-fast", delete_cache=delete_cache) as demo:
@@ -499,14 +490,14 @@ def build_demo(studio: Studio, concurrency_limit: int = 1, examples: list[str] =
 
         micro = [orig_w, orig_h, crop_top, crop_left, target_w, target_h]
         fast_inputs = [prompt, steps_fast, seed, randomize, size, num_images, *micro]
-        # Batched: the keystrokes of every typist waiting when the GPU frees up run as one call (live_fast_batch);
-        # on ZeroGPU each is a GPU call of its own, with its own duration.
-        live, batching = ((studio.live_fast, {}) if zerogpu.active() else
-                          (studio.live_fast_batch, dict(batch=True, max_batch_size=LIVE_BATCH)))
+        # The typists' keystrokes wait together in the studio's batcher: room for a batch on the GPU and the
+        # next one gathering. On ZeroGPU each is a GPU call of its own, with its own duration.
+        live_events = gpu_events if studio.batcher is None else dict(
+            concurrency_id="live", concurrency_limit=2 * LIVE_BATCH, preprocess=False)
         gr.on([prompt.change, steps_fast.release, seed.input, size.input, num_images.release, mode.input],
-              gpu(live), inputs=[mode, *fast_inputs[:3], *fast_inputs[4:]], outputs=[result, seed],
+              gpu(studio.live_fast), inputs=[mode, *fast_inputs[:3], *fast_inputs[4:]], outputs=[result, seed],
               trigger_mode="always_last", show_progress="hidden", api_name="live_fast", api_visibility="undocumented",
-              **batching, **gpu_events,
+              **live_events,
               ).success(add_live_to_history, [result, history_state], [history, history_state], queue=False,
                   api_visibility="private")
         fast_button.click(gpu(studio.generate_fast), fast_inputs, [result, seed], api_name="generate_fast",
@@ -535,7 +526,7 @@ def build_demo(studio: Studio, concurrency_limit: int = 1, examples: list[str] =
 
 
 def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None, cpu_offload=False,
-                fp8=False, compile_mode: str = "off") -> Studio:
+                fp8=False, compile_mode: str = "off", concurrency: int = 1) -> Studio:
     """Load both paths; when that fails, each path alone, so one missing model does not take down the other.
     A path that cannot load is reported in the page and the log, never by crashing. `fp8`: the opt-in fp8
     matmuls on top of the device's default acceleration (skipped, with a log line, where unsupported)."""
@@ -550,7 +541,8 @@ def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None,
         return studio
 
     try:
-        return loaded(Studio(sdxl_fast.load(sources=sources, device=device, dtype=dtype, cpu_offload=cpu_offload)))
+        return loaded(Studio(sdxl_fast.load(sources=sources, device=device, dtype=dtype, cpu_offload=cpu_offload),
+                             concurrency=concurrency))
     except Exception as e:  # noqa: BLE001
         log.warning("Could not load all models (%s); trying each mode on its own", e)
     models, errors = None, {}
@@ -565,7 +557,7 @@ def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None,
             models = one
         else:
             models.quality = one.quality
-    return loaded(Studio(models, errors))
+    return loaded(Studio(models, errors, concurrency=concurrency))
 
 
 def start_serving(studio: Studio, compile_mode: str) -> None:
@@ -631,7 +623,7 @@ def main(argv=None) -> None:
         raise SystemExit(str(e)) from e
     log.info("Imports took %.1f s; model sources: %s", time.monotonic() - STARTED, sources)
     started = time.monotonic()
-    studio = load_studio(sources, args.device, args.dtype, args.cpu_offload, args.fp8, args.compile)
+    studio = load_studio(sources, args.device, args.dtype, args.cpu_offload, args.fp8, args.compile, args.concurrency)
     device_type = studio.models.device.type if studio.models is not None else "cpu"
     try:
         studio.limits = Limits.resolve(device_type, {name: getattr(args, name) for name in serving_limits.SETTINGS})
@@ -644,7 +636,7 @@ def main(argv=None) -> None:
         start_serving(studio, args.compile)
     log.info("Models ready after %.1f s", time.monotonic() - started)
     demo_family = sources == sdxl_fast.PRESETS["demo"]
-    demo = build_demo(studio, concurrency_limit=args.concurrency, examples=DEMO_EXAMPLES if demo_family else EXAMPLES,
+    demo = build_demo(studio, examples=DEMO_EXAMPLES if demo_family else EXAMPLES,
                       note=DEMO_NOTE if demo_family else "", delete_cache=delete_cache)
     demo.queue(max_size=args.queue_size).launch(server_name=args.host, server_port=args.port, share=args.share)
 

@@ -106,15 +106,17 @@ class App:
 
 
 class Client:
-    """What the browser does for one event: join the queue, read the event's messages, fetch the images."""
+    """What a browser tab does for one event: join the queue, read the event's messages, fetch the images. A
+    tab keeps one session for all its events, and so does a Client."""
 
     def __init__(self, root: str):
         self.http = httpx.Client(base_url=root, timeout=900)
+        self.session = uuid.uuid4().hex[:12]
         config = self.http.get("/config").raise_for_status().json()
         self.fn = {d["api_name"]: d["id"] for d in config["dependencies"] if d.get("api_name")}
 
     def call(self, api_name: str, data: list) -> tuple[float, dict]:
-        session = uuid.uuid4().hex[:12]
+        session = self.session
         started = time.perf_counter()
         joined = self.http.post("/gradio_api/queue/join", json={
             "data": data, "fn_index": self.fn[api_name], "session_hash": session, "event_data": None,

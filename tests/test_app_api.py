@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -67,29 +68,48 @@ def test_live_frames_are_served_as_jpegs_with_their_parameters(served, tmp_path)
         assert text == item["caption"] and (params.prompt, params.seed) == (prompt, 7)
 
 
-def test_waiting_typists_of_one_shape_share_one_call(served, monkeypatch):
-    """live_fast_batch, as Gradio calls it with every waiting keystroke: one generate_many call per shape,
-    each typist's own image back; Quality mode and empty prompts are left alone."""
+def test_typists_waiting_together_share_batched_calls_and_each_gets_its_own_frame(served, monkeypatch):
+    """live_fast from several handler threads at once, as Gradio calls it for several typists: the requests
+    that wait while the model is busy run as one generate_many call per shape, each typist gets its own
+    image back; Quality mode and empty prompts are left alone."""
     _, studio = served
-    calls, generate_many = [], app.generate_many
+    calls, generate_many, busy = [], app.generate_many, threading.Event()
 
-    def counting(models, requests):
-        calls.append(sorted((p.prompt, p.width) for p in requests))
+    def slow_first(models, requests):
+        calls.append(sorted({(p.prompt, p.width) for p in requests}))
+        if len(calls) == 1:
+            busy.wait(10)  # the others arrive meanwhile
         return generate_many(models, requests)
 
-    monkeypatch.setattr(app, "generate_many", counting)
-    prompts = ["a red circle", "a blue star", "a green cross", "a quality prompt", " "]
-    modes = [app.FAST, app.FAST, app.FAST, "Quality", app.FAST]
-    sizes = ["128x128", "128x128", "64x64", "128x128", "128x128"]
-    zeros = [[0] * 5 for _ in range(6)]
-    results, seeds = studio.live_fast_batch(modes, prompts, [1] * 5, [7, 8, 9, 10, 11], sizes, [1] * 5, *zeros)
-    assert sorted(calls) == [[("a blue star", 128), ("a red circle", 128)], [("a green cross", 64)]]
-    for i in range(3):
-        (path, caption), = results[i]
+    monkeypatch.setattr(app, "generate_many", slow_first)
+    typists = [(app.FAST, "a first prompt", "128x128"), (app.FAST, "a red circle", "128x128"),
+               (app.FAST, "a blue star", "128x128"), (app.FAST, "a green cross", "64x64"),
+               (app.QUALITY, "a quality prompt", "128x128"), (app.FAST, " ", "128x128")]
+    results = {}
+
+    def type_(i, mode, prompt, size):
+        results[i] = studio.live_fast(mode, prompt, 1, 7 + i, size, 1, 0, 0, 0, 0, 0, 0)
+
+    threads = [threading.Thread(target=type_, args=(i, *t)) for i, t in enumerate(typists)]
+    threads[0].start()
+    while not calls:
+        time.sleep(0.01)
+    for t in threads[1:]:
+        t.start()
+    while len(studio.batcher.waiting) < 3:
+        time.sleep(0.01)
+    busy.set()
+    for t in threads:
+        t.join(60)
+    assert calls == [[("a first prompt", 128)], [("a blue star", 128), ("a red circle", 128)],
+                     [("a green cross", 64)]]
+    for i in range(4):
+        frames, seed = results[i]
+        (path, caption), = frames
         params, _ = sdxl_fast.parse_infotext(caption)
-        assert path.endswith(".jpeg") and (params.prompt, params.seed) == (prompts[i], seeds[i]) == (prompts[i], 7 + i)
+        assert path.endswith(".jpeg") and (params.prompt, params.seed) == (typists[i][1], seed) == (typists[i][1], 7 + i)
         assert Image.open(path).size == (params.width, params.height)
-    assert results[3] == results[4] == app.gr.skip()
+    assert results[4] == results[5] == (app.gr.skip(), app.gr.skip())
 
 
 def test_quality_returns_pngs_of_the_requested_size_with_parameters(client):
