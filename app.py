@@ -27,6 +27,7 @@ import threading
 import uuid
 import warnings
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -345,6 +346,18 @@ class Studio:
             gr.Warning(note)
         yield [(im, im.info["parameters"]) for im in images], params.seed
 
+    def warm_up(self, calls: list[sdxl_fast.GenerationParams]) -> None:
+        """Run these calls one at a time, each holding the GPU slot: the default shapes' CUDA graphs recorded in
+        the gaps between requests, after the server has started."""
+        started = time.perf_counter()
+        for params in calls:
+            with self.slots:
+                try:
+                    sdxl_fast.generate(self.models, params)
+                except Exception:  # noqa: BLE001 - that shape is recorded on its first request instead
+                    log.exception("warming up %s at %d image(s) failed", params.mode, params.num_images)
+        log.info("Recorded the other %d default shapes in %.1f s", len(calls), time.perf_counter() - started)
+
     def _stop_flag(self, request: gr.Request | None) -> threading.Event:
         """A new stop flag for the request's session; a generation of the session still running (with more
         than one worker) is told to stop: the newer request replaces it."""
@@ -561,22 +574,28 @@ def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None,
 
 
 def start_serving(studio: Studio, compile_mode: str) -> None:
-    """Record the default shapes' CUDA graphs before the first visitor. With `compile_mode` "start" those shapes
-    are compiled first (minutes on a cold machine; a restart loads PyTorch's compile cache); with "background"
-    they, and each new shape a request brings, are compiled in another thread while being served. Any shape not
-    compiled runs uncompiled through CUDA graphs: no request waits for a compile."""
+    """Record the default shapes' CUDA graphs. With `compile_mode` "off" only the first (Fast, 1 image) before
+    the first visitor, the others in a thread between requests; with "start" all of them are compiled first
+    (minutes on a cold machine; a restart loads PyTorch's compile cache); with "background" they, and each
+    new shape a request brings, are compiled in another thread while being served. Any shape not compiled
+    runs uncompiled through CUDA graphs: no request waits for a compile."""
     models = studio.models
     if compile_mode != "off":
         load_cache()
-    log.info("Recording the default shapes' CUDA graphs%s", " (compiling them first)" if compile_mode == "start" else "")
     # On a GPU each live batch size is its own CUDA graph: record them all now, not on a typist's keystroke.
-    batches = LIVE_BATCHES if models.device.type == "cuda" else (1,)
+    first, *rest = accel.warmup_calls(models, LIVE_BATCHES if models.device.type == "cuda" else (1,))
+    if compile_mode == "off":
+        log.info("Recording the CUDA graphs of %s at %d image(s); the other default shapes follow while serving",
+                 first.mode, first.num_images)
+        sdxl_fast.generate(models, first)
+        threading.Thread(target=studio.warm_up, args=(rest,), name="sdxl-fast-warm-up", daemon=True).start()
+        return
+    log.info("Compiling and recording the default shapes%s", " in the background" if compile_mode == "background" else "")
+    with compiling() if compile_mode == "start" else nullcontext():
+        for params in (first, *rest):
+            sdxl_fast.generate(models, params)
     if compile_mode == "start":
-        with compiling():
-            accel.warmup(models, batches)
         save_cache()
-    else:
-        accel.warmup(models, batches)
     if compile_mode != "background":
         return
     studio.compiler = BackgroundCompiler(models).start()

@@ -91,3 +91,27 @@ def test_fp8_flag_loads_with_fp8_asked_for_and_skipped_on_cpu(tiny_sources, capl
         studio = app.load_studio(tiny_sources, device="cpu", dtype="fp32", fp8=True)
     assert studio.models.fast is not None and studio.models.quality is not None
     assert "fp8: skipped on cpu" in caplog.text
+
+
+def test_start_up_records_the_first_shape_before_serving_and_the_rest_between_requests(tiny_models, monkeypatch):
+    """--compile off: the first Fast shape runs before start_serving returns; the other default shapes run in a
+    thread, each holding the studio's GPU slot, so a request never shares the GPU with a recording."""
+    import threading
+
+    import app
+    import sdxl_fast
+
+    studio = app.Studio(tiny_models)
+    calls, done = [], threading.Event()
+
+    def recording(models, params):
+        calls.append((params.mode, params.num_images, params.cache_interval, threading.current_thread().name,
+                      studio.slots._value))  # 0: the only slot is held
+        if len(calls) == 3:
+            done.set()
+
+    monkeypatch.setattr(sdxl_fast, "generate", recording)
+    app.start_serving(studio, "off")
+    assert calls[0] == ("fast", 1, 1, threading.current_thread().name, 1)
+    assert done.wait(30)
+    assert calls[1:] == [("quality", 1, 1, "sdxl-fast-warm-up", 0), ("quality", 1, 2, "sdxl-fast-warm-up", 0)]

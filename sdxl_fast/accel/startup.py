@@ -23,15 +23,19 @@ def sample_calls(models: Models) -> None:
         models.runner = runner
 
 
-def warmup(models: Models, fast_batches: tuple[int, ...] = (1,)) -> None:
-    """Run each loaded path once at the models' own size (generate's default), so compilation, autotuning and
-    graph recording happen now: Fast at 1 step with each of `fast_batches` images (the app's batched live
-    calls, each batch size its own CUDA graph); Quality at 2 steps (one on the base, one on the refiner), then
-    at 4 with the step cache, which the app offers for Quality (a whole and a cached step on each UNet)."""
+def warmup_calls(models: Models, fast_batches: tuple[int, ...] = (1,)) -> list[GenerationParams]:
+    """A call of each loaded path at the models' own size (generate's default), so compilation, autotuning and
+    graph recording happen before a user's request: Fast at 1 step with each of `fast_batches` images (the
+    app's batched live calls, each batch size its own CUDA graph); Quality at 2 steps (one on the base, one on
+    the refiner), then at 4 with the step cache, which the app offers for Quality (a whole and a cached step
+    on each UNet)."""
     calls = {"fast": [dict(steps=1, num_images=n) for n in fast_batches],
              "quality": [dict(steps=2), dict(steps=4, refiner_switch=0.5, cache_interval=2)]}
-    for mode, kwargs in calls.items():
-        if getattr(models, mode) is None:
-            continue
-        for kw in kwargs:
-            generate(models, GenerationParams("warm-up", mode=mode, seed=0, **kw))
+    return [GenerationParams("warm-up", mode=mode, seed=0, **kw)
+            for mode, kwargs in calls.items() if getattr(models, mode) is not None for kw in kwargs]
+
+
+def warmup(models: Models, fast_batches: tuple[int, ...] = (1,)) -> None:
+    """Run `warmup_calls`."""
+    for params in warmup_calls(models, fast_batches):
+        generate(models, params)

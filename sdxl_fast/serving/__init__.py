@@ -3,5 +3,6 @@
 requests.py turns the raw values of a UI event or API call into GenerationParams, every error naming its field;
 limits.py bounds the work one request may ask for (pixels × images per mode, a time budget); zerogpu.py runs
 the handlers through `spaces.GPU` on a Hugging Face ZeroGPU Space, with a duration estimated per request;
-compiler.py compiles each new shape in a background thread while it is served uncompiled.
+batcher.py runs the live requests of many typists as shared batched calls; compiler.py compiles each new
+shape in a background thread while it is served uncompiled.
 """
