@@ -27,7 +27,7 @@ import threading
 import uuid
 import warnings
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -64,7 +64,7 @@ QUALITY_MAX_STEPS = requests.QUALITY_MAX_STEPS
 FAST_MAX_STEPS = requests.MAX_STEPS["fast"]
 MAX_IMAGES_UI = requests.MAX_IMAGES
 LIVE_BATCH = 16  # images that the keystrokes of several typists may share in one batched Fast call
-LIVE_BATCHES = (1, 2, 4, 8, LIVE_BATCH)  # the batch sizes live calls are padded to (powers of two)
+LIVE_BATCHES = (1, 2, 4, 8, LIVE_BATCH)  # the batch sizes of live calls (sdxl_fast.serving.batcher)
 QUALITY_SIZES = [(bucket_label(w, h), f"{w}x{h}") for w, h in SDXL_BUCKETS]
 FAST_SIZES = [(bucket_label(512, 512), "512x512")] + QUALITY_SIZES
 DEFAULT_SIZE = {FAST: "512x512", QUALITY: "1024x1024"}
@@ -106,8 +106,10 @@ class Studio:
         self.load_errors = load_errors or {}
         self.limits = limits or Limits()
         self.concurrency = concurrency
-        # Held by every generation: the live batches run in a thread of their own, beside Gradio's "gpu" group.
+        # Held by every generation (`self.gpu()`): the live batches run in a thread of their own, beside
+        # Gradio's "gpu" group, and the start-up warm-up in another.
         self.slots = threading.BoundedSemaphore(concurrency)
+        self.waiting_for_gpu = 0
         # The live keystrokes of all typists, batched (on ZeroGPU each is a GPU call of its own instead).
         self.batcher = Batcher(self._live_batch, LIVE_BATCH) if models is not None and not zerogpu.active() else None
         self._stop_flags: dict[str | None, threading.Event] = {}
@@ -159,7 +161,7 @@ class Studio:
                  params.prompt[:60])
         # catch_warnings swaps process-wide state; it is safe because generations run one at a time (one slot
         # unless --concurrency says otherwise).
-        with self.slots, warnings.catch_warnings(record=True) as caught:
+        with self.gpu(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", sdxl_fast.PromptTruncatedWarning)
             started = time.perf_counter()
             images = self._run_errors(sdxl_fast.generate, self.models, params, callback)
@@ -247,7 +249,7 @@ class Studio:
                 raise gr.Error(requests.escape(reason))
             with _generations_lock:
                 generations["fast"] += 1
-            return self.batcher(params)
+            return self.batcher(params, getattr(request, "session_hash", None))
         if realtime:
             images, notes = self.run(params)
         else:
@@ -266,9 +268,9 @@ class Studio:
         return images
 
     def _live_batch(self, batch: list[sdxl_fast.GenerationParams]) -> list[list]:
-        """One batched call for the live requests the batcher gathered (padded to a power of two images)."""
+        """One batched call for the live requests the batcher gathered (a power of two images)."""
         self.prepare(replace(batch[0], num_images=sum(p.num_images for p in batch)), notify=False)
-        with self.slots:
+        with self.gpu():
             started = time.perf_counter()
             made = self._run_errors(generate_many, self.models, batch)
         log.info("generate() took %.1f ms (fast live, %d requests, %d images)", (time.perf_counter() - started) * 1e3,
@@ -346,11 +348,28 @@ class Studio:
             gr.Warning(note)
         yield [(im, im.info["parameters"]) for im in images], params.seed
 
+    @contextmanager
+    def gpu(self):
+        """Hold a GPU slot for a request's generation; counted while waiting, so the warm-up lets it go first."""
+        with _generations_lock:
+            self.waiting_for_gpu += 1
+        try:
+            self.slots.acquire()
+        finally:
+            with _generations_lock:
+                self.waiting_for_gpu -= 1
+        try:
+            yield
+        finally:
+            self.slots.release()
+
     def warm_up(self, calls: list[sdxl_fast.GenerationParams]) -> None:
         """Run these calls one at a time, each holding the GPU slot: the default shapes' CUDA graphs recorded in
-        the gaps between requests, after the server has started."""
+        the gaps between requests, after the server has started. A request waiting for the slot goes first."""
         started = time.perf_counter()
         for params in calls:
+            while self.waiting_for_gpu:
+                time.sleep(0.01)
             with self.slots:
                 try:
                     sdxl_fast.generate(self.models, params)
@@ -575,16 +594,20 @@ def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None,
 
 def start_serving(studio: Studio, compile_mode: str) -> None:
     """Record the default shapes' CUDA graphs. With `compile_mode` "off" only the first (Fast, 1 image) before
-    the first visitor, the others in a thread between requests; with "start" all of them are compiled first
-    (minutes on a cold machine; a restart loads PyTorch's compile cache); with "background" they, and each
-    new shape a request brings, are compiled in another thread while being served. Any shape not compiled
-    runs uncompiled through CUDA graphs: no request waits for a compile."""
+    the first visitor, the other Fast shapes in a thread between requests; with "start" all of them are
+    compiled first (minutes on a cold machine; a restart loads PyTorch's compile cache); with "background"
+    they, and each new shape a request brings, are compiled in another thread while being served. Any shape
+    not compiled runs uncompiled through CUDA graphs: no request waits for a compile."""
     models = studio.models
     if compile_mode != "off":
         load_cache()
     # On a GPU each live batch size is its own CUDA graph: record them all now, not on a typist's keystroke.
-    first, *rest = accel.warmup_calls(models, LIVE_BATCHES if models.device.type == "cuda" else (1,))
+    batches = LIVE_BATCHES if models.device.type == "cuda" else (1,)
     if compile_mode == "off":
+        # Quality records its graphs on its first request (about 1 s on a 2.6 s request on an H100); recording
+        # them here would hold the GPU for seconds while a typist's request waits.
+        first, *rest = accel.warmup_calls(models, batches, fast_steps=tuple(range(1, FAST_MAX_STEPS + 1)),
+                                          quality=models.fast is None)
         log.info("Recording the CUDA graphs of %s at %d image(s); the other default shapes follow while serving",
                  first.mode, first.num_images)
         sdxl_fast.generate(models, first)
@@ -592,8 +615,7 @@ def start_serving(studio: Studio, compile_mode: str) -> None:
         return
     log.info("Compiling and recording the default shapes%s", " in the background" if compile_mode == "background" else "")
     with compiling() if compile_mode == "start" else nullcontext():
-        for params in (first, *rest):
-            sdxl_fast.generate(models, params)
+        accel.warmup(models, batches)
     if compile_mode == "start":
         save_cache()
     if compile_mode != "background":

@@ -94,24 +94,38 @@ def test_fp8_flag_loads_with_fp8_asked_for_and_skipped_on_cpu(tiny_sources, capl
 
 
 def test_start_up_records_the_first_shape_before_serving_and_the_rest_between_requests(tiny_models, monkeypatch):
-    """--compile off: the first Fast shape runs before start_serving returns; the other default shapes run in a
-    thread, each holding the studio's GPU slot, so a request never shares the GPU with a recording."""
+    """--compile off: the first Fast shape runs before start_serving returns; the other Fast step counts in a
+    thread, each holding the studio's GPU slot, so a request never shares the GPU with a recording, and a
+    request waiting for the slot goes before the next shape."""
     import threading
 
     import app
     import sdxl_fast
 
     studio = app.Studio(tiny_models)
-    calls, done = [], threading.Event()
+    calls, recording, done = [], threading.Event(), threading.Event()
 
-    def recording(models, params):
-        calls.append((params.mode, params.num_images, params.cache_interval, threading.current_thread().name,
+    def generate(models, params):
+        calls.append((params.mode, params.steps, params.num_images, threading.current_thread().name,
                       studio.slots._value))  # 0: the only slot is held
-        if len(calls) == 3:
+        if len(calls) == 2:  # the first shape recorded in the background: a request comes meanwhile
+            recording.set()
+            while not studio.waiting_for_gpu:
+                time.sleep(0.01)
+        if params.steps == 4:
             done.set()
 
-    monkeypatch.setattr(sdxl_fast, "generate", recording)
+    def request():  # a user's request comes while the second shape records, and waits for the slot
+        recording.wait(10)
+        with studio.gpu():
+            calls.append("request")
+
+    monkeypatch.setattr(sdxl_fast, "generate", generate)
+    user = threading.Thread(target=request)
+    user.start()
     app.start_serving(studio, "off")
     assert calls[0] == ("fast", 1, 1, threading.current_thread().name, 1)
     assert done.wait(30)
-    assert calls[1:] == [("quality", 1, 1, "sdxl-fast-warm-up", 0), ("quality", 1, 2, "sdxl-fast-warm-up", 0)]
+    user.join(10)
+    warm = "sdxl-fast-warm-up"
+    assert calls[1:] == [("fast", 2, 1, warm, 0), "request", ("fast", 3, 1, warm, 0), ("fast", 4, 1, warm, 0)]

@@ -23,14 +23,17 @@ def sample_calls(models: Models) -> None:
         models.runner = runner
 
 
-def warmup_calls(models: Models, fast_batches: tuple[int, ...] = (1,)) -> list[GenerationParams]:
+def warmup_calls(models: Models, fast_batches: tuple[int, ...] = (1,), fast_steps: tuple[int, ...] = (1,),
+                 quality: bool = True) -> list[GenerationParams]:
     """A call of each loaded path at the models' own size (generate's default), so compilation, autotuning and
     graph recording happen before a user's request: Fast at 1 step with each of `fast_batches` images (the
-    app's batched live calls, each batch size its own CUDA graph); Quality at 2 steps (one on the base, one on
+    app's batched live calls, each batch size its own CUDA graph), then at each other of `fast_steps` with
+    one image (each step count its own graph); with `quality`, Quality at 2 steps (one on the base, one on
     the refiner), then at 4 with the step cache, which the app offers for Quality (a whole and a cached step
     on each UNet)."""
-    calls = {"fast": [dict(steps=1, num_images=n) for n in fast_batches],
-             "quality": [dict(steps=2), dict(steps=4, refiner_switch=0.5, cache_interval=2)]}
+    calls = {"fast": [dict(steps=1, num_images=n) for n in fast_batches] +
+                     [dict(steps=s, num_images=1) for s in fast_steps if s != 1],
+             "quality": [dict(steps=2), dict(steps=4, refiner_switch=0.5, cache_interval=2)] if quality else []}
     return [GenerationParams("warm-up", mode=mode, seed=0, **kw)
             for mode, kwargs in calls.items() if getattr(models, mode) is not None for kw in kwargs]
 
