@@ -249,7 +249,7 @@ class Studio:
                 raise gr.Error(requests.escape(reason))
             with _generations_lock:
                 generations["fast"] += 1
-            return self.batcher(params, getattr(request, "session_hash", None))
+            return self.batcher(params)
         if realtime:
             images, notes = self.run(params)
         else:

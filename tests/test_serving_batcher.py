@@ -130,38 +130,3 @@ def test_a_batch_is_a_power_of_two_images_and_what_does_not_fit_goes_first_next_
     assert [[c[0] for c in call] for call in model.calls[1:]] == [names[:8], names[8:10], names[10:]]
     assert all(out[n] == [f"{n} #0"] for n in names)
 
-
-def test_typists_taking_turns_are_gathered_into_one_batch():
-    """Two typists whose requests would alternate on the GPU: once both are active, the batcher waits for the
-    one whose frame just went out before running the other's request alone."""
-    model = Model()
-    model.release.set()
-    batcher = Batcher(model)
-    batcher.MAX_GATHER_SECONDS = 30.0
-    both = [threading.Thread(target=batcher, args=(fast(f"{who} 1"), who)) for who in "ab"]
-    for t in both:
-        t.start()
-    for t in both:
-        t.join(10)
-    batcher.last_batch_seconds = 60.0  # a gather of up to 30 s: a second call of "a 2" alone would be too late
-    calls = len(model.calls)
-    out, threads = {}, []
-    for who in "ab":  # a first; b's next keystroke comes a little later
-        threads.append(threading.Thread(target=lambda w=who: out.setdefault(w, batcher(fast(f"{w} 2"), w))))
-        threads[-1].start()
-        time.sleep(0.2)
-    for t in threads:
-        t.join(10)
-    assert [[c[0] for c in call] for call in model.calls[calls:]] == [["a 2", "b 2"]]
-
-
-def test_a_lone_typist_does_not_wait_for_anyone():
-    model = Model()
-    model.release.set()
-    batcher = Batcher(model)
-    batcher.MAX_GATHER_SECONDS = 30.0
-    batcher(fast("a 1"), "a")
-    batcher.last_batch_seconds = 60.0
-    done = threading.Event()
-    threading.Thread(target=lambda: batcher(fast("a 2"), "a") and done.set()).start()
-    assert done.wait(10)  # not the 30 s gather: the only active typist's request is the one waiting

@@ -6,20 +6,14 @@ a compile; requests of several images are padded to one), runs them as one `gene
 each its images. The next batch starts as soon as the last one's images are on the host, while the handlers encode
 and send theirs: Gradio's own batched events keep their slot until every image of the batch has been
 post-processed, which left the GPU idle for about a third of each cycle with 16 typists.
-
-Typists who keep typing settle into groups that take turns on the GPU (two batches of 8 while 16 type: each
-group sends its next keystroke while the other's batch runs). A larger batch costs less per image, so before a
-batch the batcher waits a little, at most half the last batch's time, for every typist active in the last
-second to have a request waiting.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Hashable
+from typing import Callable
 
 from PIL import Image
 
@@ -34,7 +28,6 @@ RunBatch = Callable[[list[GenerationParams]], list[list[Image.Image]]]
 @dataclass(eq=False)
 class _Request:
     params: GenerationParams
-    who: Hashable | None  # the typist (a browser session); None: no waiting for others
     done: threading.Event = field(default_factory=threading.Event)
     images: list[Image.Image] | None = None
     error: BaseException | None = None
@@ -51,23 +44,16 @@ class Batcher:
     requests of the same `batch_key` waiting at that time. An exception from `run` is raised in the handler
     of every request of that batch."""
 
-    ACTIVE_SECONDS = 1.0  # a typist who sent a request this recently is expected to send the next one
-    MAX_GATHER_SECONDS = 0.1
-
     def __init__(self, run: RunBatch, max_images: int = 16):
         self.run, self.max_images = run, max_images
         self.waiting: list[_Request] = []
         self.ready = threading.Condition()
-        self.last_seen: dict[Hashable, float] = {}  # typist -> when their last request came
-        self.last_batch_seconds = 0.0
         self.thread = threading.Thread(target=self._work, name="sdxl-fast-live-batches", daemon=True)
         self.thread.start()
 
-    def __call__(self, params: GenerationParams, who: Hashable | None = None) -> list[Image.Image]:
-        request = _Request(params, who)
+    def __call__(self, params: GenerationParams) -> list[Image.Image]:
+        request = _Request(params)
         with self.ready:
-            if who is not None:
-                self.last_seen[who] = time.monotonic()
             self.waiting.append(request)
             self.ready.notify()
         request.done.wait()
@@ -81,8 +67,6 @@ class Batcher:
         waits for the next batch, first in line."""
         with self.ready:
             self.ready.wait_for(lambda: self.waiting)
-            self.ready.wait_for(self._everyone_waiting, timeout=min(self.MAX_GATHER_SECONDS,
-                                                                    self.last_batch_seconds / 2))
             key = batch_key(self.waiting[0].params)
             same = [r for r in self.waiting if batch_key(r.params) == key]
             room = 1 << (min(sum(r.params.num_images for r in same), self.max_images).bit_length() - 1)
@@ -94,17 +78,9 @@ class Batcher:
             self.waiting = [r for r in self.waiting if r not in batch]
         return batch
 
-    def _everyone_waiting(self) -> bool:
-        """Whether each typist active in the last ACTIVE_SECONDS has a request waiting, or a full batch waits."""
-        now = time.monotonic()
-        self.last_seen = {who: t for who, t in self.last_seen.items() if now - t < self.ACTIVE_SECONDS}
-        return (self.last_seen.keys() <= {r.who for r in self.waiting}
-                or sum(r.params.num_images for r in self.waiting) >= self.max_images)
-
     def _work(self) -> None:
         while True:
             batch = self._take()
-            started = time.monotonic()
             try:
                 made = self.run(padded([r.params for r in batch]))
                 for request, images in zip(batch, made):
@@ -112,6 +88,5 @@ class Batcher:
             except BaseException as e:  # noqa: BLE001 - raised again in each request's own thread
                 for request in batch:
                     request.error = e
-            self.last_batch_seconds = time.monotonic() - started
             for request in batch:
                 request.done.set()
