@@ -244,9 +244,6 @@ class Studio:
         callback, so Stop, a newer request of the session and the time budget can end it."""
         realtime = self.limits.realtime(params)
         if realtime and batched and self.batcher is not None:
-            reason = self.unavailable("fast")
-            if reason:
-                raise gr.Error(requests.escape(reason))
             with _generations_lock:
                 generations["fast"] += 1
             return self.batcher(params)

@@ -2,15 +2,14 @@
 
 Each request waits in its own handler thread (`Batcher.__call__`); one thread takes the waiting requests of
 the oldest one's `batch_key`, up to a power of two images (so only five batch sizes ever need a CUDA graph or
-a compile; requests of several images are padded to one), runs them as one `generate_many` call and hands
-each its images. The next batch starts as soon as the last one's images are on the host, while the handlers encode
-and send theirs: Gradio's own batched events keep their slot until every image of the batch has been
-post-processed, which left the GPU idle for about a third of each cycle with 16 typists.
+a compile; requests of several images are padded to a power of two), runs them as one `generate_many` call
+and hands each its images. The next batch starts as soon as the last one's images are on the host, while
+the handlers encode and send theirs: Gradio's own batched events keep their slot until every image of the
+batch has been post-processed, which left the GPU idle for about a third of each cycle with 16 typists.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -19,8 +18,6 @@ from PIL import Image
 
 from ..params import GenerationParams
 from ..pipeline.generate import batch_key
-
-log = logging.getLogger(__name__)
 
 RunBatch = Callable[[list[GenerationParams]], list[list[Image.Image]]]
 
