@@ -109,7 +109,7 @@ class Studio:
         # Held by every generation (`self.gpu()`): the live batches run in a thread of their own, beside
         # Gradio's "gpu" group, and the start-up warm-up in another.
         self.slots = threading.BoundedSemaphore(concurrency)
-        self.waiting_for_gpu = 0
+        self.waiting_for_gpu, self._waiting_lock = 0, threading.Lock()
         # The live keystrokes of all typists, batched (on ZeroGPU each is a GPU call of its own instead).
         self.batcher = Batcher(self._live_batch, LIVE_BATCH) if models is not None and not zerogpu.active() else None
         self._stop_flags: dict[str | None, threading.Event] = {}
@@ -266,12 +266,13 @@ class Studio:
 
     def _live_batch(self, batch: list[sdxl_fast.GenerationParams]) -> list[list]:
         """One batched call for the live requests the batcher gathered (a power of two images)."""
-        self.prepare(replace(batch[0], num_images=sum(p.num_images for p in batch)), notify=False)
+        images = sum(p.num_images for p in batch)
+        self.prepare(replace(batch[0], num_images=images), notify=False)
         with self.gpu():
             started = time.perf_counter()
             made = self._run_errors(generate_many, self.models, batch)
         log.info("generate() took %.1f ms (fast live, %d requests, %d images)", (time.perf_counter() - started) * 1e3,
-                 len(batch), sum(p.num_images for p in batch))
+                 len(batch), images)
         return made
 
     def live_fast(self, mode, prompt, steps, seed, size, num_images,
@@ -348,12 +349,12 @@ class Studio:
     @contextmanager
     def gpu(self):
         """Hold a GPU slot for a request's generation; counted while waiting, so the warm-up lets it go first."""
-        with _generations_lock:
+        with self._waiting_lock:
             self.waiting_for_gpu += 1
         try:
             self.slots.acquire()
         finally:
-            with _generations_lock:
+            with self._waiting_lock:
                 self.waiting_for_gpu -= 1
         try:
             yield
@@ -598,7 +599,7 @@ def start_serving(studio: Studio, compile_mode: str) -> None:
     models = studio.models
     if compile_mode != "off":
         load_cache()
-    # On a GPU each live batch size is its own CUDA graph: record them all now, not on a typist's keystroke.
+    # On a GPU each live batch size is its own CUDA graph: record them all at start-up, not on a typist's keystroke.
     batches = LIVE_BATCHES if models.device.type == "cuda" else (1,)
     if compile_mode == "off":
         # Quality records its graphs on its first request (about 1 s on a 2.6 s request on an H100); recording

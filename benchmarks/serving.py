@@ -116,13 +116,12 @@ class Client:
         self.fn = {d["api_name"]: d["id"] for d in config["dependencies"] if d.get("api_name")}
 
     def call(self, api_name: str, data: list) -> tuple[float, dict]:
-        session = self.session
         started = time.perf_counter()
         joined = self.http.post("/gradio_api/queue/join", json={
-            "data": data, "fn_index": self.fn[api_name], "session_hash": session, "event_data": None,
+            "data": data, "fn_index": self.fn[api_name], "session_hash": self.session, "event_data": None,
             "trigger_id": None}).raise_for_status().json()
         message = {}
-        with self.http.stream("GET", "/gradio_api/queue/data", params={"session_hash": session}) as stream:
+        with self.http.stream("GET", "/gradio_api/queue/data", params={"session_hash": self.session}) as stream:
             for line in stream.iter_lines():
                 if line.startswith("data:"):
                     message = json.loads(line[5:])
