@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from ..models import Models, Runner
 from ..params import GenerationParams
 from ..pipeline.generate import generate
+
+log = logging.getLogger(__name__)
 
 
 def sample_calls(models: Models) -> None:
@@ -39,6 +44,10 @@ def warmup_calls(models: Models, fast_batches: tuple[int, ...] = (1,), fast_step
 
 
 def warmup(models: Models, fast_batches: tuple[int, ...] = (1,)) -> None:
-    """Run `warmup_calls`."""
-    for params in warmup_calls(models, fast_batches):
+    """Run `warmup_calls`, logging each one's time: compiling them takes minutes on a cold machine."""
+    calls = warmup_calls(models, fast_batches)
+    for i, params in enumerate(calls, 1):
+        started = time.perf_counter()
         generate(models, params)
+        log.info("warm-up %d/%d: %s, %d image(s), %d steps: %.1f s", i, len(calls), params.mode, params.num_images,
+                 params.steps, time.perf_counter() - started)
