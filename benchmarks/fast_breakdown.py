@@ -33,7 +33,7 @@ from sdxl_fast.pipeline.generate import fast_call, generate
 from sdxl_fast.testing import random_weights
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     shapes = parser.add_mutually_exclusive_group(required=True)
     shapes.add_argument("--configs", help="folder of the SDXL configs (base/, refiner/)")
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--sdpa", default="default", choices=["default", "cudnn", "flash", "efficient"],
                         help="allow only this attention kernel in the UNet (CUDA only; the text encoders "
                         "choose theirs, sdxl_fast.accel.text_qkv)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     switched = switches(args)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -76,9 +76,10 @@ def only_sdpa(backend: str) -> None:
     torch.backends.cuda.enable_math_sdp(False)
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    shapes = p.add_mutually_exclusive_group(required="--gemm-micro" not in sys.argv)
+    shapes = p.add_mutually_exclusive_group(required="--gemm-micro" not in argv)
     shapes.add_argument("--configs", help="folder of the SDXL configs (base/, refiner/)")
     shapes.add_argument("--tiny", action="store_true", help="tiny test shapes (a quick check, CPU too)")
     p.add_argument("--model", default="base", choices=["base", "refiner", "vae"])
@@ -92,7 +93,7 @@ def main():
     p.add_argument("--blas", default="default", choices=["default", "cublas", "cublaslt"],
                    help="torch.backends.cuda.preferred_blas_library for the step's matmuls")
     add_switches(p)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     switched = switches(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda":

@@ -134,16 +134,21 @@ def test_bench_no_combo_kernels_compiles_without_them(tmp_path, monkeypatch):
         assert [o.combo_kernels for o in applied if o.compile] == [expected]
 
 
-def test_fast_breakdown_script_times_every_part():
-    out = _tool("fast_breakdown.py", "--tiny", "--batch", "2", "--without", "subpixel_upsample").stdout
+def test_fast_breakdown_script_times_every_part(capsys):
+    from benchmarks import fast_breakdown
+
+    fast_breakdown.main(["--tiny", "--batch", "2", "--without", "subpixel_upsample"])
+    out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if " ms " in line]
     assert len(lines) == 11 and all("median" in line for line in lines)
     assert out.startswith("acceleration: \n")  # the CPU default less the one option turned off
 
 
-def test_fast_breakdown_timeline_lists_the_stages_of_a_call_in_order():
-    out = _tool("fast_breakdown.py", "--tiny", "--timeline").stdout
-    stages = out.split("host, ms from the call's start")[1].splitlines()[1:]
+def test_fast_breakdown_timeline_lists_the_stages_of_a_call_in_order(capsys):
+    from benchmarks import fast_breakdown
+
+    fast_breakdown.main(["--tiny", "--timeline"])
+    stages = capsys.readouterr().out.split("host, ms from the call's start")[1].splitlines()[1:]
     names = [line.rsplit(None, 1)[0].strip() for line in stages]
     times = [float(line.rsplit(None, 1)[1]) for line in stages]
     assert names == ["generate() starts", "tokenising starts", "tokenising returns",
@@ -153,35 +158,55 @@ def test_fast_breakdown_timeline_lists_the_stages_of_a_call_in_order():
 
 
 def test_fast_breakdown_batch_0_skips_the_batched_lines_and_sets_inductor_config():
-    run = ("fast_breakdown.py", "--tiny", "--batch", "0")
-    out = _tool(*run, "--inductor", "triton.enable_pdl=True").stdout
+    # As a user runs it, in a process of its own: --inductor changes Inductor's process-wide config.
+    from benchmarks import fast_breakdown
+
+    out = _tool("fast_breakdown.py", "--tiny", "--batch", "0", "--inductor", "triton.enable_pdl=True").stdout
     assert [line.split("  ")[0] for line in out.splitlines() if " ms " in line][-1] == (
         "uint8 images -> CPU (pageable memory) -> PIL")
-    bad = _tool(*run, "--inductor", "no_such_setting=1", check=False)
-    assert bad.returncode != 0 and "no_such_setting" in bad.stderr
+    with pytest.raises(AttributeError, match="no_such_setting"):  # before anything is built or set
+        fast_breakdown.main(["--tiny", "--batch", "0", "--inductor", "no_such_setting=1"])
 
 
-def test_fast_breakdown_trace_reports_each_call_and_writes_a_chrome_trace(tmp_path):
-    import json
+def test_fast_breakdown_trace_reports_each_call_and_writes_a_chrome_trace(tmp_path, capsys):
+    from benchmarks import fast_breakdown
 
-    out = _tool("fast_breakdown.py", "--tiny", "--trace", str(tmp_path / "t.json")).stdout
+    fast_breakdown.main(["--tiny", "--trace", str(tmp_path / "t.json")])
+    out = capsys.readouterr().out
     calls = [line for line in out.splitlines() if line.startswith("call ")]
     assert len(calls) == 3 and all("GPU busy 0.000 ms" in line for line in calls)  # a CPU has no kernels
     assert "aten::" in out  # the CPU operations under each gap
     assert any(e.get("name") == "call 2" for e in json.loads((tmp_path / "t.json").read_text())["traceEvents"])
 
 
-@pytest.mark.parametrize("model", ["base", "refiner", "vae"])
-def test_unet_probe_script_times_each_model_and_shape(model):
-    run = ("unet_probe.py", "--tiny", "--model", model, "--shapes", "64x1", "128x2")
-    out = _tool(*run).stdout
+def _probe_results(out: str) -> list[str]:
     results = [line for line in out.splitlines() if line.startswith("RESULT")]
-    assert [line.split("]")[1].split()[0] for line in results] == ["64x1", "128x2"]
     assert all(float(line.split("median")[1].split()[0]) > 0 for line in results)
-    if not torch.cuda.is_available():  # the GPU-only parts refuse clearly instead of failing inside CUDA
-        for refused_run in (run + ("--profile",), run + ("--blas", "cublaslt"), ("unet_probe.py", "--gemm-micro")):
-            refused = _tool(*refused_run, check=False)
-            assert refused.returncode == 2 and "need a CUDA GPU" in refused.stderr
+    return [line.split("]")[1].split()[0] for line in results]
+
+
+def test_unet_probe_script_times_each_shape():
+    out = _tool("unet_probe.py", "--tiny", "--model", "base", "--shapes", "64x1", "128x2").stdout
+    assert _probe_results(out) == ["64x1", "128x2"]
+
+
+@pytest.mark.parametrize("model", ["refiner", "vae"])
+def test_unet_probe_times_the_refiner_and_the_vae_decoder(model, capsys):
+    from benchmarks import unet_probe
+
+    unet_probe.main(["--tiny", "--model", model, "--shapes", "64x1", "128x2"])
+    assert _probe_results(capsys.readouterr().out) == ["64x1", "128x2"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU is told")
+@pytest.mark.parametrize("flags", [("--tiny", "--profile"), ("--tiny", "--blas", "cublaslt"), ("--gemm-micro",)])
+def test_unet_probe_refuses_the_gpu_only_parts_clearly_on_a_cpu(flags, capsys, monkeypatch):
+    from benchmarks import unet_probe
+
+    monkeypatch.setattr(unet_probe, "build", lambda *a, **k: pytest.fail("built a model"))
+    with pytest.raises(SystemExit) as exit_:
+        unet_probe.main(list(flags))
+    assert exit_.value.code == 2 and "need a CUDA GPU" in capsys.readouterr().err
 
 
 def test_bench_prompts_are_new_on_every_call_unless_a_workload_repeats_one():

@@ -1,7 +1,10 @@
 """Two CPU processes under FSDP2 (torch fully_shard, gloo): the student and the discriminator heads are sharded,
 both ranks end with the same whole weights, which match a DDP run of the same config up to float rounding, the
 sharded checkpoint resumes bit-identically (weights, optimisers, EMA, RNG, data position) and the exported
-student is one ordinary diffusers folder.
+student is one ordinary diffusers folder. The DDP run keeps both ranks bit-identical on its own.
+
+The same code runs on GPUs with `accelerate launch --multi_gpu --num_processes N` (see docs/DISTILL.md and
+distill/gpu_check.py); here torchrun starts the processes and ACCELERATE_USE_CPU selects gloo.
 
 accelerate's FSDP settings come from configs/accelerate/fsdp.yaml, turned into the FSDP_* environment that
 `accelerate launch --config_file` sets; tests/fsdp_cpu_launch.py lets accelerate use FSDP on CPU processes.
@@ -82,8 +85,12 @@ def test_two_cpu_processes_train_under_fsdp(tmp_path, tiny_family):
 
     # DDP on the same config: the same training up to float rounding (reduction order differs). This catches
     # what sharding can silently get wrong: per-rank head initialisations, L_adv gradients left on the heads.
-    ddp = _run(dict(base, output_dir=str(tmp_path / "ddp"), checkpoint_every=0), fsdp=False)
-    assert ddp["distributed_type"] == "MULTI_CPU"
+    ddp = _run(dict(base, output_dir=str(tmp_path / "ddp"), checkpoint_every=2), fsdp=False)
+    assert ddp["distributed_type"] == "MULTI_CPU" and ddp["num_processes"] == 2
+    assert len(set(ddp["weight_digests"])) == 1  # DDP keeps both ranks' weights bit-identical
+    assert ddp["skipped_images"] == 1  # counted on whichever rank met it, summed over ranks
+    ddp_ckpt = tmp_path / "ddp" / "checkpoints" / "checkpoint-00000002"
+    assert {p.name for p in ddp_ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     c = load_file(Path(ddp["student"]) / "diffusion_pytorch_model.safetensors")
     t = load_file(next((Path(tiny_family["base"]) / "unet").glob("*.safetensors")))
     moved = max((c[k] - t[k]).abs().max().item() for k in c)  # how far training moved the weights
