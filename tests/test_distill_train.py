@@ -45,15 +45,25 @@ def _as_cli(overrides: dict) -> list[str]:
     return args
 
 
-@pytest.mark.parametrize("fmt", ["folder", "jsonl", "webdataset"])
-def test_cli_trains_and_writes_a_student_the_fast_path_runs(tmp_path, tiny_family, fmt):
-    source = make_dataset(tmp_path / "data", fmt, n=4, corrupt=(1,))
+def _runs_on_the_fast_path(student_dir: Path, tiny_family) -> None:
+    """Training changed the weights, and both loaders read them."""
+    trained = UNet2DConditionModel.from_pretrained(student_dir)
+    teacher = UNet2DConditionModel.from_pretrained(tiny_family["base"], subfolder="unet")
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), teacher.state_dict().values()))
+    models = sdxl_fast.load(modes=("fast",), sources=sdxl_fast.ModelSources(
+        base=str(tiny_family["base"]), refiner=None, fast=str(student_dir)), device="cpu", dtype=torch.float32)
+    image = sdxl_fast.generate(models, sdxl_fast.GenerationParams("a fox", mode="fast", steps=2, width=64,
+                                                                  height=64, seed=0))[0]
+    assert image.size == (64, 64)
+
+
+def test_cli_trains_and_writes_a_student_the_fast_path_runs(tmp_path, tiny_family):
+    source = make_dataset(tmp_path / "data", "folder", n=4, corrupt=(1,))
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"max_steps": 2, "gradient_accumulation_steps": 2}))
     overrides = tiny_overrides(str(tiny_family["base"]), source, str(tmp_path / "run"))
-    if fmt == "folder":  # one format also runs validation and the other loss variants
-        overrides.update(validate_every=2, distill_space="latent", distill_weighting="sds",
-                         disc_image_condition="noised")
+    # validation and the other loss variants run too
+    overrides.update(validate_every=2, distill_space="latent", distill_weighting="sds", disc_image_condition="noised")
     summary, stderr = _cli(["--config", str(config), *_as_cli(overrides)])
 
     assert summary["step"] == 2 and summary["skipped_images"] >= 1
@@ -65,18 +75,17 @@ def test_cli_trains_and_writes_a_student_the_fast_path_runs(tmp_path, tiny_famil
     card = (student_dir / "README.md").read_text()
     assert '"max_steps": 2' in card and str(tiny_family["base"]) in card
     assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))  # tensorboard logs
+    _runs_on_the_fast_path(student_dir, tiny_family)
+    assert len(list((tmp_path / "run" / "validation").rglob("*.png"))) == 3  # 1/2/4 steps at step 2
 
-    # Training changed the weights, and both loaders read them.
-    trained = UNet2DConditionModel.from_pretrained(student_dir)
-    teacher = UNet2DConditionModel.from_pretrained(tiny_family["base"], subfolder="unet")
-    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), teacher.state_dict().values()))
-    models = sdxl_fast.load(modes=("fast",), sources=sdxl_fast.ModelSources(
-        base=str(tiny_family["base"]), refiner=None, fast=str(student_dir)), device="cpu", dtype=torch.float32)
-    image = sdxl_fast.generate(models, sdxl_fast.GenerationParams("a fox", mode="fast", steps=2, width=64,
-                                                                  height=64, seed=0))[0]
-    assert image.size == (64, 64)
-    if fmt == "folder":
-        assert len(list((tmp_path / "run" / "validation").rglob("*.png"))) == 3  # 1/2/4 steps at step 2
+
+@pytest.mark.parametrize("fmt", ["jsonl", "webdataset"])
+def test_each_data_format_trains_a_student_the_fast_path_runs(tmp_path, tiny_family, fmt):
+    source = make_dataset(tmp_path / "data", fmt, n=4, corrupt=(1,))
+    overrides = tiny_overrides(str(tiny_family["base"]), source, str(tmp_path / "run"))
+    summary = train(load_config(None, dict(overrides, max_steps=2, gradient_accumulation_steps=2)))
+    assert summary["step"] == 2 and summary["skipped_images"] >= 1
+    _runs_on_the_fast_path(Path(summary["student"]), tiny_family)
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path, tiny_family):
