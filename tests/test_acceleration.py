@@ -85,7 +85,7 @@ def test_inductor_gets_the_modes_options_plus_combo_kernels(monkeypatch):
     assert Acceleration().combo_kernels and Acceleration().compile_mode == "default"
 
 
-def test_warmup_runs_every_path_and_the_quality_step_cache(tiny_models, monkeypatch):
+def test_warmup_runs_every_path_and_the_quality_step_cache(tiny_models, monkeypatch, caplog):
     from sdxl_fast.accel import startup as warmup_module
     from sdxl_fast.pipeline import step_cache
 
@@ -94,9 +94,13 @@ def test_warmup_runs_every_path_and_the_quality_step_cache(tiny_models, monkeypa
     real_generate, real_cached = generate_module.generate, step_cache.cached_step
     monkeypatch.setattr(generate_module, "generate", lambda models, p, *a: calls.append(p) or real_generate(models, p, *a))
     monkeypatch.setattr(step_cache, "cached_step", lambda unet, *a: cached_unets.append(unet) or real_cached(unet, *a))
-    warmup_module.warmup(tiny_models, fast_batches=(1, 2))
+    with caplog.at_level("INFO", logger="sdxl_fast.accel.startup"):
+        warmup_module.warmup(tiny_models, fast_batches=(1, 2))
     assert [(p.mode, p.steps, p.num_images, p.cache_interval) for p in calls] == [
         ("fast", 1, 1, 1), ("fast", 1, 2, 1), ("quality", 2, 1, 1), ("quality", 4, 1, 2)]
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up ")]
+    assert [m.split(":")[0] for m in progress] == ["warm-up 1/4", "warm-up 2/4", "warm-up 3/4", "warm-up 4/4"]
+    assert progress[1].startswith("warm-up 2/4: fast, 2 image(s), 1 steps: ") and progress[1].endswith(" s")
     q = tiny_models.quality
     assert cached_unets == [q.base, q.refiner]  # each Quality UNet's cached step has run (and compiled, on a GPU)
 
