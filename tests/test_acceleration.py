@@ -101,6 +101,8 @@ def test_warmup_runs_every_path_and_the_quality_step_cache(tiny_models, monkeypa
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up ")]
     assert [m.split(":")[0] for m in progress] == ["warm-up 1/4", "warm-up 2/4", "warm-up 3/4", "warm-up 4/4"]
     assert progress[1].startswith("warm-up 2/4: fast, 2 image(s), 1 steps: ") and progress[1].endswith(" s")
+    from benchmarks.serving import compiled_lines  # the serving bench records these lines from the app's log
+    assert compiled_lines("".join(f"12:00:00 INFO sdxl_fast.accel.startup: {m}\n" for m in progress)) == progress
     q = tiny_models.quality
     assert cached_unets == [q.base, q.refiner]  # each Quality UNet's cached step has run (and compiled, on a GPU)
 
