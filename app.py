@@ -19,6 +19,7 @@ except ImportError:  # anywhere else the models sit on their device and the hand
     pass
 
 import argparse
+import importlib.util
 import inspect
 import logging
 import queue
@@ -653,6 +654,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def import_event_dependencies() -> None:
+    """Gradio sets matplotlib's backend around every event where matplotlib is installed, which imports pyplot
+    (over a second on a fresh machine, with its font cache): pay that before serving, not in a visitor's request."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        import matplotlib.pyplot  # noqa: F401
+
+
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -673,6 +681,7 @@ def main(argv=None) -> None:
     # On ZeroGPU the GPU exists only inside decorated calls: nothing is warmed up or compiled there.
     if studio.models is not None and studio.models.device.type == "cuda" and not zerogpu.active():
         start_serving(studio, args.compile)
+    import_event_dependencies()
     log.info("Models ready after %.1f s", time.monotonic() - started)
     demo_family = sources == sdxl_fast.PRESETS["demo"]
     demo = build_demo(studio, examples=DEMO_EXAMPLES if demo_family else EXAMPLES,

@@ -13,7 +13,7 @@ its images (the event's request until the image bytes have arrived).
    and Quality at a sample of sizes; with --app-compile start/background, once the compiler is done with
    them, the compiled calls.
 6. Restarts the app ("cached": with the portable compile cache from step 2; "restart": without compilation)
-   and times its first Fast image.
+   and times its first Fast image; phase "cached-typists" then repeats step 4 against it.
 Each result is one JSON line, printed and appended to `--json FILE` (default: a new file under
 benchmarks/results/new/, which git ignores): "kind" (one of SERVING_KINDS in benchmarks/render.py), "device",
 the kind's own fields, and the command, commit, date and versions that made it. `python -m benchmarks.render`
@@ -303,6 +303,9 @@ def main(argv=None) -> int:
                   serving_s=round(serving, 1), first_fast_image_s=round(first, 1),
                   first_fast_call_ms=round(took * 1e3, 1), defaults_compiled_after_s=round(time.perf_counter() - app.started, 1),
                   compiled=compiled, log=compiled_lines(app.log.read_text()))
+            if "cached-typists" in phases:  # with the kernels the cache brought
+                for n in (1, 4, 16):
+                    typists(app.root, write, n, args.typist_seconds, native)
         finally:
             app.stop()
     return 0

@@ -129,3 +129,26 @@ def test_start_up_records_the_first_shape_before_serving_and_the_rest_between_re
     user.join(10)
     warm = "sdxl-fast-warm-up"
     assert calls[1:] == [("fast", 2, 1, warm, 0), "request", ("fast", 3, 1, warm, 0), ("fast", 4, 1, warm, 0)]
+
+
+def test_pyplot_is_imported_before_serving_where_matplotlib_is_installed(tmp_path, monkeypatch):
+    """Gradio sets matplotlib's backend in every event where matplotlib is installed (importing pyplot): the
+    app pays that before serving. Without matplotlib nothing is imported and nothing fails."""
+    import app
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p) / "matplotlib").exists()])
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    app.import_event_dependencies()
+    assert "matplotlib" not in sys.modules
+
+    (tmp_path / "matplotlib").mkdir()  # a stand-in package: the real one may not be installed here
+    (tmp_path / "matplotlib" / "__init__.py").write_text("")
+    (tmp_path / "matplotlib" / "pyplot.py").write_text("IMPORTED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        app.import_event_dependencies()
+        assert sys.modules["matplotlib.pyplot"].IMPORTED
+    finally:  # gradio's later events in this process must not find the stand-in
+        sys.modules.pop("matplotlib", None)
+        sys.modules.pop("matplotlib.pyplot", None)
