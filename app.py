@@ -557,10 +557,12 @@ def build_demo(studio: Studio, examples: list[str] = EXAMPLES, note: str = "",
 
 
 def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None, cpu_offload=False,
-                fp8=False, compile_mode: str = "off", concurrency: int = 1) -> Studio:
-    """Load both paths; when that fails, each path alone, so one missing model does not take down the other.
-    A path that cannot load is reported in the page and the log, never by crashing. `fp8`: the opt-in fp8
-    matmuls on top of the device's default acceleration (skipped, with a log line, where unsupported)."""
+                fp8=False, compile_mode: str = "off", concurrency: int = 1,
+                modes: tuple[str, ...] = ("fast", "quality")) -> Studio:
+    """Load the paths in `modes` together; when that fails, each alone, so one missing model does not take down
+    the other. A path that cannot load, or is not in `modes`, is reported in the page and the log, never by
+    crashing. `fp8`: the opt-in fp8 matmuls on top of the device's default acceleration (skipped, with a log
+    line, where unsupported)."""
     def loaded(studio: Studio) -> Studio:
         if studio.models is not None and not cpu_offload:
             # compile_new_shapes=False: a new shape runs uncompiled until the background compiler is done with it
@@ -571,13 +573,15 @@ def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None,
             accel.apply(studio.models, options)
         return studio
 
+    left_out = {mode: f"This server was started with --modes {','.join(modes)}."
+                for mode in ("fast", "quality") if mode not in modes}
     try:
-        return loaded(Studio(sdxl_fast.load(sources=sources, device=device, dtype=dtype, cpu_offload=cpu_offload),
-                             concurrency=concurrency))
+        return loaded(Studio(sdxl_fast.load(modes=modes, sources=sources, device=device, dtype=dtype,
+                                            cpu_offload=cpu_offload), left_out, concurrency=concurrency))
     except Exception as e:  # noqa: BLE001
         log.warning("Could not load all models (%s); trying each mode on its own", e)
-    models, errors = None, {}
-    for mode in ("fast", "quality"):
+    models, errors = None, dict(left_out)
+    for mode in modes:
         try:
             one = sdxl_fast.load(modes=(mode,), sources=sources, device=device, dtype=dtype, cpu_offload=cpu_offload)
         except Exception as e:  # noqa: BLE001
@@ -628,6 +632,13 @@ def start_serving(studio: Studio, compile_mode: str) -> None:
                                                                num_images=images).resolved())
 
 
+def modes_list(text: str) -> tuple[str, ...]:
+    modes = tuple(dict.fromkeys(m.strip().lower() for m in text.split(",") if m.strip()))
+    if not modes or set(modes) - {"fast", "quality"}:
+        raise argparse.ArgumentTypeError(f"expected fast, quality or fast,quality, got {text!r}")
+    return modes
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default=None, help="interface to bind (default: $GRADIO_SERVER_NAME or 127.0.0.1; "
@@ -637,6 +648,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_arguments(parser)
     parser.add_argument("--queue-size", type=int, default=20,
                         help="requests that may wait; beyond this users are told the app is busy")
+    parser.add_argument("--modes", type=modes_list, default=("fast", "quality"), metavar="fast,quality",
+                        help="the paths to serve (default both); a Fast-only server loads no base or refiner UNet and "
+                             "compiles and records only Fast's shapes")
     parser.add_argument("--compile", choices=["off", "start", "background"], default="off",
                         help="torch.compile on a GPU: off (default: uncompiled kernels in CUDA graphs, serving within "
                              "seconds); start (compile the default shapes before serving, minutes when cold); "
@@ -670,7 +684,8 @@ def main(argv=None) -> None:
         raise SystemExit(str(e)) from e
     log.info("Imports took %.1f s; model sources: %s", time.monotonic() - STARTED, sources)
     started = time.monotonic()
-    studio = load_studio(sources, args.device, args.dtype, args.cpu_offload, args.fp8, args.compile, args.concurrency)
+    studio = load_studio(sources, args.device, args.dtype, args.cpu_offload, args.fp8, args.compile, args.concurrency,
+                         args.modes)
     device_type = studio.models.device.type if studio.models is not None else "cpu"
     try:
         studio.limits = Limits.resolve(device_type, {name: getattr(args, name) for name in serving_limits.SETTINGS})

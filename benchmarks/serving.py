@@ -73,7 +73,8 @@ def compiled_lines(log: str) -> list[str]:
 class App:
     """`python app.py` in a subprocess, its log in a file."""
 
-    def __init__(self, family: dict[str, Path], work: Path, cache: Path, port: int, label: str, compile_mode: str):
+    def __init__(self, family: dict[str, Path], work: Path, cache: Path, port: int, label: str, compile_mode: str,
+                 modes: str = "fast,quality"):
         self.log = work / f"app-{label}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1", SDXL_FAST_COMPILE_CACHE=str(cache),
                    # a new machine: Inductor's and Triton's on-disk caches start empty every time
@@ -81,7 +82,7 @@ class App:
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "app.py", "--base", str(family["base"]), "--refiner", str(family["refiner"]),
-             "--fast", str(family["student"]), "--port", str(port), "--compile", compile_mode],
+             "--fast", str(family["student"]), "--port", str(port), "--compile", compile_mode, "--modes", modes],
             cwd=ROOT, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
         self.root = f"http://127.0.0.1:{port}"
 
@@ -212,6 +213,8 @@ def main(argv=None) -> int:
     parser.add_argument("--typist-seconds", type=float, default=10)
     parser.add_argument("--app-compile", choices=["off", "start", "background"], default="off",
                         help="the app's --compile")
+    parser.add_argument("--app-modes", default="fast,quality",
+                        help="the app's --modes: with fast alone, --app-compile start compiles only Fast's shapes")
     parser.add_argument("--size-stride", type=int, default=1, help="every Nth size of the page's menu")
     args = parser.parse_args(argv)
     phases = set(args.phases.split(","))
@@ -228,10 +231,11 @@ def main(argv=None) -> int:
     native = "128x128" if args.tiny else "512x512"
     big = "256x256" if args.tiny else "1024x1024"
     cache = args.work / "compiled.bin"
+    serves_quality = "quality" in args.app_modes
 
     if phases & {"cold", "sizes", "http", "typists"}:
         cache.unlink(missing_ok=True)
-        app = App(family, args.work, cache, args.port, "cold", args.app_compile)
+        app = App(family, args.work, cache, args.port, "cold", args.app_compile, args.app_modes)
         client = app.wait_until_serving()
         serving = time.perf_counter() - app.started
         took, _ = client.call("generate_fast", fast("a red fox", native))
@@ -262,10 +266,10 @@ def main(argv=None) -> int:
                                         mode="fast", size=size, images=images, steps=1)
                 first_and_later(client, write, "generate_fast", fast("a lighthouse", native, steps=4), 3,
                                 mode="fast", size=native, images=1, steps=4)
-                for size in ([native, "192x128"] if args.tiny else QUALITY_SIZES):
+                for size in ([native, "192x128"] if args.tiny else QUALITY_SIZES) if serves_quality else []:
                     first_and_later(client, write, "generate_quality", quality("a lighthouse", size), 1,
                                     mode="quality", size=size, images=1, steps=50)
-                for images in (2, 4):
+                for images in (2, 4) if serves_quality else ():
                     size = native if args.tiny else big
                     first_and_later(client, write, "generate_quality", quality("a lighthouse", size, 20, images), 1,
                                     mode="quality", size=size, images=images, steps=20)
@@ -280,15 +284,16 @@ def main(argv=None) -> int:
             if "sizes" in phases and compiles:
                 first_and_later(client, write, "generate_fast", fast("a lighthouse", native), 5, mode="fast",
                                 size=native, images=1, steps=1, compiled=True)
-                first_and_later(client, write, "generate_quality", quality("a lighthouse", big), 2,
-                                mode="quality", size=big, images=1, steps=50, compiled=True)
+                if serves_quality:
+                    first_and_later(client, write, "generate_quality", quality("a lighthouse", big), 2,
+                                    mode="quality", size=big, images=1, steps=50, compiled=True)
         finally:
             app.stop()
 
     # A restart: with the compile cache of the first start (--app-compile start/background), or, without
     # compilation, what a restarted server pays with its model files in the OS's page cache.
     if "cached" in phases and (cache.is_file() or args.app_compile == "off"):
-        app = App(family, args.work, cache, args.port, "cached", args.app_compile)
+        app = App(family, args.work, cache, args.port, "cached", args.app_compile, args.app_modes)
         try:
             client = app.wait_until_serving()
             serving = time.perf_counter() - app.started

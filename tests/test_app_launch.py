@@ -93,6 +93,24 @@ def test_fp8_flag_loads_with_fp8_asked_for_and_skipped_on_cpu(tiny_sources, capl
     assert "fp8: skipped on cpu" in caplog.text
 
 
+def test_modes_flag_loads_only_the_paths_asked_for_and_the_page_says_why_the_other_is_missing(tiny_sources, capsys):
+    import app
+
+    assert app.parse_args([]).modes == ("fast", "quality")
+    assert app.parse_args(["--modes", " Fast,fast "]).modes == ("fast",)
+    with pytest.raises(SystemExit):
+        app.parse_args(["--modes", "fast,slow"])
+    assert "argument --modes: expected fast, quality or fast,quality, got 'fast,slow'" in capsys.readouterr().err
+
+    studio = app.load_studio(tiny_sources, device="cpu", dtype="fp32", modes=("fast",))
+    assert studio.models.fast is not None and studio.models.quality is None
+    assert studio.unavailable("fast") is None
+    assert studio.unavailable("quality") == "This server was started with --modes fast."
+    page = app.build_demo(studio).config
+    assert any("Quality mode unavailable" in str(c.get("props", {}).get("value", "")) for c in page["components"])
+    studio.run(app.sdxl_fast.GenerationParams("a red circle", mode="fast", seed=1, width=64, height=64))
+
+
 def test_start_up_records_the_first_shape_before_serving_and_the_rest_between_requests(tiny_models, monkeypatch):
     """--compile off: the first Fast shape runs before start_serving returns; the other Fast step counts in a
     thread, each holding the studio's GPU slot, so a request never shares the GPU with a recording, and a
