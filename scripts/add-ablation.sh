@@ -2,9 +2,12 @@
 # ADD's ablation on the demo family (docs/DISTILL.md, "The ablation"): every arm starts from the same teacher
 # (demo_models/base) with the same data, batch, learning rates and teacher guidance, runs concurrently on one
 # GPU for MINUTES, and is then exported at the same step count S (the last checkpoint every arm reached) and
-# at S/2, the two candidates per arm that the selection captions choose between.
+# at S/2, the two candidates per arm that the selection captions choose between. The export at S also holds
+# what a `--student_init` continuation carries (its continuation/ folder), so that a later run goes on from it:
+# with FROM=DIR every arm starts from DIR/ARM, an export-S folder of an earlier run, instead of the teacher.
 #
 #   bash scripts/add-ablation.sh WORK MINUTES [ARM ...]      # arms: old add distill adv add-v add-bal (default: all)
+#   FROM=DIR bash scripts/add-ablation.sh WORK MINUTES ARM ... # go on from DIR/ARM (e.g. a copy of OLDWORK/ARM/export-S)
 #
 # COUNT (default 60000) sets the number of training images, EXTRA adds arguments to every run (a CPU check:
 # COUNT=64 EXTRA="--batch_size 2 --num_workers 0" bash scripts/add-ablation.sh /tmp/abl 0.3).
@@ -30,6 +33,7 @@ fi
 common=(--config configs/demo-student.toml --teacher demo_models/base --data "$data" --distill_space latent
         --teacher_guidance 6.5 --batch_size 128 --num_workers 3 --max_steps 1000000
         --checkpoint_every "$every" --keep_checkpoints 1000 --export_continuation false ${EXTRA:-})
+from() { [ -z "${FROM:-}" ] || echo "--student_init $FROM/$1"; }
 # The paper's discriminator and loss units; configs/demo-student.toml pins the shipped recipe's instead.
 paper=(--disc_head stylegan_t --disc_head_channels 0 --disc_augment color,translation,cutout
        --distill_reduction sum --lambda_distill 2.5)
@@ -47,7 +51,7 @@ arm_args() {
 
 for arm in "${arms[@]}"; do
   # shellcheck disable=SC2046
-  python3 -m sdxl_fast.distill "${common[@]}" $(arm_args "$arm") --output_dir "$work/$arm" \
+  python3 -m sdxl_fast.distill "${common[@]}" $(arm_args "$arm") $(from "$arm") --output_dir "$work/$arm" \
       --max_minutes "$minutes" >"$work/$arm.log" 2>&1 &
 done
 wait
@@ -62,8 +66,9 @@ half=$(( S / 2 / every * every ))
 echo "equal budget: $S steps per arm (candidates at $half and $S)"
 for arm in "${arms[@]}"; do
   for s in "$half" "$S"; do
-    ( python3 -m sdxl_fast.distill "${common[@]}" $(arm_args "$arm") --output_dir "$work/$arm" --max_minutes 0 \
-          --resume "$(printf '%s/%s/checkpoints/checkpoint-%08d' "$work" "$arm" "$s")" --max_steps "$s" \
+    ( python3 -m sdxl_fast.distill "${common[@]}" $(arm_args "$arm") $(from "$arm") --output_dir "$work/$arm" \
+          --max_minutes 0 --resume "$(printf '%s/%s/checkpoints/checkpoint-%08d' "$work" "$arm" "$s")" \
+          --max_steps "$s" --export_continuation "$([ "$s" = "$S" ] && echo true || echo false)" \
           >>"$work/$arm.log" 2>&1 &&
       rm -rf "$work/$arm/export-$s" && mv "$work/$arm/student" "$work/$arm/export-$s" ) &
     wait  # one export per arm at a time: both write WORK/ARM/student
