@@ -553,6 +553,8 @@ def build_demo(studio: Studio, examples: list[str] = EXAMPLES, note: str = "",
         # Fast's 1 step has nothing to cache.
         mode.change(lambda m: [gr.update(visible=m == QUALITY)] * 2, mode, [aesthetic_row, cache], queue=False,
                     api_visibility="private")
+        if studio.unavailable("fast") and not studio.unavailable("quality"):  # e.g. --modes quality
+            demo.load(lambda: QUALITY, None, mode, queue=False, api_visibility="private")
     return demo
 
 

@@ -145,3 +145,18 @@ def test_stop_cancels_quality_cleanly(page, served):
     page.locator("#generate-quality").click()
     wait_for_result_text(page, "Mode: quality")
     assert "a castle at dusk" in result_text(page)
+
+
+def test_a_server_without_fast_opens_on_quality(browser, tiny_models):
+    """`--modes quality` (or a Fast model that failed to load): the page opens on the mode it can serve, with
+    Quality's controls, and says why Fast is unavailable."""
+    quality_only = sdxl_fast.Models(device=tiny_models.device, dtype=tiny_models.dtype, quality=tiny_models.quality)
+    with running_app(quality_only, {"fast": "This server was started with --modes quality."}) as (url, _):
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(WAIT_MS)
+        page.goto(url)
+        page.locator("#generate-quality").wait_for(state="visible")  # hidden while the page shows Fast
+        assert page.get_by_label("Quality").is_checked()
+        assert page.locator("#negative").is_visible() and not page.locator("#generate-fast").is_visible()
+        assert "This server was started with --modes quality." in page.inner_text("body")
+        page.close()
