@@ -40,7 +40,7 @@ import sdxl_fast
 from sdxl_fast import accel, metadata
 from sdxl_fast.cli import add_model_arguments
 from sdxl_fast.params import (DEFAULT_AESTHETIC_SCORE, DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_AESTHETIC_SCORE,
-                              DEFAULT_REFINER_SWITCH, MAX_SEED, SDXL_BUCKETS, bucket_label)
+                              DEFAULT_REFINER_SWITCH, MAX_SEED, MODES, SDXL_BUCKETS, bucket_label)
 from sdxl_fast.pipeline.decoding import latent_preview
 from sdxl_fast.pipeline.generate import generate_many
 from sdxl_fast.accel.compile import compiling
@@ -129,7 +129,7 @@ class Studio:
         """Which shapes run compiled, are being compiled, or wait for it."""
         compiled = self.compiler.status() if self.compiler is not None else {"compiled": [], "compiling": [],
                                                                                "queued": [], "failed": {}}
-        return {"models": {mode: self.unavailable(mode) is None for mode in ("fast", "quality")}, **compiled}
+        return {"models": {mode: self.unavailable(mode) is None for mode in MODES}, **compiled}
 
     def unavailable(self, mode: str) -> str | None:
         loaded = self.models is not None and getattr(self.models, mode) is not None
@@ -560,7 +560,7 @@ def build_demo(studio: Studio, examples: list[str] = EXAMPLES, note: str = "",
 
 def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None, cpu_offload=False,
                 fp8=False, compile_mode: str = "off", concurrency: int = 1,
-                modes: tuple[str, ...] = ("fast", "quality")) -> Studio:
+                modes: tuple[str, ...] = MODES) -> Studio:
     """Load the paths in `modes` together; when that fails, each alone, so one missing model does not take down
     the other. A path that cannot load, or is not in `modes`, is reported in the page and the log, never by
     crashing. `fp8`: the opt-in fp8 matmuls on top of the device's default acceleration (skipped, with a log
@@ -576,7 +576,7 @@ def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None,
         return studio
 
     left_out = {mode: f"This server was started with --modes {','.join(modes)}."
-                for mode in ("fast", "quality") if mode not in modes}
+                for mode in MODES if mode not in modes}
     try:
         return loaded(Studio(sdxl_fast.load(modes=modes, sources=sources, device=device, dtype=dtype,
                                             cpu_offload=cpu_offload), left_out, concurrency=concurrency))
@@ -636,7 +636,7 @@ def start_serving(studio: Studio, compile_mode: str) -> None:
 
 def modes_list(text: str) -> tuple[str, ...]:
     modes = tuple(dict.fromkeys(m.strip().lower() for m in text.split(",") if m.strip()))
-    if not modes or set(modes) - {"fast", "quality"}:
+    if not modes or set(modes) - set(MODES):
         raise argparse.ArgumentTypeError(f"expected fast, quality or fast,quality, got {text!r}")
     return modes
 
@@ -650,7 +650,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_arguments(parser)
     parser.add_argument("--queue-size", type=int, default=20,
                         help="requests that may wait; beyond this users are told the app is busy")
-    parser.add_argument("--modes", type=modes_list, default=("fast", "quality"), metavar="fast,quality",
+    parser.add_argument("--modes", type=modes_list, default=MODES, metavar="fast,quality",
                         help="the paths to serve (default both); a Fast-only server loads no base or refiner UNet and "
                              "compiles and records only Fast's shapes")
     parser.add_argument("--compile", choices=["off", "start", "background"], default="off",

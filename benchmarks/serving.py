@@ -266,13 +266,14 @@ def main(argv=None) -> int:
                                         mode="fast", size=size, images=images, steps=1)
                 first_and_later(client, write, "generate_fast", fast("a lighthouse", native, steps=4), 3,
                                 mode="fast", size=native, images=1, steps=4)
-                for size in ([native, "192x128"] if args.tiny else QUALITY_SIZES) if serves_quality else []:
-                    first_and_later(client, write, "generate_quality", quality("a lighthouse", size), 1,
-                                    mode="quality", size=size, images=1, steps=50)
-                for images in (2, 4) if serves_quality else ():
-                    size = native if args.tiny else big
-                    first_and_later(client, write, "generate_quality", quality("a lighthouse", size, 20, images), 1,
-                                    mode="quality", size=size, images=images, steps=20)
+                if serves_quality:
+                    for size in [native, "192x128"] if args.tiny else QUALITY_SIZES:
+                        first_and_later(client, write, "generate_quality", quality("a lighthouse", size), 1,
+                                        mode="quality", size=size, images=1, steps=50)
+                    for images in (2, 4):
+                        size = native if args.tiny else big
+                        first_and_later(client, write, "generate_quality", quality("a lighthouse", size, 20, images),
+                                        1, mode="quality", size=size, images=images, steps=20)
             compiles = args.app_compile != "off" and torch.cuda.is_available()
             if compiles and args.app_compile == "start":  # compiled before serving
                 log = compiled_lines(app.log.read_text())
