@@ -108,6 +108,12 @@ class App:
                 return done[-1] if done else 0
             time.sleep(1)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the app process so far: with Python's one GIL, about 1 s per second of
+        wall time means its host work is what limits it."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)
@@ -176,11 +182,11 @@ def first_and_later(client: Client, write, api: str, data, later: int, **what) -
     write(kind="first call", api=api, **what, first_ms=round(first * 1e3, 1), later_ms=round(times.median * 1e3, 1))
 
 
-def typists(client_root: str, write, n: int, seconds: float, size: str) -> None:
+def typists(app: App, write, n: int, seconds: float, size: str) -> None:
     latencies, lock, stop = [], threading.Lock(), time.perf_counter() + seconds
 
     def type_(who: int):
-        client, i = Client(client_root), 0
+        client, i = Client(app.root), 0
         while time.perf_counter() < stop:
             took, _ = client.call("live_fast", live(f"a red fox {who} " + "x" * i, size))
             with lock:
@@ -188,13 +194,14 @@ def typists(client_root: str, write, n: int, seconds: float, size: str) -> None:
             i += 1
 
     threads = [threading.Thread(target=type_, args=(k,)) for k in range(n)]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), app.cpu_seconds()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    write(kind="typists", typists=n, size=size, requests=len(latencies),
-          images_per_s=round(len(latencies) / (time.perf_counter() - started), 1), **ms(latencies))
+    wall, cpu = time.perf_counter() - started, app.cpu_seconds() - cpu
+    write(kind="typists", typists=n, size=size, requests=len(latencies), images_per_s=round(len(latencies) / wall, 1),
+          **ms(latencies), app_cpu_per_s=round(cpu / wall, 2), app_cpu_ms_per_request=round(cpu / len(latencies) * 1e3, 1))
 
 
 def main(argv=None) -> int:
@@ -253,7 +260,7 @@ def main(argv=None) -> int:
                           **ms(alone, "generate_alone_"))
             if "typists" in phases:
                 for n in (1, 4, 16):
-                    typists(app.root, write, n, args.typist_seconds, native)
+                    typists(app, write, n, args.typist_seconds, native)
             if "sizes" in phases:
                 sizes = [native, "192x192", big] if args.tiny else [native] + [
                     value for _, value in __import__("app").FAST_SIZES if value != native][::args.size_stride]
@@ -311,7 +318,7 @@ def main(argv=None) -> int:
                   compiled=compiled, log=compiled_lines(app.log.read_text()))
             if "cached-typists" in phases:  # with the kernels the cache brought
                 for n in (1, 4, 16):
-                    typists(app.root, write, n, args.typist_seconds, native)
+                    typists(app, write, n, args.typist_seconds, native)
         finally:
             app.stop()
     return 0

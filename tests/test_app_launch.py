@@ -150,23 +150,54 @@ def test_start_up_records_the_first_shape_before_serving_and_the_rest_between_re
 
 
 def test_pyplot_is_imported_before_serving_where_matplotlib_is_installed(tmp_path, monkeypatch):
-    """Gradio sets matplotlib's backend in every event where matplotlib is installed (importing pyplot): the
-    app pays that before serving. Without matplotlib nothing is imported and nothing fails."""
+    """Gradio sets matplotlib's backend in every event: where matplotlib is installed the app imports pyplot
+    before serving; where it is not, `import matplotlib` fails at once instead of searching the path."""
     import app
 
     monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p) / "matplotlib").exists()])
     for name in ("matplotlib", "matplotlib.pyplot"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    app.import_event_dependencies()
-    assert "matplotlib" not in sys.modules
+    try:
+        app.lighten_gradio_events()
+        assert sys.modules["matplotlib"] is None
+        with pytest.raises(ImportError):
+            import matplotlib  # noqa: F401
+    finally:
+        sys.modules.pop("matplotlib", None)
 
     (tmp_path / "matplotlib").mkdir()  # a stand-in package: the real one may not be installed here
     (tmp_path / "matplotlib" / "__init__.py").write_text("")
     (tmp_path / "matplotlib" / "pyplot.py").write_text("IMPORTED = True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
-        app.import_event_dependencies()
+        app.lighten_gradio_events()
         assert sys.modules["matplotlib.pyplot"].IMPORTED
     finally:  # gradio's later events in this process must not find the stand-in
         sys.modules.pop("matplotlib", None)
         sys.modules.pop("matplotlib.pyplot", None)
+
+
+@pytest.mark.parametrize("env, rebuilt", [(None, False), ("1", True)])
+def test_gradio_rebuilds_its_event_table_every_1000_events_not_after_each(tiny_models, monkeypatch, env, rebuilt):
+    """By default Gradio rebuilds a pandas table of up to 10,000 past events after every event (2 ms per event
+    after 300 events, 10 ms after 10,000 on a 2-core CPU); the app has it rebuilt every 1,000 events, and
+    GRADIO_ANALYTICS_CACHE_FREQUENCY set by the deployer still decides."""
+    import app
+    from gradio import queueing
+
+    from test_app_helpers import running_app
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_CACHE_FREQUENCY", env or "")  # restored afterwards, set or not
+    if env is None:
+        monkeypatch.delenv("GRADIO_ANALYTICS_CACHE_FREQUENCY")
+    tables = []
+    build = queueing.Queue._get_df
+    monkeypatch.setattr(queueing.Queue, "_get_df", staticmethod(lambda records: tables.append(len(records))
+                                                                 or build(records)))
+    app.lighten_gradio_events()
+    with running_app(tiny_models) as (url, _):
+        client = Client(url, verbose=False)
+        for seed in range(3):
+            client.predict(prompt="a red fox", steps=1, seed=seed, randomize_seed=False, size="128x128",
+                           num_images=1, api_name="/generate_fast")
+    assert bool(tables) == rebuilt
