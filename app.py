@@ -49,7 +49,7 @@ from sdxl_fast.accel.compile import compiling
 from sdxl_fast.serving.compiler import BackgroundCompiler, load_cache, save_cache
 from sdxl_fast.serving import limits as serving_limits
 from sdxl_fast.serving import requests, zerogpu
-from sdxl_fast.serving.batcher import Batcher
+from sdxl_fast.serving.batcher import Batcher, Busy
 from sdxl_fast.serving.limits import Limits, LimitError, OverBudget
 
 
@@ -249,7 +249,10 @@ class Studio:
         if realtime and batched and self.batcher is not None:
             with _generations_lock:
                 generations["fast"] += 1
-            return self.batcher(params)
+            try:
+                return self.batcher(params)
+            except Busy as e:
+                raise gr.Error(str(e)) from e
         if realtime:
             images, notes = self.run(params)
         else:
@@ -523,10 +526,10 @@ def build_demo(studio: Studio, examples: list[str] = EXAMPLES, note: str = "",
 
         micro = [orig_w, orig_h, crop_top, crop_left, target_w, target_h]
         fast_inputs = [prompt, steps_fast, seed, randomize, size, num_images, *micro]
-        # The typists' keystrokes wait together in the studio's batcher: room for a batch on the GPU and the
-        # next one gathering. On ZeroGPU each is a GPU call of its own, with its own duration.
-        live_events = gpu_events if studio.batcher is None else dict(
-            concurrency_id="live", concurrency_limit=2 * LIVE_BATCH, preprocess=False)
+        # The typists' keystrokes wait together in the studio's batcher, which bounds them, not in Gradio's
+        # queue: a queued event costs the server a join request and an event stream besides the call, a third
+        # of a live image's host time. On ZeroGPU each is a queued GPU call of its own, with its own duration.
+        live_events = gpu_events if studio.batcher is None else dict(queue=False, preprocess=False)
         gr.on([prompt.change, steps_fast.release, seed.input, size.input, num_images.release, mode.input],
               gpu(studio.live_fast), inputs=[mode, *fast_inputs[:3], *fast_inputs[4:]], outputs=[result, seed],
               trigger_mode="always_last", show_progress="hidden", api_name="live_fast", api_visibility="undocumented",

@@ -68,6 +68,15 @@ def test_live_frames_are_served_as_jpegs_with_their_parameters(served, tmp_path)
         assert text == item["caption"] and (params.prompt, params.seed) == (prompt, 7)
 
 
+def test_a_live_request_beyond_the_batchers_limit_says_the_server_is_busy(served, monkeypatch):
+    import gradio as gr
+
+    _, studio = served
+    monkeypatch.setattr(studio.batcher, "max_waiting", 0)
+    with pytest.raises(gr.Error, match="busy: 0 live requests are already waiting"):
+        studio.live_fast(app.FAST, "a red fox", 1, 7, "128x128", 1, 0, 0, 0, 0, 0, 0)
+
+
 def test_typists_waiting_together_share_batched_calls_and_each_gets_its_own_frame(served, monkeypatch):
     """live_fast from several handler threads at once, as Gradio calls it for several typists: the requests
     that wait while the model is busy run as one generate_many call per shape, each typist gets its own

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from sdxl_fast.params import GenerationParams
-from sdxl_fast.serving.batcher import Batcher, padded
+from sdxl_fast.serving.batcher import Batcher, Busy, padded
 
 
 def fast(prompt: str, size: int = 128, images: int = 1) -> GenerationParams:
@@ -105,6 +105,22 @@ def test_a_failed_batch_raises_in_every_request_of_it_and_the_batcher_goes_on():
         t.join(10)
     assert all(isinstance(out[k], ValueError) and "cannot draw bad" in str(out[k]) for k in ("bad", "good"))
     assert batcher(fast("later")) == ["later #0"]
+
+
+def test_beyond_max_waiting_a_request_is_refused_at_once_and_names_the_limit():
+    model = Model()
+    batcher = Batcher(model, max_waiting=2)
+    _, first_threads = submit_all(batcher, [fast("first")])
+    assert model.started.wait(10)  # running, so no longer waiting
+    out, threads = submit_all(batcher, [fast("a"), fast("b")])
+    wait_waiting(batcher, 2)
+    with pytest.raises(Busy, match="2 live requests are already waiting"):
+        batcher(fast("c"))
+    model.release.set()
+    for t in first_threads + threads:
+        t.join(10)
+    assert out == {"a": ["a #0"], "b": ["b #0"]}
+    assert batcher(fast("d")) == ["d #0"]  # room again
 
 
 @pytest.mark.parametrize("images, total", [([1], 1), ([1, 1, 1], 4), ([2, 3], 8), ([4, 4, 4, 4], 16), ([3], 4)])

@@ -22,6 +22,10 @@ from ..pipeline.generate import batch_key
 RunBatch = Callable[[list[GenerationParams]], list[list[Image.Image]]]
 
 
+class Busy(RuntimeError):
+    """More live requests are waiting than the batcher holds."""
+
+
 @dataclass(eq=False)
 class _Request:
     params: GenerationParams
@@ -39,10 +43,10 @@ def padded(batch: list[GenerationParams]) -> list[GenerationParams]:
 class Batcher:
     """`batcher(params)` -> that request's images, made in a batched call `run(requests)` together with the
     requests of the same `batch_key` waiting at that time. An exception from `run` is raised in the handler
-    of every request of that batch."""
+    of every request of that batch. Beyond `max_waiting` waiting requests a new one raises `Busy` at once."""
 
-    def __init__(self, run: RunBatch, max_images: int = 16):
-        self.run, self.max_images = run, max_images
+    def __init__(self, run: RunBatch, max_images: int = 16, max_waiting: int = 32):
+        self.run, self.max_images, self.max_waiting = run, max_images, max_waiting
         self.waiting: list[_Request] = []
         self.ready = threading.Condition()
         self.thread = threading.Thread(target=self._work, name="sdxl-fast-live-batches", daemon=True)
@@ -51,6 +55,9 @@ class Batcher:
     def __call__(self, params: GenerationParams) -> list[Image.Image]:
         request = _Request(params)
         with self.ready:
+            if len(self.waiting) >= self.max_waiting:
+                raise Busy(f"The server is busy: {self.max_waiting} live requests are already waiting "
+                           "(the most it holds). Try again in a moment.")
             self.waiting.append(request)
             self.ready.notify()
         request.done.wait()
