@@ -68,6 +68,9 @@ FAST_MAX_STEPS = requests.MAX_STEPS["fast"]
 MAX_IMAGES_UI = requests.MAX_IMAGES
 LIVE_BATCH = 16  # images that the keystrokes of several typists may share in one batched Fast call
 LIVE_BATCHES = (1, 2, 4, 8, LIVE_BATCH)  # the batch sizes of live calls (sdxl_fast.serving.batcher)
+# The session's gallery is sent whole with every live frame, and Gradio checks each of its files each time
+# (about 0.7 ms per entry on a 2-core CPU): a cap keeps a long session's keystrokes as cheap as a new one's.
+HISTORY_SIZE = 32
 QUALITY_SIZES = [(bucket_label(w, h), f"{w}x{h}") for w, h in SDXL_BUCKETS]
 FAST_SIZES = [(bucket_label(512, 512), "512x512")] + QUALITY_SIZES
 DEFAULT_SIZE = {FAST: "512x512", QUALITY: "1024x1024"}
@@ -420,7 +423,8 @@ def add_to_history(result, history: list, live: bool = False):
     """Put the newest results on top of this session's gallery, captions (the parameters) included.
 
     As-you-type results share one slot that each keystroke's image replaces, so typing a sentence adds one
-    entry, not one per letter. History entries are (path, caption, live)."""
+    entry, not one per letter. The newest HISTORY_SIZE entries are kept. History entries are (path, caption,
+    live)."""
     if not result:
         return gr.skip(), gr.skip()
     entries = [(item[0], item[1], live) for item in result]
@@ -431,7 +435,7 @@ def add_to_history(result, history: list, live: bool = False):
         history = [entry for entry in history if not entry[2]]
     else:
         history = [(path, caption, False) for path, caption, _ in history]  # keep the last live image for good
-    history = entries + history
+    history = (entries + history)[:HISTORY_SIZE]
     return [(path, caption) for path, caption, _ in history], history
 
 
