@@ -531,7 +531,7 @@ def build_demo(studio: Studio, examples: list[str] = EXAMPLES, note: str = "",
         micro = [orig_w, orig_h, crop_top, crop_left, target_w, target_h]
         fast_inputs = [prompt, steps_fast, seed, randomize, size, num_images, *micro]
         # The typists' keystrokes wait together in the studio's batcher, which bounds them, not in Gradio's
-        # queue: a queued event costs the server a join request and an event stream besides the call, a third
+        # queue: a queued event costs the server a join request and an event stream besides the call, 20-30 %
         # of a live image's host time. On ZeroGPU each is a queued GPU call of its own, with its own duration.
         live_events = gpu_events if studio.batcher is None else dict(queue=False, preprocess=False)
         gr.on([prompt.change, steps_fast.release, seed.input, size.input, num_images.release, mode.input],
