@@ -1,0 +1,65 @@
+"""A UNet compiled ahead of time into one package file (torch.export with dynamic dimensions, AOTInductor).
+
+One package covers every batch size from 1 to `max_batch` and every latent side from 8 to 256 in multiples of
+8 (64 to 2048 pixels): loading it takes a fraction of a second and no request ever traces or compiles, where
+torch.compile compiles each shape it meets and traces each again at every start, even from its caches.
+The package holds the UNet's weights, so it belongs to one model, device and dtype.
+
+    aot.compile_unet(models.fast.student, "student.pt2")   # minutes, once
+    aot.use_package(models.fast.student, "student.pt2")    # every start: generate() now calls the package
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+
+class _Call(torch.nn.Module):
+    """The UNet as `sampling.unet_forward` calls it, with plain tensors in and out, as torch.export takes it."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, latents, timesteps, context, pooled, time_ids):
+        return self.unet(latents, timesteps, encoder_hidden_states=context, return_dict=False,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})[0]
+
+
+def example_inputs(unet, batch: int = 2, side: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Random inputs of a call at `side` pixels (default: the model's own size): [B, 4, side/8, side/8]
+    latents, [B] timesteps, [B, 77, D] context, [B, P] pooled embeddings, [B, 6] micro-conditioning."""
+    c = unet.config
+    latent = side // 8 if side else max(16, c.sample_size // 8 * 8)
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    shapes = [(batch, c.in_channels, latent, latent), (batch, 77, c.cross_attention_dim), (batch, pooled), (batch, 6)]
+    latents, context, pooled, time_ids = (torch.randn(s, device=unet.device, dtype=unet.dtype) for s in shapes)
+    return latents, torch.full((batch,), 999.0, device=unet.device), context, pooled, time_ids.abs() * latent * 8
+
+
+def compile_unet(unet, path: str | Path, max_batch: int = 16) -> Path:
+    """Export `unet` (as it is now, speed-ups applied) for batches 1 to `max_batch` and latent sides 8 to 256
+    and compile it into the package `path`."""
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    side = {0: batch, 2: 8 * torch.export.Dim("h8", min=1, max=32), 3: 8 * torch.export.Dim("w8", min=1, max=32)}
+    with torch.no_grad():
+        exported = torch.export.export(_Call(unet), example_inputs(unet), dynamic_shapes=(
+            side, {0: batch}, {0: batch}, {0: batch}, {0: batch}))
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return Path(torch._inductor.aoti_compile_and_package(exported, package_path=str(path)))
+
+
+def use_package(unet, path: str | Path) -> None:
+    """From now on `unet(...)` runs the compiled package at `path` (from `compile_unet` on this model)."""
+    package = torch._inductor.aoti_load_package(str(path))
+
+    def forward(sample, timestep, encoder_hidden_states, added_cond_kwargs, return_dict: bool = True):
+        timesteps = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32).expand(sample.shape[0])
+        out = package(sample, timesteps.contiguous(), encoder_hidden_states, added_cond_kwargs["text_embeds"],
+                      added_cond_kwargs["time_ids"])
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    unet.forward = forward
