@@ -1,30 +1,33 @@
-"""The Fast UNet compiled ahead of time (`sdxl_fast.accel.aot`): what compiling one package for every batch
-size up to `--max-batch` and every size costs, what loading it costs, and its calls and outputs against the
-eager UNet's.
+"""The Fast path with its UNet compiled ahead of time (`sdxl_fast.accel.aot`): what compiling one package for
+every batch size up to `--max-batch` and every size costs, what loading it costs, and `generate()` with it
+against `generate()` uncompiled, both with the device's other speed-ups (CUDA graphs on a GPU).
 
     python -m benchmarks.aot_probe --configs benchmarks/sdxl-configs --out aot.jsonl   # full-size SDXL, on a GPU
     python -m benchmarks.aot_probe --tiny                                                # a CPU check of the script
 
-Random weights of the given shapes (the SDXL base UNet's, which the student shares), fp16 on a GPU and fp32
-on the CPU; batch sizes 1, 3 and `--max-batch` at the model's own size and at 1.5 times its side.
+Random weights of the given shapes (the student shares the SDXL base UNet's), Fast 1 step; batch sizes 1, 3
+and `--max-batch` at the Fast path's own size (512², 128² with --tiny) and one image at 1.5 times its side.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from benchmarks import record
+from benchmarks.bench import build_models
 from benchmarks.timing import synchronize, time_calls
+from sdxl_fast import accel
 from sdxl_fast.accel import aot
-from sdxl_fast.pipeline.sampling import unet_forward
+from sdxl_fast.params import GenerationParams
+from sdxl_fast.pipeline.generate import generate_tensors
 from sdxl_fast.testing import random_weights
 
 
@@ -40,42 +43,46 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     command = "python -m benchmarks.aot_probe " + " ".join(sys.argv[1:] if argv is None else argv)
 
-    from diffusers import UNet2DConditionModel
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     configs = random_weights.tiny_configs() if args.tiny else random_weights.full_configs(args.configs)
-    torch.manual_seed(0)
-    eager = UNet2DConditionModel.from_config(configs["unet"]).to(device, dtype).eval().requires_grad_(False)
-    compiled = copy.deepcopy(eager)
+    models = build_models(random_weights.build_random_components(configs, device=device), device, dtype)
+    applied = accel.apply(models, replace(accel.Acceleration.for_device(device), compile=False))
+    side = 128 if args.tiny else 512
+    calls = [(side, b) for b in sorted({1, 3, args.max_batch})] + [(side * 3 // 2, 1)]
     rows = []
 
     def write(**fields):
         rows.append({"device": record.device_name(device), **fields, **record.provenance(command)})
         print(json.dumps(rows[-1]), flush=True)
 
-    package = args.package or Path(tempfile.mkdtemp()) / "unet.pt2"
+    def measure(s: int, b: int) -> tuple[float, float, torch.Tensor]:
+        """First call ms, median of later calls ms, uint8 images."""
+        params = GenerationParams("a lighthouse", mode="fast", steps=1, seed=0, width=s, height=s, num_images=b)
+        synchronize(device)
+        started = time.perf_counter()
+        images = generate_tensors(models, params)[1]
+        first = (time.perf_counter() - started) * 1e3
+        later = time_calls(lambda: generate_tensors(models, params), args.repeats, sync=device).median * 1e3
+        return first, later, images
+
+    eager = {shape: measure(*shape) for shape in calls}
+    package = args.package or Path(tempfile.mkdtemp()) / "student.pt2"
     started = time.perf_counter()
-    aot.compile_unet(compiled, package, args.max_batch)
+    aot.compile_unet(models.fast.student, package, args.max_batch)
     compile_s = time.perf_counter() - started
     started = time.perf_counter()
-    aot.use_package(compiled, package)
+    aot.use_package(models.fast.student, package)
+    graphs = getattr(models.runner, "graphs", None)
+    if graphs is not None:  # recorded around the eager UNet: record them again around the package
+        graphs.clear()
     write(kind="aot package", compile_s=round(compile_s, 1), load_s=round(time.perf_counter() - started, 2),
-          package_mb=round(package.stat().st_size / 1e6, 1), max_batch=args.max_batch)
-    side = 128 if args.tiny else 512  # the Fast path's own size (SDXL-Turbo's)
-    with torch.no_grad():
-        for s in (side, side * 3 // 2):
-            for b in sorted({1, 3, args.max_batch}):
-                x = aot.example_inputs(eager, b, s)
-                started = time.perf_counter()
-                out = unet_forward(compiled, *x)
-                synchronize(device)
-                first_ms = (time.perf_counter() - started) * 1e3
-                ref = unet_forward(eager, *x)
-                write(kind="aot call", size=f"{s}x{s}", batch=b, first_call_ms=round(first_ms, 1),
-                      eager_ms=round(time_calls(lambda: unet_forward(eager, *x), args.repeats, sync=device).median * 1e3, 2),
-                      aot_ms=round(time_calls(lambda: unet_forward(compiled, *x), args.repeats, sync=device).median * 1e3, 2),
-                      max_abs_diff=float((out.float() - ref.float()).abs().max()), ref_abs_mean=float(ref.float().abs().mean()))
+          package_mb=round(package.stat().st_size / 1e6, 1), max_batch=args.max_batch, acceleration=applied)
+    for (s, b), (eager_first, eager_ms, eager_images) in eager.items():
+        first, later, images = measure(s, b)
+        write(kind="aot generate", size=f"{s}x{s}", batch=b, eager_first_ms=round(eager_first, 1),
+              eager_ms=round(eager_ms, 2), aot_first_ms=round(first, 1), aot_ms=round(later, 2),
+              max_pixel_diff=int((images.int() - eager_images.int()).abs().max()))
     if args.out:
         with args.out.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
