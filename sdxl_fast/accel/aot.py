@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from ..pipeline.sampling import unet_forward
+
 
 class _Call(torch.nn.Module):
     """The UNet as `sampling.unet_forward` calls it, with plain tensors in and out, as torch.export takes it."""
@@ -25,8 +27,7 @@ class _Call(torch.nn.Module):
         self.unet = unet
 
     def forward(self, latents, timesteps, context, pooled, time_ids):
-        return self.unet(latents, timesteps, encoder_hidden_states=context, return_dict=False,
-                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})[0]
+        return unet_forward(self.unet, latents, timesteps, context, pooled, time_ids)
 
 
 def example_inputs(unet, batch: int = 2, side: int | None = None) -> tuple[torch.Tensor, ...]:
