@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
 
     eager = {shape: measure(*shape) for shape in calls}
     package = args.package or Path(tempfile.mkdtemp()) / "student.pt2"
+    print(f"compiling the student's UNet into {package}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     aot.compile_unet(models.fast.student, package, args.max_batch)
     compile_s = time.perf_counter() - started

@@ -3,7 +3,8 @@
 One package covers every batch size from 1 to `max_batch` and every latent side from 8 to 256 in multiples of
 8 (64 to 2048 pixels): loading it takes a fraction of a second and no request ever traces or compiles, where
 torch.compile compiles each shape it meets and traces each again at every start, even from its caches.
-The package holds the UNet's weights, so it belongs to one model, device and dtype.
+The package holds kernels, not weights: it runs on the weights of the module it is given, so one package
+serves every model of the same architecture, dtype and device kind (a student and the base it came from).
 
     aot.compile_unet(models.fast.student, "student.pt2")   # minutes, once
     aot.use_package(models.fast.student, "student.pt2")    # every start: generate() now calls the package
@@ -50,12 +51,18 @@ def compile_unet(unet, path: str | Path, max_batch: int = 16) -> Path:
         exported = torch.export.export(_Call(unet), example_inputs(unet), dynamic_shapes=(
             side, {0: batch}, {0: batch}, {0: batch}, {0: batch}))
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return Path(torch._inductor.aoti_compile_and_package(exported, package_path=str(path)))
+        # Weights left out of the package: a full-size UNet's would add gigabytes of disk and minutes of linking.
+        return Path(torch._inductor.aoti_compile_and_package(
+            exported, package_path=str(path), inductor_configs={"aot_inductor.package_constants_in_so": False}))
 
 
 def use_package(unet, path: str | Path) -> None:
-    """From now on `unet(...)` runs the compiled package at `path` (from `compile_unet` on this model)."""
+    """From now on `unet(...)` runs the compiled package at `path` (from `compile_unet` on a model of this
+    architecture) on `unet`'s own parameters and buffers, which it reads in place: keep them where they are."""
     package = torch._inductor.aoti_load_package(str(path))
+    tensors = dict(_Call(unet).state_dict(keep_vars=True))
+    package.load_constants({name: tensors[name].detach() for name in package.get_constant_fqns()},
+                           check_full_update=True, user_managed=True)
 
     def forward(sample, timestep, encoder_hidden_states, added_cond_kwargs, return_dict: bool = True):
         timesteps = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32).expand(sample.shape[0])
