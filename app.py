@@ -46,7 +46,9 @@ from sdxl_fast.params import (DEFAULT_AESTHETIC_SCORE, DEFAULT_GUIDANCE_SCALE, D
 from sdxl_fast.pipeline.decoding import latent_preview
 from sdxl_fast.pipeline.generate import generate_many
 from sdxl_fast.accel.compile import compiling
+from sdxl_fast.accel.cuda_graphs import drop_graphs
 from sdxl_fast.serving.compiler import BackgroundCompiler, load_cache, save_cache
+from sdxl_fast.serving.packages import FastPackage
 from sdxl_fast.serving import limits as serving_limits
 from sdxl_fast.serving import requests, zerogpu
 from sdxl_fast.serving.batcher import Batcher, Busy
@@ -121,6 +123,8 @@ class Studio:
         self._stop_flags: dict[str | None, threading.Event] = {}
         # Compiles each new (mode, size, images) in the background while it is served eagerly (GPU only).
         self.compiler: BackgroundCompiler | None = None
+        # The Fast UNet compiled ahead of time for every shape (--compile aot), loaded or being compiled.
+        self.package: FastPackage | None = None
 
     def prepare(self, params: sdxl_fast.GenerationParams, notify: bool = True) -> None:
         """Queue this request's shape for compiling if it is new, and tell the user why it may be slower."""
@@ -134,7 +138,8 @@ class Studio:
         """Which shapes run compiled, are being compiled, or wait for it."""
         compiled = self.compiler.status() if self.compiler is not None else {"compiled": [], "compiling": [],
                                                                                "queued": [], "failed": {}}
-        return {"models": {mode: self.unavailable(mode) is None for mode in MODES}, **compiled}
+        package = {"fast_unet_ahead_of_time": self.package.state} if self.package is not None else {}
+        return {"models": {mode: self.unavailable(mode) is None for mode in MODES}, **compiled, **package}
 
     def unavailable(self, mode: str) -> str | None:
         loaded = self.models is not None and getattr(self.models, mode) is not None
@@ -370,6 +375,17 @@ class Studio:
         finally:
             self.slots.release()
 
+    @contextmanager
+    def exclusive(self):
+        """Hold every GPU slot: no generation runs meanwhile (e.g. while a module's kernels are swapped)."""
+        for _ in range(self.concurrency):
+            self.slots.acquire()
+        try:
+            yield
+        finally:
+            for _ in range(self.concurrency):
+                self.slots.release()
+
     def warm_up(self, calls: list[sdxl_fast.GenerationParams]) -> None:
         """Run these calls one at a time, each holding the GPU slot: the default shapes' CUDA graphs recorded in
         the gaps between requests, after the server has started. A request waiting for the slot goes first."""
@@ -580,7 +596,7 @@ def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None,
             options = replace(accel.Acceleration.for_device(studio.models.device), fp8=fp8, compile_new_shapes=False)
             if zerogpu.active():
                 options = zerogpu.acceleration(options)
-            options = replace(options, compile=options.compile and compile_mode != "off")
+            options = replace(options, compile=options.compile and compile_mode in ("start", "background"))
             accel.apply(studio.models, options)
         return studio
 
@@ -607,17 +623,21 @@ def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None,
 
 
 def start_serving(studio: Studio, compile_mode: str) -> None:
-    """Record the default shapes' CUDA graphs. With `compile_mode` "off" only the first (Fast, 1 image) before
-    the first visitor, the other Fast shapes in a thread between requests; with "start" all of them are
-    compiled first (minutes on a cold machine; a restart loads PyTorch's compile cache); with "background"
-    they, and each new shape a request brings, are compiled in another thread while being served. Any shape
-    not compiled runs uncompiled through CUDA graphs: no request waits for a compile."""
+    """Record the default shapes' CUDA graphs. With `compile_mode` "off" or "aot" only the first (Fast, 1 image)
+    before the first visitor, the other Fast shapes in a thread between requests; "aot" first loads the Fast
+    UNet's package compiled ahead of time, or starts compiling it in the background. With "start" all of
+    them are compiled first (minutes on a cold machine; a restart loads PyTorch's compile cache); with
+    "background" they, and each new shape a request brings, are compiled in another thread while being served.
+    Any shape not compiled runs uncompiled through CUDA graphs: no request waits for a compile."""
     models = studio.models
-    if compile_mode != "off":
+    if compile_mode in ("start", "background"):
         load_cache()
+    if compile_mode == "aot" and models.fast is not None:
+        studio.package = FastPackage(models.fast.student, studio.exclusive, partial(drop_graphs, models.runner),
+                                     max_batch=LIVE_BATCH).start()
     # On a GPU each live batch size is its own CUDA graph: record them all at start-up, not on a typist's keystroke.
     batches = LIVE_BATCHES if models.device.type == "cuda" else (1,)
-    if compile_mode == "off":
+    if compile_mode in ("off", "aot"):
         # Quality records its graphs on its first request (about 1 s on a 2.6 s request on an H100); recording
         # them here would hold the GPU for seconds while a typist's request waits.
         first, *rest = accel.warmup_calls(models, batches, fast_steps=tuple(range(1, FAST_MAX_STEPS + 1)),
@@ -662,10 +682,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--modes", type=modes_list, default=MODES, metavar="fast,quality",
                         help="the paths to serve (default both); a Fast-only server loads no base or refiner UNet and "
                              "compiles and records only Fast's shapes")
-    parser.add_argument("--compile", choices=["off", "start", "background"], default="off",
-                        help="torch.compile on a GPU: off (default: uncompiled kernels in CUDA graphs, serving within "
-                             "seconds); start (compile the default shapes before serving, minutes when cold); "
-                             "background (experimental: compile each shape in a thread while serving it uncompiled)")
+    parser.add_argument("--compile", choices=["off", "aot", "start", "background"], default="off",
+                        help="compiling on a GPU: off (default: uncompiled kernels in CUDA graphs, serving within "
+                             "seconds); aot (the Fast UNet compiled ahead of time for every size and batch: loaded from "
+                             "$SDXL_FAST_AOT_CACHE in a second, or compiled there once in the background while "
+                             "serving uncompiled); start (torch.compile the default shapes before serving, minutes "
+                             "when cold); background (experimental: torch.compile each shape in a thread while "
+                             "serving it uncompiled)")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="generations run at once (one per GPU the models occupy)")
     limits = parser.add_argument_group("limits per request (default: by device; README, 'Limits per request')")

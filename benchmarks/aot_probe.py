@@ -7,6 +7,8 @@ against `generate()` uncompiled, both with the device's other speed-ups (CUDA gr
 
 Random weights of the given shapes (the student shares the SDXL base UNet's), Fast 1 step; batch sizes 1, 3
 and `--max-batch` at the Fast path's own size (512², 128² with --tiny) and one image at 1.5 times its side.
+The package goes where `app.py --compile aot` looks for it ($SDXL_FAST_AOT_CACHE): an app started after this
+on the same machine and torch loads it instead of compiling one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,8 +27,10 @@ from benchmarks.bench import build_models
 from benchmarks.timing import synchronize, time_calls
 from sdxl_fast import accel
 from sdxl_fast.accel import aot
+from sdxl_fast.accel.cuda_graphs import drop_graphs
 from sdxl_fast.params import GenerationParams
 from sdxl_fast.pipeline.generate import generate_tensors
+from sdxl_fast.serving import packages
 from sdxl_fast.testing import random_weights
 
 
@@ -37,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     shapes.add_argument("--configs", help="folder of the SDXL configs (base/, refiner/)")
     shapes.add_argument("--tiny", action="store_true", help="tiny test shapes")
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--package", type=Path, help="where the .pt2 package goes (default: a temporary folder)")
+    parser.add_argument("--package", type=Path, help="where the .pt2 package goes (default: where `app.py --compile "
+                        "aot` looks for this UNet's, under $SDXL_FAST_AOT_CACHE)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, help="append the JSON lines here")
     args = parser.parse_args(argv)
@@ -67,16 +71,14 @@ def main(argv: list[str] | None = None) -> None:
         return first, later, images
 
     eager = {shape: measure(*shape) for shape in calls}
-    package = args.package or Path(tempfile.mkdtemp()) / "student.pt2"
+    package = args.package or packages.package_path(models.fast.student, args.max_batch)
     print(f"compiling the student's UNet into {package}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     aot.compile_unet(models.fast.student, package, args.max_batch)
     compile_s = time.perf_counter() - started
     started = time.perf_counter()
     aot.use_package(models.fast.student, package)
-    graphs = getattr(models.runner, "graphs", None)
-    if graphs is not None:  # recorded around the eager UNet: record them again around the package
-        graphs.clear()
+    drop_graphs(models.runner)  # recorded around the eager UNet: record them again around the package
     write(kind="aot package", compile_s=round(compile_s, 1), load_s=round(time.perf_counter() - started, 2),
           package_mb=round(package.stat().st_size / 1e6, 1), max_batch=args.max_batch, acceleration=applied)
     for (s, b), (eager_first, eager_ms, eager_images) in eager.items():

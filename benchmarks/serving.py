@@ -66,8 +66,9 @@ def save_family(configs: str | None, out: Path) -> dict[str, Path]:
 def compiled_lines(log: str) -> list[str]:
     """What an app's log says it compiled: with --compile start, each start-up warm-up call with its time
     ("warm-up 3/9: fast, 4 image(s), 1 steps: 61.2 s", sdxl_fast.accel.startup); with background, each shape
-    the background compiler finished ("compiled shapes: ...")."""
-    return [m[0] for m in re.finditer(r"(warm-up \d+/\d+|compiled shapes): [^\n]*", log)]
+    the background compiler finished ("compiled shapes: ..."); with aot, what became of the Fast UNet's package
+    ("Fast UNet: loaded its ahead-of-time package ...")."""
+    return [m[0] for m in re.finditer(r"(warm-up \d+/\d+|compiled shapes|Fast UNet): [^\n]*", log)]
 
 
 class App:
@@ -77,6 +78,7 @@ class App:
                  modes: str = "fast,quality"):
         self.log = work / f"app-{label}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1", SDXL_FAST_COMPILE_CACHE=str(cache),
+                   SDXL_FAST_AOT_CACHE=str(work / "aot"),
                    # a new machine: Inductor's and Triton's on-disk caches start empty every time
                    TORCHINDUCTOR_CACHE_DIR=str(work / f"inductor-{label}"), TRITON_CACHE_DIR=str(work / f"triton-{label}"))
         self.started = time.perf_counter()
@@ -98,6 +100,15 @@ class App:
 
     def log_lines(self, pattern: str) -> list[re.Match]:
         return [m for m in re.finditer(pattern, self.log.read_text())]
+
+    def wait_for(self, pattern: str, timeout: float) -> bool:
+        """Until a line of the log matches `pattern` (True) or `timeout` seconds pass (False)."""
+        deadline = time.perf_counter() + timeout
+        while not self.log_lines(pattern):
+            if time.perf_counter() > deadline:
+                return False
+            time.sleep(1)
+        return True
 
     def wait_compiled(self, count: int, timeout: float) -> int:
         """Until the log says `count` shapes are compiled (or `timeout` seconds): how many are."""
@@ -229,7 +240,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-wait", type=float, default=240,
                         help="seconds to wait for the background compiler before the compiled measurements")
     parser.add_argument("--typist-seconds", type=float, default=10)
-    parser.add_argument("--app-compile", choices=["off", "start", "background"], default="off",
+    parser.add_argument("--app-compile", choices=["off", "aot", "start", "background"], default="off",
                         help="the app's --compile")
     parser.add_argument("--app-modes", default="fast,quality",
                         help="the app's --modes: with fast alone, --app-compile start compiles only Fast's shapes")
@@ -296,6 +307,11 @@ def main(argv=None) -> int:
             if compiles and args.app_compile == "start":  # compiled before serving
                 log = compiled_lines(app.log.read_text())
                 write(kind="compiled", shapes=len(log), after_s=round(serving, 1), log=log)
+            elif compiles and args.app_compile == "aot":  # one package for every shape, compiled while serving
+                done = app.wait_for(r"Fast UNet: (compiled ahead of time|compiling ahead of time failed)",
+                                    args.compile_wait)
+                write(kind="compiled", shapes="every Fast shape" if done else 0,
+                      after_s=round(time.perf_counter() - app.started, 1), log=compiled_lines(app.log.read_text()))
             elif compiles:
                 compiled = app.wait_compiled(count=DEFAULT_SHAPES, timeout=args.compile_wait)
                 write(kind="compiled", shapes=compiled, after_s=round(time.perf_counter() - app.started, 1),
@@ -311,6 +327,9 @@ def main(argv=None) -> int:
 
     # A restart: with the compile cache of the first start (--app-compile start/background), or, without
     # compilation, what a restarted server pays with its model files in the OS's page cache.
+    packages = sorted((args.work / "aot").glob("*.pt2"))  # --app-compile aot: the Fast UNet's package
+    if args.app_compile == "aot":
+        cache = packages[0] if packages else cache
     if "cached" in phases and (cache.is_file() or args.app_compile == "off"):
         app = App(family, args.work, cache, args.port, "cached", args.app_compile, args.app_modes)
         try:
@@ -320,6 +339,8 @@ def main(argv=None) -> int:
             first = time.perf_counter() - app.started
             if args.app_compile == "start":  # compiled from the cache before serving
                 compiled = len(compiled_lines(app.log.read_text()))
+            elif args.app_compile == "aot":
+                compiled = len(app.log_lines("loaded its ahead-of-time package"))
             else:
                 compiled = app.wait_compiled(count=2, timeout=args.compile_wait) if cache.is_file() else 0
             write(kind="start-up", cache="cached" if cache.is_file() else "restart",

@@ -33,11 +33,14 @@ class _Call(torch.nn.Module):
 
 def example_inputs(unet, batch: int = 2, side: int | None = None) -> tuple[torch.Tensor, ...]:
     """Random inputs of a call at `side` pixels (default: the model's own size): [B, 4, side/8, side/8]
-    latents, [B] timesteps, [B, 77, D] context, [B, P] pooled embeddings, [B, 6] micro-conditioning."""
+    latents, [B] timesteps, [B, 77, D] context, [B, P] pooled embeddings, [B, 6] micro-conditioning. D is
+    the text width, or that of every layer's keys and values where they are hoisted (`accel.cross_kv`)."""
     c = unet.config
     latent = side // 8 if side else max(16, c.sample_size // 8 * 8)
     pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-    shapes = [(batch, c.in_channels, latent, latent), (batch, 77, c.cross_attention_dim), (batch, pooled), (batch, 6)]
+    hoisted = getattr(unet, "_sdxl_fast_kv_weight", None)
+    width = c.cross_attention_dim if hoisted is None else hoisted.shape[0]
+    shapes = [(batch, c.in_channels, latent, latent), (batch, 77, width), (batch, pooled), (batch, 6)]
     latents, context, pooled, time_ids = (torch.randn(s, device=unet.device, dtype=unet.dtype) for s in shapes)
     return latents, torch.full((batch,), 999.0, device=unet.device), context, pooled, time_ids.abs() * latent * 8
 

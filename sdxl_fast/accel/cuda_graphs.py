@@ -88,6 +88,14 @@ class CudaGraphs:
         return graph(*inputs)
 
 
+def drop_graphs(runner: Runner) -> None:
+    """Forget the CUDA graphs `runner` recorded, if any: each is recorded again on its next use, e.g. around
+    the kernels of a newly compiled module."""
+    graphs = getattr(runner, "graphs", None)
+    if graphs is not None:
+        graphs.clear()
+
+
 def _copy(out):
     """A copy of a graph's outputs (a tensor, a tuple of them, or an object with `clone()`), which the next
     replay would overwrite."""

@@ -4,5 +4,6 @@ requests.py turns the raw values of a UI event or API call into GenerationParams
 limits.py bounds the work one request may ask for (pixels × images per mode, a time budget); zerogpu.py runs
 the handlers through `spaces.GPU` on a Hugging Face ZeroGPU Space, with a duration estimated per request;
 batcher.py runs the live requests of many typists as shared batched calls; compiler.py compiles each new
-shape in a background thread while it is served uncompiled.
+shape in a background thread while it is served uncompiled; packages.py loads (or compiles once, in the
+background) the Fast UNet compiled ahead of time for every size and batch.
 """

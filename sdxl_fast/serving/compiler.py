@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..accel.compile import compiling
-from ..accel.cuda_graphs import AcceleratedRunner
+from ..accel.cuda_graphs import AcceleratedRunner, drop_graphs
 from ..files import atomic_write
 from ..models import Models
 from ..params import GenerationParams
@@ -145,9 +145,7 @@ class BackgroundCompiler:
                 self.states[shape] = f"failed: {type(exc).__name__}: {exc}"
                 log.warning("compiling %s failed, it stays eager: %s", shape, exc)
             self.seconds[shape] = time.perf_counter() - started
-            graphs = getattr(self.models.runner, "graphs", None)
-            if graphs is not None:  # record them again around the compiled kernels
-                graphs.clear()
+            drop_graphs(self.models.runner)  # to be recorded again around the compiled kernels
             if self.cache is not None and self.states[shape] == "compiled":
                 save_cache(self.cache)
             status = self.status()
