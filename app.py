@@ -48,7 +48,7 @@ from sdxl_fast.pipeline.generate import generate_many
 from sdxl_fast.accel.compile import compiling
 from sdxl_fast.accel.cuda_graphs import drop_graphs
 from sdxl_fast.serving.compiler import BackgroundCompiler, load_cache, save_cache
-from sdxl_fast.serving.packages import FastPackage
+from sdxl_fast.serving.packages import FastPackages
 from sdxl_fast.serving import limits as serving_limits
 from sdxl_fast.serving import requests, zerogpu
 from sdxl_fast.serving.batcher import Batcher, Busy
@@ -123,8 +123,8 @@ class Studio:
         self._stop_flags: dict[str | None, threading.Event] = {}
         # Compiles each new (mode, size, images) in the background while it is served eagerly (GPU only).
         self.compiler: BackgroundCompiler | None = None
-        # The Fast UNet compiled ahead of time for every shape (--compile aot), loaded or being compiled.
-        self.package: FastPackage | None = None
+        # The Fast UNet and VAE decoder compiled ahead of time for every shape (--compile aot).
+        self.packages: FastPackages | None = None
 
     def prepare(self, params: sdxl_fast.GenerationParams, notify: bool = True) -> None:
         """Queue this request's shape for compiling if it is new, and tell the user why it may be slower."""
@@ -138,8 +138,8 @@ class Studio:
         """Which shapes run compiled, are being compiled, or wait for it."""
         compiled = self.compiler.status() if self.compiler is not None else {"compiled": [], "compiling": [],
                                                                                "queued": [], "failed": {}}
-        package = {"fast_unet_ahead_of_time": self.package.state} if self.package is not None else {}
-        return {"models": {mode: self.unavailable(mode) is None for mode in MODES}, **compiled, **package}
+        packages = {"fast_ahead_of_time": self.packages.states} if self.packages is not None else {}
+        return {"models": {mode: self.unavailable(mode) is None for mode in MODES}, **compiled, **packages}
 
     def unavailable(self, mode: str) -> str | None:
         loaded = self.models is not None and getattr(self.models, mode) is not None
@@ -625,7 +625,7 @@ def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None,
 def start_serving(studio: Studio, compile_mode: str) -> None:
     """Record the default shapes' CUDA graphs. With `compile_mode` "off" or "aot" only the first (Fast, 1 image)
     before the first visitor, the other Fast shapes in a thread between requests; "aot" first loads the Fast
-    UNet's package compiled ahead of time, or starts compiling it in the background. With "start" all of
+    UNet's and VAE decoder's packages compiled ahead of time, or starts compiling them in the background. With "start" all of
     them are compiled first (minutes on a cold machine; a restart loads PyTorch's compile cache); with
     "background" they, and each new shape a request brings, are compiled in another thread while being served.
     Any shape not compiled runs uncompiled through CUDA graphs: no request waits for a compile."""
@@ -633,8 +633,8 @@ def start_serving(studio: Studio, compile_mode: str) -> None:
     if compile_mode in ("start", "background"):
         load_cache()
     if compile_mode == "aot" and models.fast is not None:
-        studio.package = FastPackage(models.fast.student, studio.exclusive, partial(drop_graphs, models.runner),
-                                     max_batch=LIVE_BATCH).start()
+        studio.packages = FastPackages(models, studio.exclusive, partial(drop_graphs, models.runner),
+                                       max_batch=LIVE_BATCH).start()
     # On a GPU each live batch size is its own CUDA graph: record them all at start-up, not on a typist's keystroke.
     batches = LIVE_BATCHES if models.device.type == "cuda" else (1,)
     if compile_mode in ("off", "aot"):
@@ -684,9 +684,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "compiles and records only Fast's shapes")
     parser.add_argument("--compile", choices=["off", "aot", "start", "background"], default="off",
                         help="compiling on a GPU: off (default: uncompiled kernels in CUDA graphs, serving within "
-                             "seconds); aot (the Fast UNet compiled ahead of time for every size and batch: loaded from "
-                             "$SDXL_FAST_AOT_CACHE in a second, or compiled there once in the background while "
-                             "serving uncompiled); start (torch.compile the default shapes before serving, minutes "
+                             "seconds); aot (the Fast UNet and VAE decoder compiled ahead of time for every size and "
+                             "batch: loaded from $SDXL_FAST_AOT_CACHE in a second, or compiled there once in the "
+                             "background while serving uncompiled); start (torch.compile the default shapes before serving, minutes "
                              "when cold); background (experimental: torch.compile each shape in a thread while "
                              "serving it uncompiled)")
     parser.add_argument("--concurrency", type=int, default=1,

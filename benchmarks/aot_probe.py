@@ -1,14 +1,15 @@
-"""The Fast path with its UNet compiled ahead of time (`sdxl_fast.accel.aot`): what compiling one package for
-every batch size up to `--max-batch` and every size costs, what loading it costs, and `generate()` with it
-against `generate()` uncompiled, both with the device's other speed-ups (CUDA graphs on a GPU).
+"""The Fast path with its UNet and VAE decoder compiled ahead of time (`sdxl_fast.accel.aot`): what compiling
+each into one package for every batch size up to `--max-batch` and every size costs, what loading it costs,
+and `generate()` with them against `generate()` uncompiled, both with the device's other speed-ups (CUDA
+graphs on a GPU).
 
     python -m benchmarks.aot_probe --configs benchmarks/sdxl-configs --out aot.jsonl   # full-size SDXL, on a GPU
     python -m benchmarks.aot_probe --tiny                                                # a CPU check of the script
 
 Random weights of the given shapes (the student shares the SDXL base UNet's), Fast 1 step; batch sizes 1, 3
 and `--max-batch` at the Fast path's own size (512², 128² with --tiny) and one image at 1.5 times its side.
-The package goes where `app.py --compile aot` looks for it ($SDXL_FAST_AOT_CACHE): an app started after this
-on the same machine and torch loads it instead of compiling one.
+The packages go where `app.py --compile aot` looks for them ($SDXL_FAST_AOT_CACHE): an app started after this
+on the same machine and torch loads them instead of compiling.
 """
 
 from __future__ import annotations
@@ -40,8 +41,6 @@ def main(argv: list[str] | None = None) -> None:
     shapes.add_argument("--configs", help="folder of the SDXL configs (base/, refiner/)")
     shapes.add_argument("--tiny", action="store_true", help="tiny test shapes")
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--package", type=Path, help="where the .pt2 package goes (default: where `app.py --compile "
-                        "aot` looks for this UNet's, under $SDXL_FAST_AOT_CACHE)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, help="append the JSON lines here")
     args = parser.parse_args(argv)
@@ -71,16 +70,20 @@ def main(argv: list[str] | None = None) -> None:
         return first, later, images
 
     eager = {shape: measure(*shape) for shape in calls}
-    package = args.package or packages.package_path(models.fast.student, args.max_batch)
-    print(f"compiling the student's UNet into {package}", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    aot.compile_unet(models.fast.student, package, args.max_batch)
-    compile_s = time.perf_counter() - started
-    started = time.perf_counter()
-    aot.use_package(models.fast.student, package)
-    drop_graphs(models.runner)  # recorded around the eager UNet: record them again around the package
-    write(kind="aot package", compile_s=round(compile_s, 1), load_s=round(time.perf_counter() - started, 2),
-          package_mb=round(package.stat().st_size / 1e6, 1), max_batch=args.max_batch, acceleration=applied)
+    modules = {"unet": models.fast.student, "vae-decoder": models.fast.vae}
+    for part, module in modules.items():
+        compile_package, use_package = (getattr(aot, name) for name in packages.PARTS[part])
+        path = packages.package_path(part, module, args.max_batch)
+        print(f"compiling the Fast {part} into {path}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        compile_package(module, path, args.max_batch)
+        compile_s = time.perf_counter() - started
+        started = time.perf_counter()
+        use_package(module, path)
+        write(kind="aot package", part=part, compile_s=round(compile_s, 1),
+              load_s=round(time.perf_counter() - started, 2), package_mb=round(path.stat().st_size / 1e6, 1),
+              max_batch=args.max_batch, acceleration=applied)
+    drop_graphs(models.runner)  # recorded around the uncompiled modules: record them again around the packages
     for (s, b), (eager_first, eager_ms, eager_images) in eager.items():
         first, later, images = measure(s, b)
         write(kind="aot generate", size=f"{s}x{s}", batch=b, eager_first_ms=round(eager_first, 1),

@@ -325,12 +325,11 @@ def main(argv=None) -> int:
         finally:
             app.stop()
 
-    # A restart: with the compile cache of the first start (--app-compile start/background), or, without
-    # compilation, what a restarted server pays with its model files in the OS's page cache.
-    packages = sorted((args.work / "aot").glob("*.pt2"))  # --app-compile aot: the Fast UNet's package
-    if args.app_compile == "aot":
-        cache = packages[0] if packages else cache
-    if "cached" in phases and (cache.is_file() or args.app_compile == "off"):
+    # A restart: with the compile cache of the first start (--app-compile start/background) or the Fast path's
+    # packages (aot), or, without compilation, what a restarted server pays with its model files in the OS's
+    # page cache.
+    cached = list((args.work / "aot").glob("*.pt2")) if args.app_compile == "aot" else [cache] * cache.is_file()
+    if "cached" in phases and (cached or args.app_compile == "off"):
         app = App(family, args.work, cache, args.port, "cached", args.app_compile, args.app_modes)
         try:
             client = app.wait_until_serving()
@@ -342,9 +341,9 @@ def main(argv=None) -> int:
             elif args.app_compile == "aot":
                 compiled = len(app.log_lines("loaded its ahead-of-time package"))
             else:
-                compiled = app.wait_compiled(count=2, timeout=args.compile_wait) if cache.is_file() else 0
-            write(kind="start-up", cache="cached" if cache.is_file() else "restart",
-                  cache_mb=round(cache.stat().st_size / 1e6, 1) if cache.is_file() else 0,
+                compiled = app.wait_compiled(count=2, timeout=args.compile_wait) if cached else 0
+            write(kind="start-up", cache="cached" if cached else "restart",
+                  cache_mb=round(sum(f.stat().st_size for f in cached) / 1e6, 1),
                   serving_s=round(serving, 1), first_fast_image_s=round(first, 1),
                   first_fast_call_ms=round(took * 1e3, 1), defaults_compiled_after_s=round(time.perf_counter() - app.started, 1),
                   compiled=compiled, log=compiled_lines(app.log.read_text()))

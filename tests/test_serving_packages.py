@@ -1,9 +1,10 @@
-"""sdxl_fast.serving.packages: the Fast UNet's ahead-of-time package loaded at start, or compiled in the
-background while the UNet serves uncompiled, then swapped in while no generation runs. The compile is a
-stand-in here (the real one takes minutes; tests/test_accel_aot.py runs it)."""
+"""sdxl_fast.serving.packages: the Fast UNet's and VAE decoder's ahead-of-time packages loaded at start, or
+compiled in the background while the modules serve uncompiled, then swapped in while no generation runs.
+The compile is a stand-in here (the real one takes minutes; tests/test_accel_aot.py runs it)."""
 
 import threading
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,29 +15,32 @@ from sdxl_fast.testing import random_weights
 
 
 @pytest.fixture
-def unet():
-    return random_weights.build_random_components(random_weights.tiny_configs(), device="cpu")["unet"]
+def fast():
+    """Models whose Fast path is a tiny UNet and VAE (all FastPackages looks at)."""
+    parts = random_weights.build_random_components(random_weights.tiny_configs(), device="cpu")
+    return SimpleNamespace(fast=SimpleNamespace(student=parts["unet"], vae=parts["vae"]))
 
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    """aot.compile_unet writes a file once `release` is set (or raises `fail`); aot.use_package records which
-    module it was given and whether the exclusive lock was held."""
+    """aot's compile functions write a file once `release` is set (or raise `fail`); its use functions record
+    which module they were given and whether the exclusive lock was held."""
     calls = {"compiled": [], "used": [], "release": threading.Event(), "fail": None, "held": threading.Lock()}
 
-    def compile_unet(unet, path, max_batch):
-        calls["compiled"].append(unet)
+    def compile_package(module, path, max_batch):
+        calls["compiled"].append(module)
         calls["release"].wait(10)
         if calls["fail"]:
             raise calls["fail"]
         path.write_bytes(b"kernels")
         return path
 
-    def use_package(unet, path):
-        calls["used"].append((unet, path.read_bytes(), calls["held"].locked()))
+    def use_package(module, path):
+        calls["used"].append((module, path.read_bytes(), calls["held"].locked()))
 
-    monkeypatch.setattr(aot, "compile_unet", compile_unet)
-    monkeypatch.setattr(aot, "use_package", use_package)
+    for part in ("unet", "decoder"):
+        monkeypatch.setattr(aot, f"compile_{part}", compile_package)
+        monkeypatch.setattr(aot, f"use_{part}_package", use_package)
     return calls
 
 
@@ -48,46 +52,50 @@ def exclusive(calls):
     return hold
 
 
-def test_without_a_package_it_compiles_a_copy_in_the_background_then_swaps_while_no_generation_runs(
-        unet, stand_in, tmp_path):
+def test_without_packages_it_compiles_copies_in_the_background_then_swaps_while_no_generation_runs(
+        fast, stand_in, tmp_path):
     swapped = []
-    package = packages.FastPackage(unet, exclusive(stand_in), lambda: swapped.append(True), 16, tmp_path).start()
-    assert package.state == "compiling" and not stand_in["used"]  # start() did not wait for the compile
+    aot_ = packages.FastPackages(fast, exclusive(stand_in), lambda: swapped.append(True), 16, tmp_path).start()
+    assert set(aot_.states.values()) <= {"queued", "compiling"} and not stand_in["used"]  # start() did not wait
     stand_in["release"].set()
-    package.thread.join(10)
-    assert package.state == "compiled" and swapped == [True]
-    assert stand_in["compiled"][0] is not unet  # a copy is traced, never the module being served
-    assert [(u is unet, data, held) for u, data, held in stand_in["used"]] == [(True, b"kernels", True)]
-    assert package.path.is_file() and not list(tmp_path.glob("*.partial.pt2"))
+    aot_.thread.join(10)
+    assert aot_.states == {"unet": "compiled", "vae-decoder": "compiled"} and swapped == [True, True]
+    modules = [fast.fast.student, fast.fast.vae]
+    # Copies are traced, never the modules being served; the served ones run the packages, swapped under the lock.
+    assert all(c is not m for c, m in zip(stand_in["compiled"], modules)) and len(stand_in["compiled"]) == 2
+    assert [(u, data, held) for u, data, held in stand_in["used"]] == [(m, b"kernels", True) for m in modules]
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["unet", "vae"]  # no partial files left
 
-    # The next start (a restart, or a replica given the folder) loads it at once and compiles nothing.
-    again = packages.FastPackage(unet, exclusive(stand_in), lambda: swapped.append(True), 16, tmp_path).start()
-    assert again.state == "loaded" and len(stand_in["compiled"]) == 1 and swapped == [True]
+    # The next start (a restart, or a replica given the folder) loads them at once and compiles nothing.
+    again = packages.FastPackages(fast, exclusive(stand_in), lambda: swapped.append(True), 16, tmp_path).start()
+    assert again.states == {"unet": "loaded", "vae-decoder": "loaded"}
+    assert len(stand_in["compiled"]) == 2 and swapped == [True, True] and not again.thread.is_alive()
 
 
-def test_a_failed_compile_leaves_the_unet_uncompiled_and_stores_nothing(unet, stand_in, tmp_path):
+def test_a_failed_compile_leaves_that_module_uncompiled_and_stores_nothing(fast, stand_in, tmp_path):
     stand_in["fail"] = RuntimeError("out of memory")
     stand_in["release"].set()
-    package = packages.FastPackage(unet, exclusive(stand_in), lambda: None, 16, tmp_path).start()
-    package.thread.join(10)
-    assert package.state == "failed: RuntimeError: out of memory"
+    aot_ = packages.FastPackages(fast, exclusive(stand_in), lambda: None, 16, tmp_path).start()
+    aot_.thread.join(10)
+    assert aot_.states["unet"] == "failed: RuntimeError: out of memory"
     assert not stand_in["used"] and not list(tmp_path.iterdir())
 
 
-def test_the_package_name_follows_what_the_kernels_depend_on(unet, tmp_path):
-    name = packages.package_path(unet, 16, tmp_path)
-    assert packages.package_path(unet, 16, tmp_path) == name
-    assert packages.package_path(unet, 8, tmp_path) != name  # the largest batch
+def test_the_package_name_follows_what_the_kernels_depend_on(fast, tmp_path):
+    unet = fast.fast.student
+    name = packages.package_path("unet", unet, 16, tmp_path)
+    assert packages.package_path("unet", unet, 16, tmp_path) == name
+    assert packages.package_path("unet", unet, 8, tmp_path) != name  # the largest batch
     with torch.no_grad():
         unet.conv_in.weight.mul_(2)
-    assert packages.package_path(unet, 16, tmp_path) == name  # weights are not in the package
+    assert packages.package_path("unet", unet, 16, tmp_path) == name  # weights are not in the package
     unet.to(memory_format=torch.channels_last)
-    assert packages.package_path(unet, 16, tmp_path) != name  # strides are
+    assert packages.package_path("unet", unet, 16, tmp_path) != name  # strides are
     unet.to(torch.float16)
-    assert packages.package_path(unet, 16, tmp_path) != name
+    assert packages.package_path("unet", unet, 16, tmp_path) != name
 
 
-def test_the_app_with_compile_aot_serves_at_once_and_swaps_the_package_in_while_holding_every_slot(
+def test_the_app_with_compile_aot_serves_at_once_and_swaps_the_packages_in_while_holding_every_slot(
         tiny_models, stand_in, tmp_path, monkeypatch):
     import app
     import sdxl_fast
@@ -96,10 +104,11 @@ def test_the_app_with_compile_aot_serves_at_once_and_swaps_the_package_in_while_
     monkeypatch.setattr(sdxl_fast, "generate", lambda models, params: None)
     studio = app.Studio(tiny_models)
     held = []
-    monkeypatch.setattr(aot, "use_package", lambda unet, path: held.append(studio.slots._value))
+    for part in ("unet", "decoder"):
+        monkeypatch.setattr(aot, f"use_{part}_package", lambda module, path: held.append(studio.slots._value))
     app.start_serving(studio, "aot")
-    assert studio.status()["fast_unet_ahead_of_time"] == "compiling"
+    assert studio.status()["fast_ahead_of_time"]["unet"] in ("queued", "compiling")
     stand_in["release"].set()
-    studio.package.thread.join(10)
-    assert studio.status()["fast_unet_ahead_of_time"] == "compiled"
-    assert held == [0]  # the only slot: no generation ran during the swap
+    studio.packages.thread.join(10)
+    assert studio.status()["fast_ahead_of_time"] == {"unet": "compiled", "vae-decoder": "compiled"}
+    assert held == [0, 0]  # the only slot: no generation ran during either swap

@@ -1,11 +1,12 @@
-"""The Fast UNet compiled ahead of time for the server (`app.py --compile aot`, `sdxl_fast.accel.aot`).
+"""The Fast path's UNet and VAE decoder compiled ahead of time for the server (`app.py --compile aot`,
+`sdxl_fast.accel.aot`).
 
-One package serves every size and every live batch, so no request ever waits for a compile. It holds kernels,
-not weights, and is stored in a cache folder under a name made from everything it depends on: the UNet's
-structure (module types, parameter shapes, strides and dtypes, after the speed-ups), the GPU, torch's version
-and the largest batch. So a restart, or a replica that is given the folder, loads it in about a second.
-Where the folder has none, the server starts serving uncompiled at once (CUDA graphs), and a thread compiles
-the package (minutes), stores it and swaps it in between two generations.
+One package per module serves every size and every live batch, so no request ever waits for a compile.
+A package holds kernels, not weights, and is stored in a cache folder under a name made from everything it
+depends on: the module's structure (module types, parameter shapes, strides and dtypes, after the speed-ups),
+the GPU, torch's version and the largest batch. So a restart, or a replica that is given the folder, loads
+it in about a second. Where the folder has none, the server starts serving uncompiled at once (CUDA graphs),
+and a thread compiles the missing packages (minutes), stores them and swaps each in between two generations.
 """
 
 from __future__ import annotations
@@ -23,67 +24,81 @@ from typing import Callable
 import torch
 
 from ..accel import aot
+from ..models import Models
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(os.environ.get("SDXL_FAST_AOT_CACHE", Path.home() / ".cache" / "sdxl-fast" / "aot"))
+# part -> the `sdxl_fast.accel.aot` functions that compile its package and make it run one
+PARTS = {"unet": ("compile_unet", "use_unet_package"), "vae-decoder": ("compile_decoder", "use_decoder_package")}
 
 
-def package_path(unet, max_batch: int, directory: Path = PACKAGE_DIR) -> Path:
-    """Where the package for this UNet, as it is now, on this device and torch, belongs."""
-    digest = hashlib.sha256(f"{torch.__version__} {max_batch} {_device_name(unet.device)}".encode())
-    for name, module in unet.named_modules():
-        digest.update(f"{name} {type(module).__qualname__} {type(getattr(module, 'processor', None)).__name__}".encode())
-    for name, t in unet.state_dict(keep_vars=True).items():
+def package_path(part: str, module, max_batch: int, directory: Path | None = None) -> Path:
+    """Where the package of `module` (a `PARTS` name), as it is now, on this device and torch, belongs."""
+    device = torch.cuda.get_device_name(module.device) if module.device.type == "cuda" else module.device.type
+    digest = hashlib.sha256(f"{torch.__version__} {max_batch} {device}".encode())
+    for name, m in module.named_modules():
+        digest.update(f"{name} {type(m).__qualname__} {type(getattr(m, 'processor', None)).__name__}".encode())
+    for name, t in module.state_dict(keep_vars=True).items():
         digest.update(f"{name} {tuple(t.shape)} {t.stride()} {t.dtype}".encode())
-    return directory / f"unet-{digest.hexdigest()[:16]}.pt2"
+    return (directory or PACKAGE_DIR) / f"{part}-{digest.hexdigest()[:16]}.pt2"
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+class FastPackages:
+    """The packages of the Fast path's UNet and VAE decoder. `states[part]` is "loaded", "queued",
+    "compiling", "compiled" or "failed: why".
 
+    `start()` loads the stored packages at once; the missing ones a thread compiles in turn, each from a copy
+    of its module (so the served module is never traced while it runs), and then, holding `exclusive()` (no
+    generation running), makes the module run it and calls `swapped()` (e.g. to drop CUDA graphs recorded
+    around the uncompiled module)."""
 
-class FastPackage:
-    """The state of the Fast UNet's package: `state` is "loaded", "compiling", "compiled" or "failed: why".
-
-    `start()` loads a stored package at once; without one it compiles in a thread from a copy of the UNet
-    (so the served module is never traced while it runs) and then, holding `exclusive()` (no generation
-    running), makes the UNet run the package and calls `swapped()` (e.g. to drop CUDA graphs recorded around
-    the uncompiled UNet)."""
-
-    def __init__(self, unet, exclusive: Callable[[], AbstractContextManager], swapped: Callable[[], None],
+    def __init__(self, models: Models, exclusive: Callable[[], AbstractContextManager], swapped: Callable[[], None],
                  max_batch: int = 16, directory: Path | None = None):
-        self.unet, self.exclusive, self.swapped, self.max_batch = unet, exclusive, swapped, max_batch
-        self.path = package_path(unet, max_batch, directory or PACKAGE_DIR)
-        self.state = "compiling"
-        self.thread = threading.Thread(target=self._compile, name="sdxl-fast-aot", daemon=True)
+        self.exclusive, self.swapped, self.max_batch = exclusive, swapped, max_batch
+        self.modules = {"unet": models.fast.student, "vae-decoder": models.fast.vae}
+        self.paths = {part: package_path(part, m, max_batch, directory) for part, m in self.modules.items()}
+        self.states = {part: "queued" for part in self.modules}
+        self.thread = threading.Thread(target=self._compile_missing, name="sdxl-fast-aot", daemon=True)
 
-    def start(self) -> "FastPackage":
-        if self.path.is_file():
-            started = time.perf_counter()
-            aot.use_package(self.unet, self.path)
-            self.state = "loaded"
-            log.info("Fast UNet: loaded its ahead-of-time package %s in %.2f s", self.path, time.perf_counter() - started)
-        else:
-            log.info("Fast UNet: no ahead-of-time package at %s yet; compiling one in the background (minutes, "
-                     "once per model, GPU and torch version) while serving uncompiled", self.path)
+    def start(self) -> "FastPackages":
+        for part, path in self.paths.items():
+            if path.is_file():
+                started = time.perf_counter()
+                getattr(aot, PARTS[part][1])(self.modules[part], path)
+                self.states[part] = "loaded"
+                log.info("Fast %s: loaded its ahead-of-time package %s in %.2f s", part, path,
+                         time.perf_counter() - started)
+        missing = [part for part, state in self.states.items() if state == "queued"]
+        if missing:
+            log.info("Fast %s: no ahead-of-time package in %s yet; compiling in the background (minutes, once per "
+                     "model, GPU and torch version) while serving uncompiled", " and ".join(missing),
+                     self.paths[missing[0]].parent)
             self.thread.start()
         return self
 
-    def _compile(self) -> None:
+    def _compile_missing(self) -> None:
+        for part, state in self.states.items():
+            if state == "queued":
+                self._compile(part)
+
+    def _compile(self, part: str) -> None:
+        compile_package, use_package = (getattr(aot, name) for name in PARTS[part])
+        module, path = self.modules[part], self.paths[part]
+        self.states[part] = "compiling"
         started = time.perf_counter()
         try:
-            partial = self.path.with_suffix(".partial.pt2")
-            aot.compile_unet(copy.deepcopy(self.unet), partial, self.max_batch)
-            partial.replace(self.path)  # whole or absent, for the next start
+            partial = path.with_suffix(".partial.pt2")
+            compile_package(copy.deepcopy(module), partial, self.max_batch)
+            partial.replace(path)  # whole or absent, for the next start
             with self.exclusive():
-                aot.use_package(self.unet, self.path)
+                use_package(module, path)
                 self.swapped()
-            self.state = "compiled"
-            log.info("Fast UNet: compiled ahead of time in %.0f s and now serving from %s",
-                     time.perf_counter() - started, self.path)
-        except Exception as exc:  # noqa: BLE001 - the UNet keeps running uncompiled; the server goes on
-            self.state = f"failed: {type(exc).__name__}: {exc}"
-            log.warning("Fast UNet: compiling ahead of time failed, it stays uncompiled: %s", exc)
-        if self.unet.device.type == "cuda":
+            self.states[part] = "compiled"
+            log.info("Fast %s: compiled ahead of time in %.0f s and now serving from %s", part,
+                     time.perf_counter() - started, path)
+        except Exception as exc:  # noqa: BLE001 - the module keeps running uncompiled; the server goes on
+            self.states[part] = f"failed: {type(exc).__name__}: {exc}"
+            log.warning("Fast %s: compiling ahead of time failed, it stays uncompiled: %s", part, exc)
+        if module.device.type == "cuda":
             torch.cuda.empty_cache()  # the copy's memory
