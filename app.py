@@ -70,8 +70,8 @@ FAST_MAX_STEPS = requests.MAX_STEPS["fast"]
 MAX_IMAGES_UI = requests.MAX_IMAGES
 LIVE_BATCH = 16  # images that the keystrokes of several typists may share in one batched Fast call
 LIVE_BATCHES = (1, 2, 4, 8, LIVE_BATCH)  # the batch sizes of live calls (sdxl_fast.serving.batcher)
-# The session's gallery is sent whole with every live frame, and Gradio checks each of its files each time
-# (about 0.7 ms per entry on a 2-core CPU): a cap keeps a long session's keystrokes as cheap as a new one's.
+# The session's gallery is sent whole with each Generate click, and Gradio checks each of its files each
+# time (about 1.3 ms per entry on a 2-core CPU): a cap keeps a long session's clicks as cheap as a new one's.
 HISTORY_SIZE = 32
 QUALITY_SIZES = [(bucket_label(w, h), f"{w}x{h}") for w, h in SDXL_BUCKETS]
 FAST_SIZES = [(bucket_label(512, 512), "512x512")] + QUALITY_SIZES
@@ -292,13 +292,17 @@ class Studio:
     def live_fast(self, mode, prompt, steps, seed, size, num_images,
                   orig_w, orig_h, crop_top, crop_left, target_w, target_h, request: gr.Request = None):
         """As-you-type generation: Fast mode only, and with the seed as shown, so the words change the image and
-        the noise does not. The frames are JPEGs; the waiting keystrokes of all typists share batched calls."""
+        the noise does not. The frames are JPEGs; the waiting keystrokes of all typists share batched calls.
+        Returns the frames, the seed and the frames again, for the session's history to take at its next result."""
         if mode != FAST or not (prompt or "").strip() or self.unavailable("fast"):
-            return gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip()
         params = self.fast_params(prompt, steps, seed, False, size, num_images,
                                   orig_w, orig_h, crop_top, crop_left, target_w, target_h)
         images = self._fast(params, request, batched=True)
-        return (gr.skip(), gr.skip()) if images is None else (live_frames(images), params.seed)
+        if images is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        frames = live_frames(images)
+        return frames, params.seed, frames
 
     def generate_quality(self, prompt, negative_prompt, steps, seed, randomize_seed, size, guidance_scale,
                          refiner_switch, num_images, orig_w, orig_h, crop_top, crop_left, target_w, target_h,
@@ -435,28 +439,19 @@ def live_frames(images) -> list[tuple[str, str]]:
     return frames
 
 
-def add_to_history(result, history: list, live: bool = False):
-    """Put the newest results on top of this session's gallery, captions (the parameters) included.
+def add_to_history(result, history: list, live: list | None = None):
+    """Put a Generate click's results on top of this session's gallery, captions (the parameters) included,
+    after the last as-you-type frame made since the previous click (`live`), so typing a sentence adds one
+    entry, not one per letter. The newest HISTORY_SIZE entries are kept. Returns the gallery, the history
+    and the emptied `live`.
 
-    As-you-type results share one slot that each keystroke's image replaces, so typing a sentence adds one
-    entry, not one per letter. The newest HISTORY_SIZE entries are kept. History entries are (path, caption,
-    live)."""
+    The gallery is not updated on keystrokes: Gradio checks every entry's file on every update (on a 2-core
+    CPU 6.5 ms per keystroke with 1 entry, 47 ms with 32), and the frame is on show in the result anyway."""
     if not result:
-        return gr.skip(), gr.skip()
-    entries = [(item[0], item[1], live) for item in result]
-    history = list(history or [])
-    if history and history[0][1] == entries[0][1]:  # nothing new (a skipped live update)
-        return gr.skip(), gr.skip()
-    if live:
-        history = [entry for entry in history if not entry[2]]
-    else:
-        history = [(path, caption, False) for path, caption, _ in history]  # keep the last live image for good
-    history = (entries + history)[:HISTORY_SIZE]
-    return [(path, caption) for path, caption, _ in history], history
-
-
-def add_live_to_history(result, history: list):
-    return add_to_history(result, history, live=True)
+        return gr.skip(), gr.skip(), gr.skip()
+    entries = [(item[0], item[1]) for item in [*result, *(live or [])]]
+    history = (entries + list(history or []))[:HISTORY_SIZE]
+    return history, history, []
 
 
 def size_choices(studio: Studio, mode: str) -> tuple[list[tuple[str, str]], str]:
@@ -543,6 +538,7 @@ def build_demo(studio: Studio, examples: list[str] = EXAMPLES, note: str = "",
                                      elem_id="history")
         gr.Examples(examples, inputs=[prompt], label="Examples (click one)")
         history_state = gr.State([])
+        live_state = gr.State([])  # the session's newest as-you-type frames, for the history's next entry
 
         micro = [orig_w, orig_h, crop_top, crop_left, target_w, target_h]
         fast_inputs = [prompt, steps_fast, seed, randomize, size, num_images, *micro]
@@ -551,21 +547,19 @@ def build_demo(studio: Studio, examples: list[str] = EXAMPLES, note: str = "",
         # of a live image's host time. On ZeroGPU each is a queued GPU call of its own, with its own duration.
         live_events = gpu_events if studio.batcher is None else dict(queue=False, preprocess=False)
         gr.on([prompt.change, steps_fast.release, seed.input, size.input, num_images.release, mode.input],
-              gpu(studio.live_fast), inputs=[mode, *fast_inputs[:3], *fast_inputs[4:]], outputs=[result, seed],
-              trigger_mode="always_last", show_progress="hidden", api_name="live_fast", api_visibility="undocumented",
-              **live_events,
-              ).success(add_live_to_history, [result, history_state], [history, history_state], queue=False,
-                  api_visibility="private")
+              gpu(studio.live_fast), inputs=[mode, *fast_inputs[:3], *fast_inputs[4:]],
+              outputs=[result, seed, live_state], trigger_mode="always_last", show_progress="hidden",
+              api_name="live_fast", api_visibility="undocumented", **live_events)
+        to_history = dict(fn=add_to_history, inputs=[result, history_state, live_state],
+                          outputs=[history, history_state, live_state], queue=False, api_visibility="private")
         fast_button.click(gpu(studio.generate_fast), fast_inputs, [result, seed], api_name="generate_fast",
-                          **gpu_events).success(add_to_history, [result, history_state], [history, history_state],
-                                                queue=False, api_visibility="private")
+                          **gpu_events).success(**to_history)
         quality_event = quality_button.click(
             gpu(studio.generate_quality),
             [prompt, negative, steps_quality, seed, randomize, size, guidance, switch, num_images, *micro,
              aesthetic, negative_aesthetic, cache],
             [result, seed], api_name="generate_quality", **gpu_events)
-        quality_event.success(add_to_history, [result, history_state], [history, history_state], queue=False,
-                  api_visibility="private")
+        quality_event.success(**to_history)
         stop_button.click(studio.request_stop, None, None, cancels=[quality_event], queue=False,
                           api_visibility="private")
         gr.api(studio.status, api_name="status", queue=False)  # which shapes run compiled

@@ -113,12 +113,13 @@ def test_typists_waiting_together_share_batched_calls_and_each_gets_its_own_fram
     assert calls == [[("a first prompt", 128)], [("a blue star", 128), ("a red circle", 128)],
                      [("a green cross", 64)]]
     for i in range(4):
-        frames, seed = results[i]
+        frames, seed, for_history = results[i]
         (path, caption), = frames
+        assert for_history == frames
         params, _ = sdxl_fast.parse_infotext(caption)
         assert path.endswith(".jpeg") and (params.prompt, params.seed) == (typists[i][1], seed) == (typists[i][1], 7 + i)
         assert Image.open(path).size == (params.width, params.height)
-    assert results[4] == results[5] == (app.gr.skip(), app.gr.skip())
+    assert results[4] == results[5] == (app.gr.skip(),) * 3
 
 
 def test_quality_returns_pngs_of_the_requested_size_with_parameters(client):

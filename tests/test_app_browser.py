@@ -101,6 +101,9 @@ def test_fast_follows_typing_and_quality_shows_progress_then_the_image(page, ser
     wait_for_result_text(page, "Mode: quality")
     assert "Steps: 6" in result_text(page)
     page.locator("#history").get_by_text("Mode: quality").first.wait_for()
+    # The typed sentence's last frame went into the history with the click, after the click's own image.
+    page.locator("#history").get_by_text("a red fox in the snow Steps:").first.wait_for()
+    assert page.locator("#history").get_by_text("Mode: fast").count() == 1
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "app-quality.png"))
 
