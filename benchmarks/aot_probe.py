@@ -53,11 +53,12 @@ def main(argv: list[str] | None = None) -> None:
     applied = accel.apply(models, replace(accel.Acceleration.for_device(device), compile=False))
     side = 128 if args.tiny else 512
     calls = [(side, b) for b in sorted({1, 3, args.max_batch})] + [(side * 3 // 2, 1)]
-    rows = []
-
-    def write(**fields):
-        rows.append({"device": record.device_name(device), **fields, **record.provenance(command)})
-        print(json.dumps(rows[-1]), flush=True)
+    def write(**fields):  # each row as soon as it is measured: a compile may outlast the caller's patience
+        row = json.dumps({"device": record.device_name(device), **fields, **record.provenance(command)})
+        print(row, flush=True)
+        if args.out:
+            with args.out.open("a") as f:
+                f.write(row + "\n")
 
     def measure(s: int, b: int) -> tuple[float, float, torch.Tensor]:
         """First call ms, median of later calls ms, uint8 images."""
@@ -70,8 +71,9 @@ def main(argv: list[str] | None = None) -> None:
         return first, later, images
 
     eager = {shape: measure(*shape) for shape in calls}
-    modules = {"unet": models.fast.student, "vae-decoder": models.fast.vae}
-    for part, module in modules.items():
+    # The decoder first (the quicker compile), each part measured as soon as it runs its package.
+    done = []
+    for part, module in (("vae-decoder", models.fast.vae), ("unet", models.fast.student)):
         compile_package, use_package = (getattr(aot, name) for name in packages.PARTS[part])
         path = packages.package_path(part, module, args.max_batch)
         print(f"compiling the Fast {part} into {path}", file=sys.stderr, flush=True)
@@ -83,15 +85,13 @@ def main(argv: list[str] | None = None) -> None:
         write(kind="aot package", part=part, compile_s=round(compile_s, 1),
               load_s=round(time.perf_counter() - started, 2), package_mb=round(path.stat().st_size / 1e6, 1),
               max_batch=args.max_batch, acceleration=applied)
-    drop_graphs(models.runner)  # recorded around the uncompiled modules: record them again around the packages
-    for (s, b), (eager_first, eager_ms, eager_images) in eager.items():
-        first, later, images = measure(s, b)
-        write(kind="aot generate", size=f"{s}x{s}", batch=b, eager_first_ms=round(eager_first, 1),
-              eager_ms=round(eager_ms, 2), aot_first_ms=round(first, 1), aot_ms=round(later, 2),
-              max_pixel_diff=int((images.int() - eager_images.int()).abs().max()))
-    if args.out:
-        with args.out.open("a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        done.append(part)
+        drop_graphs(models.runner)  # recorded around the uncompiled module: record them again around the package
+        for (s, b), (eager_first, eager_ms, eager_images) in eager.items():
+            first, later, images = measure(s, b)
+            write(kind="aot generate", packages=list(done), size=f"{s}x{s}", batch=b,
+                  eager_first_ms=round(eager_first, 1), eager_ms=round(eager_ms, 2), aot_first_ms=round(first, 1),
+                  aot_ms=round(later, 2), max_pixel_diff=int((images.int() - eager_images.int()).abs().max()))
 
 
 if __name__ == "__main__":
