@@ -619,10 +619,10 @@ def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None,
 def start_serving(studio: Studio, compile_mode: str) -> None:
     """Record the default shapes' CUDA graphs. With `compile_mode` "off" or "aot" only the first (Fast, 1 image)
     before the first visitor, the other Fast shapes in a thread between requests; "aot" first loads the Fast
-    UNet's and VAE decoder's packages compiled ahead of time, or starts compiling them in the background. With "start" all of
-    them are compiled first (minutes on a cold machine; a restart loads PyTorch's compile cache); with
-    "background" they, and each new shape a request brings, are compiled in another thread while being served.
-    Any shape not compiled runs uncompiled through CUDA graphs: no request waits for a compile."""
+    UNet's and VAE decoder's packages compiled ahead of time, or starts compiling them in the background.
+    With "start" all of them are compiled first (minutes on a cold machine; a restart loads PyTorch's compile
+    cache); with "background" they, and each new shape a request brings, are compiled in another thread while
+    being served. Any shape not compiled runs uncompiled through CUDA graphs: no request waits for a compile."""
     models = studio.models
     if compile_mode in ("start", "background"):
         load_cache()
@@ -680,9 +680,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="compiling on a GPU: off (default: uncompiled kernels in CUDA graphs, serving within "
                              "seconds); aot (the Fast UNet and VAE decoder compiled ahead of time for every size and "
                              "batch: loaded from $SDXL_FAST_AOT_CACHE in a second, or compiled there once in the "
-                             "background while serving uncompiled); start (torch.compile the default shapes before serving, minutes "
-                             "when cold); background (experimental: torch.compile each shape in a thread while "
-                             "serving it uncompiled)")
+                             "background while serving uncompiled); start (torch.compile the default shapes before "
+                             "serving, minutes when cold); background (experimental: torch.compile each shape in a "
+                             "thread while serving it uncompiled)")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="generations run at once (one per GPU the models occupy)")
     limits = parser.add_argument_group("limits per request (default: by device; README, 'Limits per request')")

@@ -8,8 +8,8 @@ A package holds kernels, not weights: it runs on the weights of the module it is
 package serves every model of the same architecture, dtype and device kind (a student and the base it came
 from). A module moved to another dtype or device afterwards runs uncompiled again.
 
-    aot.compile_unet(models.fast.student, "student.pt2")   # minutes, once
-    aot.use_unet_package(models.fast.student, "student.pt2")    # every start: generate() now calls the package
+    aot.compile_unet(models.fast.student, "student.pt2")       # minutes, once
+    aot.use_unet_package(models.fast.student, "student.pt2")   # every start: generate() now calls the package
 """
 
 from __future__ import annotations
@@ -95,10 +95,10 @@ def compile_unet(unet, path: str | Path, max_batch: int = 16) -> Path:
 def use_unet_package(unet, path: str | Path) -> None:
     """From now on `unet(...)` runs the package at `path` (from `compile_unet` on a UNet of this architecture)
     on `unet`'s own weights, as long as they stay where they are (dtype and device)."""
-    package, uncompiled, dtype = _load(_UNetCall(unet), path), unet.forward, unet.dtype
+    package, uncompiled, dtype, device = _load(_UNetCall(unet), path), unet.forward, unet.dtype, unet.device
 
     def forward(sample, timestep, encoder_hidden_states, added_cond_kwargs, return_dict: bool = True, **kwargs):
-        if kwargs or unet.dtype != dtype:
+        if kwargs or unet.dtype != dtype or unet.device != device:
             return uncompiled(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
                               return_dict=return_dict, **kwargs)
         timesteps = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32).expand(sample.shape[0])
@@ -121,10 +121,10 @@ def use_decoder_package(vae, path: str | Path) -> None:
     """From now on `vae.decode(latents)` runs the package at `path` (from `compile_decoder` on a VAE of this
     architecture) on `vae`'s own weights; latents of another dtype (the fp32 retry after an fp16 overflow,
     which moves the VAE to fp32) take the uncompiled decode."""
-    package, uncompiled, dtype = _load(_DecoderCall(vae), path), vae.decode, vae.dtype
+    package, uncompiled, dtype, device = _load(_DecoderCall(vae), path), vae.decode, vae.dtype, vae.device
 
     def decode(z, return_dict: bool = True, **kwargs):
-        if kwargs or z.dtype != dtype or vae.dtype != dtype:
+        if kwargs or z.dtype != dtype or vae.dtype != dtype or vae.device != device:
             return uncompiled(z, return_dict=return_dict, **kwargs)
         out = package(z)
         return DecoderOutput(sample=out) if return_dict else (out,)

@@ -5,5 +5,5 @@ limits.py bounds the work one request may ask for (pixels × images per mode, a 
 the handlers through `spaces.GPU` on a Hugging Face ZeroGPU Space, with a duration estimated per request;
 batcher.py runs the live requests of many typists as shared batched calls; compiler.py compiles each new
 shape in a background thread while it is served uncompiled; packages.py loads (or compiles once, in the
-background) the Fast UNet compiled ahead of time for every size and batch.
+background) the Fast UNet and VAE decoder compiled ahead of time for every size and batch.
 """
