@@ -1,39 +1,59 @@
 """sdxl_fast.accel.aot: one ahead-of-time package for every batch size and size of the Fast UNet, and one of
 its VAE decoder, each running on the weights of the module it is given."""
 
+import copy
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
 import torch
 
-from sdxl_fast import GenerationParams, accel, load
+from sdxl_fast import GenerationParams, ModelSources, accel, load
 from sdxl_fast.accel import aot
 from sdxl_fast.pipeline.generate import generate_tensors
 
 SHAPES = [(128, 1), (128, 3), (192, 2)]  # (side, images): sizes and batch sizes other than the exports'
 
 
-def test_packages_serve_every_batch_and_size_on_the_modules_weights_without_compiling(tiny_sources, tmp_path):
-    models = load(modes=("fast",), sources=tiny_sources, device="cpu", dtype=torch.float32)
+def fast_models(sources: ModelSources):
+    models = load(modes=("fast",), sources=sources, device="cpu", dtype=torch.float32)
     # As on a GPU, cross-attention keys and values hoisted out of the UNet: it is called with their wide tensor
     accel.apply(models, replace(accel.Acceleration.for_device(models.device), fuse_qkv=True, hoist_cross_kv=True))
-    unet, vae = models.fast.student, models.fast.vae
+    return models
 
-    def images():
-        return [generate_tensors(models, GenerationParams("a red circle", mode="fast", steps=2, seed=3, width=side,
-                                                          height=side, num_images=n))[1] for side, n in SHAPES]
 
-    exported_weights = images()
+def compile_part(sources: ModelSources, part: str, path) -> str:
+    """In a process of its own (the two compiles take minutes of one core each): a copy of the part compiled,
+    as the server does (sdxl_fast.serving.packages)."""
+    torch.set_num_threads(1)
+    fast = fast_models(sources).fast
     with torch._inductor.config.patch({"aot_inductor.compile_wrapper_opt_level": "O0"}):  # a quicker C++ build
-        unet_package = aot.compile_unet(unet, tmp_path / "unet.pt2", max_batch=4)
-        decoder_package = aot.compile_decoder(vae, tmp_path / "decoder.pt2", max_batch=4)
-    with torch.no_grad():  # other weights of the same architecture: the packages must not have kept their own
-        for p in [*unet.parameters(), *vae.parameters()]:
-            p.mul_(1 + 0.2 * torch.rand_like(p))
-    eager = images()
-    assert any((a.int() - b.int()).abs().max() > 8 for a, b in zip(eager, exported_weights))
+        if part == "unet":
+            return str(aot.compile_unet(copy.deepcopy(fast.student), path, max_batch=4))
+        return str(aot.compile_decoder(copy.deepcopy(fast.vae), path, max_batch=4))
 
-    aot.use_unet_package(unet, unet_package)
-    aot.use_decoder_package(vae, decoder_package)
+
+def test_packages_serve_every_batch_and_size_on_the_modules_weights_without_compiling(tiny_sources, tmp_path):
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        compiling = {part: pool.submit(compile_part, tiny_sources, part, tmp_path / f"{part}.pt2")
+                     for part in ("unet", "decoder")}
+        models = fast_models(tiny_sources)
+        unet, vae = models.fast.student, models.fast.vae
+
+        def images():
+            return [generate_tensors(models, GenerationParams("a red circle", mode="fast", steps=2, seed=3, width=side,
+                                                              height=side, num_images=n))[1] for side, n in SHAPES]
+
+        exported_weights = images()
+        with torch.no_grad():  # other weights of the same architecture: the packages must not have kept their own
+            for p in [*unet.parameters(), *vae.parameters()]:
+                p.mul_(1 + 0.2 * torch.rand_like(p))
+        eager = images()
+        assert any((a.int() - b.int()).abs().max() > 8 for a, b in zip(eager, exported_weights))
+        packages = {part: future.result() for part, future in compiling.items()}
+
+    aot.use_unet_package(unet, packages["unet"])
+    aot.use_decoder_package(vae, packages["decoder"])
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = images()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing traced on any shape
