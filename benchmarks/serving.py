@@ -66,9 +66,9 @@ def save_family(configs: str | None, out: Path) -> dict[str, Path]:
 def compiled_lines(log: str) -> list[str]:
     """What an app's log says it compiled: with --compile start, each start-up warm-up call with its time
     ("warm-up 3/9: fast, 4 image(s), 1 steps: 61.2 s", sdxl_fast.accel.startup); with background, each shape
-    the background compiler finished ("compiled shapes: ..."); with aot, what became of the Fast UNet's package
-    ("Fast UNet: loaded its ahead-of-time package ...")."""
-    return [m[0] for m in re.finditer(r"(warm-up \d+/\d+|compiled shapes|Fast UNet): [^\n]*", log)]
+    the background compiler finished ("compiled shapes: ..."); with aot, what became of the Fast UNet's and
+    VAE decoder's packages ("Fast unet: loaded its ahead-of-time package ...")."""
+    return [m[0] for m in re.finditer(r"(warm-up \d+/\d+|compiled shapes|Fast (?:unet|vae-decoder)): [^\n]*", log)]
 
 
 class App:
@@ -101,10 +101,10 @@ class App:
     def log_lines(self, pattern: str) -> list[re.Match]:
         return [m for m in re.finditer(pattern, self.log.read_text())]
 
-    def wait_for(self, pattern: str, timeout: float) -> bool:
-        """Until a line of the log matches `pattern` (True) or `timeout` seconds pass (False)."""
+    def wait_for(self, pattern: str, timeout: float, count: int = 1) -> bool:
+        """Until `count` lines of the log match `pattern` (True) or `timeout` seconds pass (False)."""
         deadline = time.perf_counter() + timeout
-        while not self.log_lines(pattern):
+        while len(self.log_lines(pattern)) < count:
             if time.perf_counter() > deadline:
                 return False
             time.sleep(1)
@@ -307,9 +307,9 @@ def main(argv=None) -> int:
             if compiles and args.app_compile == "start":  # compiled before serving
                 log = compiled_lines(app.log.read_text())
                 write(kind="compiled", shapes=len(log), after_s=round(serving, 1), log=log)
-            elif compiles and args.app_compile == "aot":  # one package for every shape, compiled while serving
-                done = app.wait_for(r"Fast UNet: (compiled ahead of time|compiling ahead of time failed)",
-                                    args.compile_wait)
+            elif compiles and args.app_compile == "aot":  # a package per module for every shape, compiled while serving
+                done = app.wait_for(r"Fast \S+: (compiled ahead of time|compiling ahead of time failed)",
+                                    args.compile_wait, count=2)
                 write(kind="compiled", shapes="every Fast shape" if done else 0,
                       after_s=round(time.perf_counter() - app.started, 1), log=compiled_lines(app.log.read_text()))
             elif compiles:
