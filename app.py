@@ -626,7 +626,10 @@ def start_serving(studio: Studio, compile_mode: str) -> None:
     models = studio.models
     if compile_mode in ("start", "background"):
         load_cache()
-    if compile_mode == "aot" and models.fast is not None:
+    if compile_mode == "aot" and models.offload_hooks:
+        log.warning("--compile aot is ignored with --cpu-offload: a package reads the weights where they lie, and "
+                    "offloading moves them on every call")
+    elif compile_mode == "aot" and models.fast is not None:
         studio.packages = FastPackages(models, studio.exclusive, partial(drop_graphs, models.runner),
                                        max_batch=LIVE_BATCH).start()
     # On a GPU each live batch size is its own CUDA graph: record them all at start-up, not on a typist's keystroke.

@@ -112,3 +112,15 @@ def test_the_app_with_compile_aot_serves_at_once_and_swaps_the_packages_in_while
     studio.packages.thread.join(10)
     assert studio.status()["fast_ahead_of_time"] == {"unet": "compiled", "vae-decoder": "compiled"}
     assert held == [0, 0]  # the only slot: no generation ran during either swap
+
+
+def test_with_cpu_offload_the_app_leaves_aot_off_and_says_so(tiny_models, stand_in, monkeypatch, caplog):
+    import app
+    import sdxl_fast
+
+    monkeypatch.setattr(sdxl_fast, "generate", lambda models, params: None)
+    monkeypatch.setattr(tiny_models, "offload_hooks", ["a hook"])  # the weights move on every call
+    studio = app.Studio(tiny_models)
+    app.start_serving(studio, "aot")
+    assert studio.packages is None and "fast_ahead_of_time" not in studio.status()
+    assert "--compile aot is ignored with --cpu-offload" in caplog.text
