@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     applied = accel.apply(models, replace(accel.Acceleration.for_device(device), compile=False))
     side = 128 if args.tiny else 512
     calls = [(side, b) for b in sorted({1, 3, args.max_batch})] + [(side * 3 // 2, 1)]
+
     def write(**fields):  # each row as soon as it is measured: a compile may outlast the caller's patience
         row = json.dumps({"device": record.device_name(device), **fields, **record.provenance(command)})
         print(row, flush=True)
