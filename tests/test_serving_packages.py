@@ -124,3 +124,23 @@ def test_with_cpu_offload_the_app_leaves_aot_off_and_says_so(tiny_models, stand_
     app.start_serving(studio, "aot")
     assert studio.packages is None and "fast_ahead_of_time" not in studio.status()
     assert "--compile aot is ignored with --cpu-offload" in caplog.text
+
+
+def test_a_stored_package_that_does_not_load_is_compiled_again_and_the_server_starts(fast, stand_in, tmp_path,
+                                                                                     caplog, monkeypatch):
+    path = packages.package_path("unet", fast.fast.student, 16, tmp_path)
+    path.write_bytes(b"truncated")
+    used = stand_in["used"]
+
+    def use_package(module, p):
+        if p.read_bytes() == b"truncated":
+            raise RuntimeError("PytorchStreamReader failed reading zip archive")
+        used.append((module, p.read_bytes(), stand_in["held"].locked()))
+
+    monkeypatch.setattr(aot, "use_unet_package", use_package)
+    monkeypatch.setattr(aot, "use_decoder_package", use_package)
+    stand_in["release"].set()
+    aot_ = packages.FastPackages(fast, exclusive(stand_in), lambda: None, 16, tmp_path).start()
+    aot_.thread.join(10)
+    assert "could not be loaded (PytorchStreamReader failed" in caplog.text
+    assert aot_.states == {"unet": "compiled", "vae-decoder": "compiled"} and path.read_bytes() == b"kernels"

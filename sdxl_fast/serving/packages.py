@@ -63,12 +63,17 @@ class FastPackages:
 
     def start(self) -> "FastPackages":
         for part, path in self.paths.items():
-            if path.is_file():
-                started = time.perf_counter()
+            if not path.is_file():
+                continue
+            started = time.perf_counter()
+            try:
                 getattr(aot, PARTS[part][1])(self.modules[part], path)
-                self.states[part] = "loaded"
-                log.info("Fast %s: loaded its ahead-of-time package %s in %.2f s", part, path,
-                         time.perf_counter() - started)
+            except Exception as exc:  # noqa: BLE001 - e.g. a truncated file: compiled again, the server starts
+                log.warning("Fast %s: the package %s could not be loaded (%s); compiling it again", part, path, exc)
+                continue
+            self.states[part] = "loaded"
+            log.info("Fast %s: loaded its ahead-of-time package %s in %.2f s", part, path,
+                     time.perf_counter() - started)
         missing = [part for part, state in self.states.items() if state == "queued"]
         if missing:
             log.info("Fast %s: no ahead-of-time package in %s yet; compiling in the background (minutes, once per "
