@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from ..accel import aot
+from ..files import atomic_write, replace
 from ..models import Models
 
 log = logging.getLogger(__name__)
@@ -93,9 +94,9 @@ class FastPackages:
         self.states[part] = "compiling"
         started = time.perf_counter()
         try:
-            partial = path.with_suffix(".partial.pt2")
-            compile_package(copy.deepcopy(module), partial, self.max_batch)
-            partial.replace(path)  # whole or absent, for the next start
+            with atomic_write(path) as tmp:  # whole or absent, for the next start
+                # AOTInductor writes only to a name ending in .pt2; the finished file then takes the temporary one
+                replace(compile_package(copy.deepcopy(module), tmp.with_suffix(".pt2"), self.max_batch), tmp)
             with self.exclusive():
                 use_package(module, path)
                 self.swapped()
