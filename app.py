@@ -642,6 +642,8 @@ def start_serving(studio: Studio, compile_mode: str) -> None:
         log.info("Recording the CUDA graphs of %s at %d image(s); the other default shapes follow while serving",
                  first.mode, first.num_images)
         sdxl_fast.generate(models, first)
+        if studio.packages is not None:
+            studio.packages.ran()
         threading.Thread(target=studio.warm_up, args=(rest,), name="sdxl-fast-warm-up", daemon=True).start()
         return
     log.info("Compiling and recording the default shapes%s", " in the background" if compile_mode == "background" else "")

@@ -72,6 +72,25 @@ def test_without_packages_it_compiles_copies_in_the_background_then_swaps_while_
     assert len(stand_in["compiled"]) == 2 and swapped == [True, True] and not again.thread.is_alive()
 
 
+def test_a_package_that_stopped_the_last_start_is_not_loaded_again(fast, stand_in, tmp_path):
+    stand_in["release"].set()
+    first = packages.FastPackages(fast, exclusive(stand_in), lambda: None, 16, tmp_path).start()
+    first.thread.join(10)
+    loads = packages.FastPackages(fast, exclusive(stand_in), lambda: None, 16, tmp_path).start()
+    assert loads.states == {"unet": "loaded", "vae-decoder": "loaded"} and len(stand_in["used"]) == 4
+    # That start "crashed" before a generation ran through the packages: the next one serves uncompiled.
+    after_crash = packages.FastPackages(fast, exclusive(stand_in), lambda: None, 16, tmp_path).start()
+    assert all(state.startswith("failed: a start stopped") for state in after_crash.states.values())
+    assert len(stand_in["used"]) == 4 and len(stand_in["compiled"]) == 2 and not after_crash.thread.is_alive()
+    # Deleted, they are compiled again, and once a generation has run through them they are trusted.
+    for path in after_crash.paths.values():
+        path.unlink()
+    packages.FastPackages(fast, exclusive(stand_in), lambda: None, 16, tmp_path).start().thread.join(10)
+    packages.FastPackages(fast, exclusive(stand_in), lambda: None, 16, tmp_path).start().ran()
+    assert packages.FastPackages(fast, exclusive(stand_in), lambda: None, 16, tmp_path).start().states == {
+        "unet": "loaded", "vae-decoder": "loaded"}
+
+
 def test_a_failed_compile_leaves_that_module_uncompiled_and_stores_nothing(fast, stand_in, tmp_path):
     stand_in["fail"] = RuntimeError("out of memory")
     stand_in["release"].set()

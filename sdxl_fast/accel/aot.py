@@ -14,6 +14,7 @@ from). A module moved to another dtype or device afterwards runs uncompiled agai
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -76,12 +77,21 @@ def _compile(call: torch.nn.Module, inputs: tuple, dynamic_shapes: tuple, path: 
 
 
 def _load(call: torch.nn.Module, path: str | Path):
-    """The package at `path`, reading the parameters and buffers of `call`'s module in place."""
-    package = torch._inductor.aoti_load_package(str(path))
+    """The package at `path`, reading the parameters and buffers of `call`'s module in place, callable from
+    any thread and inside CUDA graph capture."""
+    # The package's own thread handling waits on CUDA events between calls, which a graph capture forbids;
+    # so it runs single-threaded, one call at a time (the Fast and Quality paths share the VAE).
+    package = torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
     tensors = dict(call.state_dict(keep_vars=True))
     package.load_constants({name: tensors[name].detach() for name in package.get_constant_fqns()},
                            check_full_update=True, user_managed=True)
-    return package
+    lock = threading.Lock()
+
+    def run(*inputs):
+        with lock:
+            return package(*inputs)
+
+    return run
 
 
 def compile_unet(unet, path: str | Path, max_batch: int = 16) -> Path:

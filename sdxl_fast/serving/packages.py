@@ -45,11 +45,15 @@ def package_path(part: str, module, max_batch: int, directory: Path | None = Non
     return (directory or PACKAGE_DIR) / f"{part}-{digest.hexdigest()[:16]}.pt2"
 
 
+def _marker(package: Path) -> Path:
+    return package.with_name(package.name + ".loading")
+
+
 class FastPackages:
     """The packages of the Fast path's UNet and VAE decoder. `states[part]` is "loaded", "queued",
     "compiling", "compiled" or "failed: why".
 
-    `start()` loads the stored packages at once; the missing ones a thread compiles in turn, each from a copy
+    `start()` loads the stored packages at once (`ran()` once a generation has gone through them); the missing ones a thread compiles in turn, each from a copy
     of its module (so the served module is never traced while it runs), and then, holding `exclusive()` (no
     generation running), makes the module run it and calls `swapped()` (e.g. to drop CUDA graphs recorded
     around the uncompiled module)."""
@@ -66,10 +70,20 @@ class FastPackages:
         for part, path in self.paths.items():
             if not path.is_file():
                 continue
+            # Loading and first running a package is native code: should it stop the process, the marker left
+            # behind keeps the next start from loading it again (a Space restarting into the same crash).
+            marker = _marker(path)
+            if marker.exists():
+                self.states[part] = "failed: a start stopped while loading or first running this package"
+                log.error("Fast %s: the last start stopped while loading or first running %s; serving it "
+                          "uncompiled (delete it to compile it again)", part, path)
+                continue
+            marker.touch()
             started = time.perf_counter()
             try:
                 getattr(aot, PARTS[part][1])(self.modules[part], path)
             except Exception as exc:  # noqa: BLE001 - e.g. a truncated file: compiled again, the server starts
+                marker.unlink()
                 log.warning("Fast %s: the package %s could not be loaded (%s); compiling it again", part, path, exc)
                 continue
             self.states[part] = "loaded"
@@ -82,6 +96,11 @@ class FastPackages:
                      self.paths[missing[0]].parent)
             self.thread.start()
         return self
+
+    def ran(self) -> None:
+        """Call after the first generation through the loaded packages: they load and run here."""
+        for path in self.paths.values():
+            _marker(path).unlink(missing_ok=True)
 
     def _compile_missing(self) -> None:
         for part, state in self.states.items():
@@ -97,6 +116,7 @@ class FastPackages:
             with atomic_write(path) as tmp:  # whole or absent, for the next start
                 # AOTInductor writes only to a name ending in .pt2; the finished file then takes the temporary one
                 replace(compile_package(copy.deepcopy(module), tmp.with_suffix(".pt2"), self.max_batch), tmp)
+            _marker(path).unlink(missing_ok=True)  # a new package: the next start tries it
             with self.exclusive():
                 use_package(module, path)
                 self.swapped()
