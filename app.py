@@ -683,11 +683,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "compiles and records only Fast's shapes")
     parser.add_argument("--compile", choices=["off", "aot", "start", "background"], default="off",
                         help="compiling on a GPU: off (default: uncompiled kernels in CUDA graphs, serving within "
-                             "seconds); aot (the Fast UNet and VAE decoder compiled ahead of time for every size and "
-                             "batch: loaded from $SDXL_FAST_AOT_CACHE in a second, or compiled there once in the "
-                             "background while serving uncompiled); start (torch.compile the default shapes before "
-                             "serving, minutes when cold); background (experimental: torch.compile each shape in a "
-                             "thread while serving it uncompiled)")
+                             "seconds); aot (experimental, stops on a GPU with torch 2.11, see README: the Fast UNet "
+                             "and VAE decoder compiled ahead of time for every size and batch: loaded from "
+                             "$SDXL_FAST_AOT_CACHE in a second, or compiled there once in the background while "
+                             "serving uncompiled); start (torch.compile the default shapes before serving, minutes "
+                             "when cold); background (experimental: torch.compile each shape in a thread while "
+                             "serving it uncompiled)")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="generations run at once (one per GPU the models occupy)")
     limits = parser.add_argument_group("limits per request (default: by device; README, 'Limits per request')")
