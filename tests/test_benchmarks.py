@@ -241,3 +241,16 @@ def test_timing_summarises_latencies_as_the_serving_benchmark_reports_them():
     assert timing.percentile(50) == 0.003 and timing.percentile(95) == 0.004  # nearest rank
     assert timing.ms() == {"median_ms": 2.5, "min_ms": 1.0, "max_ms": 4.0}
     assert ms([0.004, 0.001, 0.003, 0.002], "end_to_end_") == {"end_to_end_p50_ms": 2.5, "end_to_end_p95_ms": 4.0}
+
+
+def test_serving_overhead_serves_typists_through_the_real_app_with_a_stand_in_model(tmp_path):
+    """The app's serving path with the model replaced by a fixed-time stand-in: every keystroke of every
+    typist comes back as a frame over HTTP, and the rows say which stand-in they were measured with."""
+    out = tmp_path / "overhead.jsonl"
+    _tool("serving_overhead", "--model-ms", "5", "--size", "128x128", "--typists", "1,3", "--seconds", "1.5",
+          "--port", "7893", "--json", str(out))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["kind"], r["typists"], r["model_ms"], r["size"]) for r in rows] == [
+        ("typists", 1, 5.0, "128x128"), ("typists", 3, 5.0, "128x128")]
+    assert all(r["requests"] >= r["typists"] and r["images_per_s"] > 0 and r["p95_ms"] >= r["p50_ms"] >= 5
+               for r in rows)
