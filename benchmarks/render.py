@@ -11,8 +11,9 @@ Each line of a results file is one JSON object, of one of these kinds:
   to its serving section's).
 - "kind": "ablation": an A/B that justifies a default: option, default, device, workload, unit, without, with
   (a number or a list of numbers), and note, command, commit, date, versions where known.
-- "kind" one of SERVING_KINDS: a row of `python -m benchmarks.serving`, with device, command, commit, date,
-  versions and the kind's fields (SERVING_COLUMNS); shown as one table per kind under "Serving on DEVICE".
+- "kind" one of SERVING_KINDS: a row of `python -m benchmarks.serving` (or `benchmarks.serving_overhead`), with
+  device, command, commit, date, versions and the kind's fields (SERVING_COLUMNS); shown as one table per kind
+  under "Serving on DEVICE".
 
 Numbers are read as decimals, so they print with the digits they were recorded with. `--check` exits 1 when
 BENCHMARKS.md differs from what this would write. Standard library only.
@@ -77,7 +78,7 @@ The versions are those of the measuring machine.
 
 TABLE_HEAD = ("| workload | path | size | batch | median ms (min–max) | images/s | peak GiB | error vs eager fp32 "
               "| command | commit |\n|---|---|---|---|---|---|---|---|---|---|")
-SERVING_KINDS = ("start-up", "first call", "http", "typists", "compiled", "models saved")
+SERVING_KINDS = ("start-up", "first call", "http", "typists", "serving path alone", "compiled", "models saved")
 # The columns of each serving kind's table: (field, heading); then the command and the commit.
 SERVING_COLUMNS = {
     "start-up": [("cache", "compile cache"), ("cache_mb", "cache MB"), ("serving_s", "serving after s"),
@@ -90,8 +91,11 @@ SERVING_COLUMNS = {
              ("generate_alone_p95_ms", "generate() alone p95 ms")],
     "typists": [("typists", "typists"), ("size", "size"), ("requests", "requests"), ("images_per_s", "images/s"),
                 ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"), ("app_cpu_per_s", "app CPU s per s"),
-                ("app_cpu_ms_per_request", "app CPU ms per request"),
-                ("model_ms", "stand-in model ms (benchmarks.serving_overhead)")],
+                ("app_cpu_ms_per_request", "app CPU ms per request")],
+    "serving path alone": [("typists", "typists"), ("model_ms", "stand-in model ms"), ("size", "size"),
+                           ("requests", "requests"), ("images_per_s", "images/s"), ("p50_ms", "p50 ms"),
+                           ("p95_ms", "p95 ms"), ("app_cpu_per_s", "app CPU s per s"),
+                           ("app_cpu_ms_per_request", "app CPU ms per request")],
     "compiled": [("shapes", "shapes compiled"), ("after_s", "after s")],
     "models saved": [("seconds", "seconds")],
 }

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             app.wait_until_serving(300)
             for n in (int(k) for k in args.typists.split(",")):
-                serving.typists(app, lambda **row: write(**row, model_ms=args.model_ms), n, args.seconds, args.size)
+                serving.typists(app, lambda kind, **row: write("serving path alone", **row, model_ms=args.model_ms),
+                                n, args.seconds, args.size)
         except (httpx.HTTPError, RuntimeError, TimeoutError):
             print(app.log.read_text()[-3000:], file=sys.stderr)
             raise

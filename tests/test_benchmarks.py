@@ -251,6 +251,6 @@ def test_serving_overhead_serves_typists_through_the_real_app_with_a_stand_in_mo
           "--port", "7893", "--json", str(out))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["kind"], r["typists"], r["model_ms"], r["size"]) for r in rows] == [
-        ("typists", 1, 5.0, "128x128"), ("typists", 3, 5.0, "128x128")]
+        ("serving path alone", 1, 5.0, "128x128"), ("serving path alone", 3, 5.0, "128x128")]
     assert all(r["requests"] >= r["typists"] and r["images_per_s"] > 0 and r["p95_ms"] >= r["p50_ms"] >= 5
                for r in rows)
