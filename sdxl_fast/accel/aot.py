@@ -79,8 +79,8 @@ def _compile(call: torch.nn.Module, inputs: tuple, dynamic_shapes: tuple, path: 
 def _load(call: torch.nn.Module, path: str | Path):
     """The package at `path`, reading the parameters and buffers of `call`'s module in place, callable from
     any thread and inside CUDA graph capture."""
-    # The package's own thread handling waits on CUDA events between calls, which a graph capture forbids;
-    # so it runs single-threaded, one call at a time (the Fast and Quality paths share the VAE).
+    # torch's loader documents run_single_threaded as the way to run a package inside CUDA graphs; without
+    # its own thread handling, calls take turns here (the Fast and Quality paths share the VAE).
     package = torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
     tensors = dict(call.state_dict(keep_vars=True))
     package.load_constants({name: tensors[name].detach() for name in package.get_constant_fqns()},
