@@ -53,10 +53,10 @@ class FastPackages:
     """The packages of the Fast path's UNet and VAE decoder. `states[part]` is "loaded", "queued",
     "compiling", "compiled" or "failed: why".
 
-    `start()` loads the stored packages at once (`ran()` once a generation has gone through them); the missing ones a thread compiles in turn, each from a copy
-    of its module (so the served module is never traced while it runs), and then, holding `exclusive()` (no
-    generation running), makes the module run it and calls `swapped()` (e.g. to drop CUDA graphs recorded
-    around the uncompiled module)."""
+    `start()` loads the stored packages at once (call `ran()` once a generation has gone through them); the
+    missing ones a thread compiles in turn, each from a copy of its module (so the served module is never
+    traced while it runs), and then, holding `exclusive()` (no generation running), makes the module run it
+    and calls `swapped()` (e.g. to drop CUDA graphs recorded around the uncompiled module)."""
 
     def __init__(self, models: Models, exclusive: Callable[[], AbstractContextManager], swapped: Callable[[], None],
                  max_batch: int = 16, directory: Path | None = None):
@@ -78,12 +78,15 @@ class FastPackages:
                 log.error("Fast %s: the last start stopped while loading or first running %s; serving it "
                           "uncompiled (delete it to compile it again)", part, path)
                 continue
-            marker.touch()
+            try:
+                marker.touch()
+            except OSError:  # a read-only folder of shipped packages: loaded without the guard
+                pass
             started = time.perf_counter()
             try:
                 getattr(aot, PARTS[part][1])(self.modules[part], path)
             except Exception as exc:  # noqa: BLE001 - e.g. a truncated file: compiled again, the server starts
-                marker.unlink()
+                marker.unlink(missing_ok=True)
                 log.warning("Fast %s: the package %s could not be loaded (%s); compiling it again", part, path, exc)
                 continue
             self.states[part] = "loaded"
