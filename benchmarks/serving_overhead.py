@@ -24,10 +24,11 @@ from benchmarks import record, serving
 
 
 def serve(port: int, model_ms: float) -> None:
-    """In the app's process: replace the Fast call, then run app.main."""
+    """In the app's process: replace the Fast call, then run app.py as `python app.py` would."""
+    import runpy
+
     import torch
 
-    import app
     from sdxl_fast.pipeline import generate
 
     pixels: dict[tuple[int, int], torch.Tensor] = {}
@@ -41,7 +42,8 @@ def serve(port: int, model_ms: float) -> None:
         return None, pixels[shape].expand(n, *pixels[shape].shape), {"fast": "stand-in"}
 
     generate._fast = fast
-    app.main(["--preset", "demo", "--port", str(port), "--modes", "fast"])
+    sys.argv = ["app.py", "--preset", "demo", "--port", str(port), "--modes", "fast"]
+    runpy.run_path(str(serving.ROOT / "app.py"), run_name="__main__")
 
 
 class Overhead(serving.App):
