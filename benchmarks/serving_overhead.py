@@ -13,6 +13,9 @@ own. So images/s here is the most the host can serve on this machine, whatever t
 from __future__ import annotations
 
 import argparse
+import os
+import runpy
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,8 +28,6 @@ from benchmarks import record, serving
 
 def serve(port: int, model_ms: float) -> None:
     """In the app's process: replace the Fast call, then run app.py as `python app.py` would."""
-    import runpy
-
     import torch
 
     from sdxl_fast.pipeline import generate
@@ -50,9 +51,6 @@ class Overhead(serving.App):
     """This module's `serve` in a subprocess, its log in a file (what `serving.typists` measures)."""
 
     def __init__(self, work: Path, port: int, model_ms: float):
-        import os
-        import subprocess
-
         self.log = work / "app-overhead.log"
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
