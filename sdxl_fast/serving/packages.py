@@ -118,7 +118,11 @@ class FastPackages:
         try:
             with atomic_write(path) as tmp:  # whole or absent, for the next start
                 # AOTInductor writes only to a name ending in .pt2; the finished file then takes the temporary one
-                replace(compile_package(copy.deepcopy(module), tmp.with_suffix(".pt2"), self.max_batch), tmp)
+                written = tmp.with_suffix(".pt2")
+                try:
+                    replace(compile_package(copy.deepcopy(module), written, self.max_batch), tmp)
+                finally:  # a compile that fails may leave part of its file behind
+                    written.unlink(missing_ok=True)
             _marker(path).unlink(missing_ok=True)  # a new package: the next start tries it
             with self.exclusive():
                 use_package(module, path)
