@@ -19,6 +19,7 @@ except ImportError:  # anywhere else the models sit on their device and the hand
     pass
 
 import argparse
+import base64
 import importlib.util
 import inspect
 import logging
@@ -292,8 +293,9 @@ class Studio:
     def live_fast(self, mode, prompt, steps, seed, size, num_images,
                   orig_w, orig_h, crop_top, crop_left, target_w, target_h, request: gr.Request = None):
         """As-you-type generation: Fast mode only, and with the seed as shown, so the words change the image and
-        the noise does not. The frames are JPEGs; the waiting keystrokes of all typists share batched calls.
-        Returns the frames, the seed and the frames again, for the session's history to take at its next result."""
+        the noise does not. The waiting keystrokes of all typists share batched calls. Returns the frames for
+        the result gallery (inline JPEGs), the seed, and the frames for the session's history to take at its
+        next Generate click."""
         if mode != FAST or not (prompt or "").strip() or self.unavailable("fast"):
             return gr.skip(), gr.skip(), gr.skip()
         params = self.fast_params(prompt, steps, seed, False, size, num_images,
@@ -301,8 +303,8 @@ class Studio:
         images = self._fast(params, request, batched=True)
         if images is None:
             return gr.skip(), gr.skip(), gr.skip()
-        frames = live_frames(images)
-        return frames, params.seed, frames
+        frames = [(metadata.jpeg_bytes(image), image.info["parameters"]) for image in images]
+        return inline_gallery(frames), params.seed, frames
 
     def generate_quality(self, prompt, negative_prompt, steps, seed, randomize_seed, size, guidance_scale,
                          refiner_switch, num_images, orig_w, orig_h, crop_top, crop_left, target_w, target_h,
@@ -425,31 +427,39 @@ class Studio:
             flag.set()
 
 
-def live_frames(images) -> list[tuple[str, str]]:
-    """Live images as JPEG files (parameters in EXIF) in Gradio's cache, served as they are: the gallery would
-    encode each as a PNG, 30-70 ms at 512², most of what a typing user waits for besides the model.
-    delete_cache removes them with Gradio's own files."""
+def inline_gallery(frames: list[tuple[bytes, str]]) -> list[dict]:
+    """JPEG frames (parameters in EXIF) as the result gallery's JSON with the bytes inline (data: URLs), for an
+    event registered with postprocess=False. The browser gets each frame in the event's own answer: no file is
+    written, moved into Gradio's cache or fetched in a second request. The entries carry no FileData marker,
+    so Gradio passes them on untouched. JPEG because a PNG takes 30-70 ms to encode at 512², 1-2 ms for this."""
+    return [{"image": {"path": None, "url": "data:image/jpeg;base64," + base64.b64encode(jpeg).decode(),
+                       "orig_name": "live.jpeg", "mime_type": "image/jpeg"}, "caption": caption}
+            for jpeg, caption in frames]
+
+
+def saved_frames(frames: list[tuple[bytes, str]]) -> list[tuple[str, str]]:
+    """Live frames as JPEG files in Gradio's upload folder (delete_cache removes them with its own files)."""
     folder = Path(gr.utils.get_upload_folder()) / "live"
     folder.mkdir(parents=True, exist_ok=True)
-    frames = []
-    for image in images:
+    saved = []
+    for jpeg, caption in frames:
         path = folder / f"{uuid.uuid4().hex}.jpeg"
-        path.write_bytes(metadata.jpeg_bytes(image))
-        frames.append((str(path), image.info["parameters"]))
-    return frames
+        path.write_bytes(jpeg)
+        saved.append((str(path), caption))
+    return saved
 
 
 def add_to_history(result, history: list, live: list | None = None):
     """Put a Generate click's results on top of this session's gallery, captions (the parameters) included,
-    after the last as-you-type frame made since the previous click (`live`), so typing a sentence adds one
-    entry, not one per letter. The newest HISTORY_SIZE entries are kept. Returns the gallery, the history
-    and the emptied `live`.
+    after the last as-you-type frames made since the previous click (`live`: JPEG bytes and captions, saved as
+    files now), so typing a sentence adds one entry, not one per letter. The newest HISTORY_SIZE entries are
+    kept. Returns the gallery, the history and the emptied `live`.
 
     The gallery is not updated on keystrokes: Gradio checks every entry's file on every update (on a 2-core
     CPU 6.5 ms per keystroke with 1 entry, 47 ms with 32), and the frame is on show in the result anyway."""
     if not result:
         return gr.skip(), gr.skip(), gr.skip()
-    entries = [(item[0], item[1]) for item in [*result, *(live or [])]]
+    entries = [(item[0], item[1]) for item in result] + saved_frames(live or [])
     history = (entries + list(history or []))[:HISTORY_SIZE]
     return history, history, []
 
@@ -545,7 +555,9 @@ def build_demo(studio: Studio, examples: list[str] = EXAMPLES, note: str = "",
         # The typists' keystrokes wait together in the studio's batcher, which bounds them, not in Gradio's
         # queue: a queued event costs the server a join request and an event stream besides the call, 20-30 %
         # of a live image's host time. On ZeroGPU each is a queued GPU call of its own, with its own duration.
-        live_events = gpu_events if studio.batcher is None else dict(queue=False, preprocess=False)
+        # The frames come back as the gallery's own JSON (inline_gallery), hence postprocess=False.
+        live_events = dict(gpu_events if studio.batcher is None else dict(queue=False, preprocess=False),
+                           postprocess=False)
         gr.on([prompt.change, steps_fast.release, seed.input, size.input, num_images.release, mode.input],
               gpu(studio.live_fast), inputs=[mode, *fast_inputs[:3], *fast_inputs[4:]],
               outputs=[result, seed, live_state], trigger_mode="always_last", show_progress="hidden",

@@ -165,8 +165,11 @@ class Client:
         return self._fetch_images(started, message["output"])
 
     def _fetch_images(self, started: float, output: dict) -> tuple[float, dict]:
+        """Until the images' bytes have arrived, as in the browser: inline ones (the live frames' data: URLs)
+        came with the answer, the others are fetched."""
         for item in output["data"][0] or []:
-            self.http.get(item["image"]["url"]).raise_for_status()
+            if not item["image"]["url"].startswith("data:"):
+                self.http.get(item["image"]["url"]).raise_for_status()
         return time.perf_counter() - started, output
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import threading
 import time
 
@@ -46,23 +48,21 @@ def test_fast_returns_pngs_of_the_requested_size_with_parameters(client):
         assert (params.prompt, params.mode, params.steps, params.seed) == ("a red fox", "fast", 2, 11 + i)
 
 
-def test_live_frames_are_served_as_jpegs_with_their_parameters(served, tmp_path):
-    """The live event's images, fetched as the browser fetches them: JPEGs (PNG encoding took most of the
-    serving time) with their parameters in EXIF."""
-    import httpx
-
+def test_live_frames_come_inline_as_jpegs_with_their_parameters(served, tmp_path):
+    """The live event's images as the browser gets them: in the event's one answer, as data: URLs of JPEGs
+    (PNG encoding took most of the serving time) with their parameters in EXIF; no file is written."""
     from benchmarks.serving import Client as BrowserClient, live
 
     url, _ = served
-    browser, http = BrowserClient(url), httpx.Client(base_url=url)
+    browser = BrowserClient(url)
     for prompt in ("a red circle", "a blue star"):
         _, output = browser.call("live_fast", live(prompt, "128x128"))
         (item,) = output["data"][0]
-        response = http.get(item["image"]["url"]).raise_for_status()
-        assert response.headers["content-type"] == "image/jpeg"
+        head, _, data = item["image"]["url"].partition(",")
+        assert head == "data:image/jpeg;base64" and item["image"]["path"] is None
         path = tmp_path / f"{prompt}.jpeg"
-        path.write_bytes(response.content)
-        assert Image.open(path).size == (128, 128)
+        path.write_bytes(base64.b64decode(data))
+        assert Image.open(path).format == "JPEG" and Image.open(path).size == (128, 128)
         text = sdxl_fast.read_parameters(path)
         params, _ = sdxl_fast.parse_infotext(text)
         assert text == item["caption"] and (params.prompt, params.seed) == (prompt, 7)
@@ -114,11 +114,11 @@ def test_typists_waiting_together_share_batched_calls_and_each_gets_its_own_fram
                      [("a green cross", 64)]]
     for i in range(4):
         frames, seed, for_history = results[i]
-        (path, caption), = frames
-        assert for_history == frames
+        assert frames == app.inline_gallery(for_history)
+        (jpeg, caption), = for_history
         params, _ = sdxl_fast.parse_infotext(caption)
-        assert path.endswith(".jpeg") and (params.prompt, params.seed) == (typists[i][1], seed) == (typists[i][1], 7 + i)
-        assert Image.open(path).size == (params.width, params.height)
+        assert (params.prompt, params.seed) == (typists[i][1], seed) == (typists[i][1], 7 + i)
+        assert Image.open(io.BytesIO(jpeg)).size == (params.width, params.height)
     assert results[4] == results[5] == (app.gr.skip(),) * 3
 
 

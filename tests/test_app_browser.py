@@ -72,7 +72,7 @@ def wait_for_result_text(page, text: str):
 
 def shown_image(page, served_url: str) -> Image.Image:
     src = page.locator("#result img").first.get_attribute("src")
-    url = src if src.startswith("http") else served_url.rstrip("/") + "/" + src.lstrip("/")
+    url = src if src.startswith(("http", "data:")) else served_url.rstrip("/") + "/" + src.lstrip("/")
     with urllib.request.urlopen(url, timeout=60) as response:
         return Image.open(io.BytesIO(response.read())).convert("RGB")
 
@@ -116,6 +116,8 @@ def test_typing_fast_coalesces_generations_and_ends_on_the_final_prompt(page, se
     made = app.generations["fast"] - before
     assert 1 <= made <= len(text) // 4, f"{made} generations for {len(text)} keystrokes"
 
+    # The frame came inline with the event's answer, not as a file to fetch.
+    assert page.locator("#result img").first.get_attribute("src").startswith("data:image/jpeg;base64,")
     seed = int(page.locator("#seed input").input_value())
     expected = sdxl_fast.generate(tiny_models, sdxl_fast.GenerationParams(text, mode="fast", steps=1, seed=seed,
                                                                           width=512, height=512))[0]
