@@ -25,9 +25,10 @@ exact text is also written as a JSON-quoted field of the last line, `Prompt: "..
 
 from __future__ import annotations
 
-import io
 import json
+import os
 import re
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -219,9 +220,12 @@ def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
     exif = Image.Exif()
     if "parameters" in image.info:
         exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + image.info["parameters"].encode("utf-16-be")
-    out = io.BytesIO()
-    image.convert("RGB").save(out, format="JPEG", quality=quality, exif=exif)
-    return out.getvalue()
+    # Into a file with a descriptor (in memory where the OS offers it): Pillow encodes into one without
+    # holding Python's lock, into a BytesIO with it, and a server encodes frames on many threads at once.
+    with os.fdopen(os.memfd_create("jpeg"), "w+b") if hasattr(os, "memfd_create") else tempfile.TemporaryFile() as out:
+        image.convert("RGB").save(out, format="JPEG", quality=quality, exif=exif)
+        out.seek(0)
+        return out.read()
 
 
 def _exif_comment(image: Image.Image) -> str | None:
