@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -35,11 +36,49 @@ from sdxl_fast.serving import packages
 from sdxl_fast.testing import random_weights
 
 
+# A two-layer conv net exported with dynamic batch and sides and compiled with torch's own settings (weights
+# inside the package), then loaded and run in a new process: whether torch's package loader works on this
+# machine at all, apart from how `sdxl_fast.accel.aot` builds its packages.
+LOADER_CHECK = """
+import sys, torch
+device = "cuda" if torch.cuda.is_available() else "cpu"
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(4, 32, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(32, 3, 3, padding=1))
+net = net.to(device).eval()
+x = torch.randn(2, 4, 32, 32, device=device)
+if sys.argv[1] == "compile":
+    b, h, w = (torch.export.Dim(n, min=1, max=32) for n in "bhw")
+    with torch.no_grad():
+        exported = torch.export.export(net, (x,), dynamic_shapes=({0: b, 2: 8 * h, 3: 8 * w},))
+    torch._inductor.aoti_compile_and_package(exported, package_path=sys.argv[2])
+else:
+    package = torch._inductor.aoti_load_package(sys.argv[2])
+    with torch.no_grad():
+        print((package(x) - net(x)).abs().max().item())
+"""
+
+
+def loader_check(folder: Path) -> dict:
+    """LOADER_CHECK's compile and load, each in a process of its own (a crash in the loader ends only that)."""
+    path, row = folder / "loader-check.pt2", {}
+    for step in ("compile", "load"):
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", LOADER_CHECK, step, str(path)], capture_output=True, text=True)
+        row[f"{step}_s"], row[f"{step}_returncode"] = round(time.perf_counter() - started, 1), done.returncode
+        if done.returncode:
+            row["error"] = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            return row
+    row["max_abs_diff"] = float(done.stdout.split()[-1])
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     shapes = parser.add_mutually_exclusive_group(required=True)
     shapes.add_argument("--configs", help="folder of the SDXL configs (base/, refiner/)")
     shapes.add_argument("--tiny", action="store_true", help="tiny test shapes")
+    shapes.add_argument("--loader-check", type=Path, metavar="FOLDER",
+                        help="only check that torch loads a package it compiled here (a small conv net, in FOLDER)")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, help="append the JSON lines here")
@@ -47,12 +86,6 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m benchmarks.aot_probe " + " ".join(sys.argv[1:] if argv is None else argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    configs = random_weights.tiny_configs() if args.tiny else random_weights.full_configs(args.configs)
-    models = build_models(random_weights.build_random_components(configs, device=device), device, dtype)
-    applied = accel.apply(models, replace(accel.Acceleration.for_device(device), compile=False))
-    side = 128 if args.tiny else 512
-    calls = [(side, b) for b in sorted({1, 3, args.max_batch})] + [(side * 3 // 2, 1)]
 
     def write(**fields):  # each row as soon as it is measured: a compile may outlast the caller's patience
         row = json.dumps({"device": record.device_name(device), **fields, **record.provenance(command)})
@@ -60,6 +93,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.out:
             with args.out.open("a") as f:
                 f.write(row + "\n")
+
+    if args.loader_check:
+        args.loader_check.mkdir(parents=True, exist_ok=True)
+        return write(kind="aot loader check", **loader_check(args.loader_check))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    configs = random_weights.tiny_configs() if args.tiny else random_weights.full_configs(args.configs)
+    models = build_models(random_weights.build_random_components(configs, device=device), device, dtype)
+    applied = accel.apply(models, replace(accel.Acceleration.for_device(device), compile=False))
+    side = 128 if args.tiny else 512
+    calls = [(side, b) for b in sorted({1, 3, args.max_batch})] + [(side * 3 // 2, 1)]
+
 
     def measure(s: int, b: int) -> tuple[float, float, torch.Tensor]:
         """First call ms, median of later calls ms, uint8 images."""
