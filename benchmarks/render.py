@@ -103,8 +103,8 @@ SERVING_INTRO = """\
 `python -m benchmarks.serving` starts `python app.py` on random-weight SDXL and measures it over HTTP as a browser
 gets its images (from joining the queue until the image bytes have arrived): start-up with empty ("cold") and
 saved ("cached") compile caches, or a second start without compilation ("restart"), the first and later calls
-of each size, the compiled calls, Fast over HTTP against `generate()` alone (the live event sends JPEGs, the
-Generate button PNGs), and N typists at once."""
+of each size, the compiled calls, Fast over HTTP against `generate()` alone (the live event sends JPEGs inline in
+its answer, the Generate button PNGs), and N typists at once."""
 
 ABLATION_HEAD = ("| option | default | measured | without | with | device | command | commit |\n"
                  "|---|---|---|---|---|---|---|---|")
