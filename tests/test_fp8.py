@@ -2,6 +2,7 @@
 
 import copy
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -65,13 +66,16 @@ def test_a_calibrated_linear_uses_its_fixed_scale_and_saturates_beyond_it():
 
 
 def test_calibration_on_sample_calls_fixes_every_layer_and_stays_close(tiny_models, monkeypatch):
-    from sdxl_fast.accel import fp8
+    from sdxl_fast.accel import fp8, startup
     from sdxl_fast.accel.startup import sample_calls as _sample_calls
 
     models = copy.copy(tiny_models)
     models.fast = copy.copy(tiny_models.fast)
     models.fast.student = copy.deepcopy(tiny_models.fast.student)
     converted = convert_unet(models.fast.student)
+    # The start-up's sample calls at 64² instead of the models' own size: every layer runs at any size, and
+    # float8 matmuls on a CPU are slow.
+    monkeypatch.setattr(startup, "GenerationParams", partial(GenerationParams, width=64, height=64))
     assert calibrate([models.fast.student], lambda: _sample_calls(models)) == converted > 0
     monkeypatch.setattr(fp8, "_quantise", None)  # no layer may find its scale per call any more
     params = GenerationParams("a red fox", mode="fast", steps=1, seed=3, width=64, height=64)
@@ -94,7 +98,9 @@ def test_fp8_leaves_the_text_projections_to_the_hoisted_keys_and_values(tiny_mod
     assert selfs and all(isinstance(m.to_qkv, Fp8Linear) and type(m.to_q) is nn.Linear for m in selfs)
     assert cross_kv.hoist(student) == len(cross)  # fp8 and the hoisted keys and values together
     assert convert_unet(student) == 0  # converting again (the bench does, after hoisting) changes nothing
-    run = lambda: generate_tensors(models, GenerationParams("a boat", mode="fast", steps=4, seed=1))  # noqa: E731
+    # At 64²: every layer runs at any size, and float8 matmuls on a CPU are slow.
+    run = lambda: generate_tensors(models, GenerationParams("a boat", mode="fast", steps=4, seed=1,  # noqa: E731
+                                                            width=64, height=64))
     assert calibrate([student], run) == sum(isinstance(m, Fp8Linear) for m in student.modules())  # all in use
     params = GenerationParams("a red fox", mode="fast", steps=1, seed=3, width=64, height=64)
     want = generate_tensors(tiny_models, params)[0]
