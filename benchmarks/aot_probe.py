@@ -5,6 +5,7 @@ graphs on a GPU).
 
     python -m benchmarks.aot_probe --configs benchmarks/sdxl-configs --out aot.jsonl   # full-size SDXL, on a GPU
     python -m benchmarks.aot_probe --tiny                                                # a CPU check of the script
+    python -m benchmarks.aot_probe --loader-check /tmp/loader-check   # does torch load any package here at all?
 
 Random weights of the given shapes (the student shares the SDXL base UNet's), Fast 1 step; batch sizes 1, 3
 and `--max-batch` at the Fast path's own size (512², 128² with --tiny) and one image at 1.5 times its side.

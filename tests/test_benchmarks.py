@@ -2,6 +2,7 @@
 unet_probe time each part, and all of them time through benchmarks.timing."""
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -254,3 +255,21 @@ def test_serving_overhead_serves_typists_through_the_real_app_with_a_stand_in_mo
         ("serving path alone", 1, 5.0, "128x128"), ("serving path alone", 3, 5.0, "128x128")]
     assert all(r["requests"] >= r["typists"] and r["images_per_s"] > 0 and r["p95_ms"] >= r["p50_ms"] >= 5
                for r in rows)
+
+
+def test_aot_loader_check_compiles_a_package_and_loads_it_in_a_new_process(tmp_path):
+    out = tmp_path / "check.jsonl"
+    _tool("aot_probe", "--loader-check", str(tmp_path / "packages"), "--out", str(out))
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["kind"] == "aot loader check" and row["compile_returncode"] == row["load_returncode"] == 0
+    assert row["max_abs_diff"] < 1e-4 and (tmp_path / "packages" / "loader-check.pt2").is_file()
+
+
+def test_aot_loader_check_reports_a_loader_that_crashes(tmp_path, monkeypatch):
+    from benchmarks import aot_probe
+
+    monkeypatch.setattr(aot_probe, "LOADER_CHECK", "import os, signal, sys\n"
+                        "if sys.argv[1] == 'load': os.kill(os.getpid(), signal.SIGSEGV)\n")
+    row = aot_probe.loader_check(tmp_path)
+    assert row["compile_returncode"] == 0 and row["load_returncode"] == -signal.SIGSEGV
+    assert "max_abs_diff" not in row
