@@ -105,7 +105,6 @@ def main(argv: list[str] | None = None) -> None:
     side = 128 if args.tiny else 512
     calls = [(side, b) for b in sorted({1, 3, args.max_batch})] + [(side * 3 // 2, 1)]
 
-
     def measure(s: int, b: int) -> tuple[float, float, torch.Tensor]:
         """First call ms, median of later calls ms, uint8 images."""
         params = GenerationParams("a lighthouse", mode="fast", steps=1, seed=0, width=s, height=s, num_images=b)
