@@ -54,6 +54,18 @@ def test_jpeg_carries_the_parameters_in_exif_user_comment(tmp_path):
         read_parameters(bare)
 
 
+def test_jpeg_bytes_are_the_same_where_the_os_refuses_an_in_memory_file(monkeypatch):
+    image = Image.effect_noise((64, 48), 40).convert("RGB")
+    image.info["parameters"] = "a red fox\nSteps: 1, Seed: 7"
+    in_memory = metadata.jpeg_bytes(image)
+
+    def refused(name):
+        raise OSError("memfd_create is not allowed here")
+
+    monkeypatch.setattr(metadata.os, "memfd_create", refused)
+    assert metadata.jpeg_bytes(image) == in_memory and in_memory[:2] == b"\xff\xd8"
+
+
 def test_an_unset_negative_crop_keeps_diffusers_defaults_through_the_metadata():
     crop_only = GenerationParams("x", mode="quality", steps=2, seed=1, crops_coords_top_left=(16, 8)).resolved()
     assert crop_only.negative_crops_coords_top_left is None
