@@ -71,6 +71,10 @@ FAST_MAX_STEPS = requests.MAX_STEPS["fast"]
 MAX_IMAGES_UI = requests.MAX_IMAGES
 LIVE_BATCH = 16  # images that the keystrokes of several typists may share in one batched Fast call
 LIVE_BATCHES = (1, 2, 4, 8, LIVE_BATCH)  # the batch sizes of live calls (sdxl_fast.serving.batcher)
+# The start-up warm-up records each remaining shape only after the GPU has had no request for this long: a
+# recording holds the GPU for up to a second or so (an H100 at 16 images), and a typist's next keystroke
+# comes within a fraction of one.
+WARM_UP_IDLE_S = 1.0
 # The session's gallery is sent whole with each Generate click, and Gradio checks each of its files each
 # time (about 1.3 ms per entry on a 2-core CPU): a cap keeps a long session's clicks as cheap as a new one's.
 HISTORY_SIZE = 32
@@ -119,6 +123,7 @@ class Studio:
         # Gradio's "gpu" group, and the start-up warm-up in another.
         self.slots = threading.BoundedSemaphore(concurrency)
         self.waiting_for_gpu, self._waiting_lock = 0, threading.Lock()
+        self.gpu_used_at = 0.0  # time.monotonic() when a request last let go of the GPU
         # The live keystrokes of all typists, batched (on ZeroGPU each is a GPU call of its own instead).
         self.batcher = Batcher(self._live_batch, LIVE_BATCH) if models is not None and not zerogpu.active() else None
         self._stop_flags: dict[str | None, threading.Event] = {}
@@ -379,6 +384,7 @@ class Studio:
         try:
             yield
         finally:
+            self.gpu_used_at = time.monotonic()
             self.slots.release()
 
     @contextmanager
@@ -393,11 +399,12 @@ class Studio:
                 self.slots.release()
 
     def warm_up(self, calls: list[sdxl_fast.GenerationParams]) -> None:
-        """Run these calls one at a time, each holding the GPU slot: the default shapes' CUDA graphs recorded in
-        the gaps between requests, after the server has started. A request waiting for the slot goes first."""
+        """Run these calls one at a time, each holding the GPU slot: the default shapes' CUDA graphs recorded
+        after the server has started, each once the GPU has been idle for WARM_UP_IDLE_S. A request waiting for
+        the slot goes first."""
         started = time.perf_counter()
         for params in calls:
-            while self.waiting_for_gpu:
+            while self.waiting_for_gpu or time.monotonic() - self.gpu_used_at < WARM_UP_IDLE_S:
                 time.sleep(0.01)
             with self.slots:
                 try:

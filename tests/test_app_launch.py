@@ -113,8 +113,8 @@ def test_modes_flag_loads_only_the_paths_asked_for_and_the_page_says_why_the_oth
 
 def test_start_up_records_the_first_shape_before_serving_and_the_rest_between_requests(tiny_models, monkeypatch):
     """--compile off: the first Fast shape runs before start_serving returns; the other Fast step counts in a
-    thread, each holding the studio's GPU slot, so a request never shares the GPU with a recording, and a
-    request waiting for the slot goes before the next shape."""
+    thread, each holding the studio's GPU slot, so a request never shares the GPU with a recording; a
+    request waiting for the slot goes before the next shape, which waits for the GPU to be idle."""
     import threading
 
     import app
@@ -122,10 +122,12 @@ def test_start_up_records_the_first_shape_before_serving_and_the_rest_between_re
 
     studio = app.Studio(tiny_models)
     calls, recording, done = [], threading.Event(), threading.Event()
+    started, ended = [], []
 
     def generate(models, params):
         calls.append((params.mode, params.steps, params.num_images, threading.current_thread().name,
                       studio.slots._value))  # 0: the only slot is held
+        started.append(time.monotonic())
         if len(calls) == 2:  # the first shape recorded in the background: a request comes meanwhile
             recording.set()
             while not studio.waiting_for_gpu:
@@ -137,6 +139,7 @@ def test_start_up_records_the_first_shape_before_serving_and_the_rest_between_re
         recording.wait(10)
         with studio.gpu():
             calls.append("request")
+        ended.append(time.monotonic())
 
     monkeypatch.setattr(sdxl_fast, "generate", generate)
     user = threading.Thread(target=request)
@@ -147,6 +150,7 @@ def test_start_up_records_the_first_shape_before_serving_and_the_rest_between_re
     user.join(10)
     warm = "sdxl-fast-warm-up"
     assert calls[1:] == [("fast", 2, 1, warm, 0), "request", ("fast", 3, 1, warm, 0), ("fast", 4, 1, warm, 0)]
+    assert started[2] - ended[0] >= app.WARM_UP_IDLE_S  # the next shape waited for an idle GPU
 
 
 def test_pyplot_is_imported_before_serving_where_matplotlib_is_installed(tmp_path, monkeypatch):
