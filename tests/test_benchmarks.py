@@ -2,6 +2,7 @@
 unet_probe time each part, and all of them time through benchmarks.timing."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -255,6 +256,10 @@ def test_serving_overhead_serves_typists_through_the_real_app_with_a_stand_in_mo
         ("serving path alone", 1, 5.0, "128x128"), ("serving path alone", 3, 5.0, "128x128")]
     assert all(r["requests"] >= r["typists"] and r["images_per_s"] > 0 and r["p95_ms"] >= r["p50_ms"] >= 5
                for r in rows)
+    for r in rows:  # the app's batched calls, from its log, hold every request of the row (one image each)
+        batches = [re.fullmatch(r"(\d+) images: (\d+) calls, p50 ([\d.]+) ms", b) for b in r["batches"].split("; ")]
+        assert all(batches) and sum(int(b[1]) * int(b[2]) for b in batches) == r["requests"]
+        assert all(float(b[3]) >= 5 for b in batches)  # each call took at least the stand-in model's time
 
 
 def test_aot_loader_check_compiles_a_package_and_loads_it_in_a_new_process(tmp_path):

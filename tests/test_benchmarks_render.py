@@ -90,7 +90,7 @@ def test_serving_rows_get_one_table_per_kind_per_device_with_command_and_commit(
          "end_to_end_p95_ms": 33.0, "generate_alone_p50_ms": 17.1, "generate_alone_p95_ms": 18.0, **common},
         {"kind": "typists", "device": "Some GPU", "typists": 4, "size": "512x512", "requests": 300,
          "images_per_s": 30.0, "p50_ms": 120.5, "p95_ms": 150.0, "app_cpu_per_s": 0.97,
-         "app_cpu_ms_per_request": 32.3, **common},
+         "app_cpu_ms_per_request": 32.3, "batches": "2 images: 150 calls, p50 61.0 ms", **common},
         {"kind": "compiled", "device": "Some GPU", "shapes": 6, "after_s": 200.4, "log": ["compiled shapes: ..."],
          **{**common, "command": SERVING + " --phases cold"}},
         {"kind": "typists", "device": "Other GPU", "typists": 1, "size": "512x512", "requests": 90,
@@ -108,8 +108,9 @@ def test_serving_rows_get_one_table_per_kind_per_device_with_command_and_commit(
     assert "| generate_fast | fast | 512² | 1 | 1 |  | 90.1 | 31.0 | [1] | abc1234 |" in some
     assert "| generate_fast | fast | 512² | 1 | 1 | yes | 25.0 | 24.2 | [1] | abc1234 |" in some
     assert "| 512² | 30 | 30.2 | 33.0 | 17.1 | 18.0 | [1] | abc1234 |" in some
-    assert "| 4 | 512² | 300 | 30.0 | 120.5 | 150.0 | 0.97 | 32.3 | [1] | abc1234 |" in some
+    assert ("| 4 | 512² | 300 | 30.0 | 120.5 | 150.0 | 0.97 | 32.3 | 2 images: 150 calls, p50 61.0 ms | [1] | abc1234 |"
+            in some)
     assert "| 6 | 200.4 | [2] | abc1234 |" in some and "| 41.2 | [1] | abc1234 |" in some
     assert f"1. `{SERVING}`" in some and f"2. `{SERVING} --phases cold`" in some
     assert "compiled shapes: ..." not in text  # the log is for reading the JSONL, not for the table
-    assert "| 1 | 512² | 90 | 9.0 | 100.0 | 110.0 |  |  | [1] | def5678 |" in other and "### http" not in other
+    assert "| 1 | 512² | 90 | 9.0 | 100.0 | 110.0 |  |  |  | [1] | def5678 |" in other and "### http" not in other
