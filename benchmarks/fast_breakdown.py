@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     shapes = parser.add_mutually_exclusive_group(required=True)
     shapes.add_argument("--configs", help="folder of the SDXL configs (base/, refiner/)")
     shapes.add_argument("--tiny", action="store_true", help="tiny test shapes")
-    parser.add_argument("--batch", type=int, default=16, help="batch of the batched lines (0: none)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[16],
+                        help="batch sizes of the batched lines (0: none)")
     add_switches(parser)
     parser.add_argument("--trace", metavar="FILE", help="instead of the parts: profile 3 generate() calls, write "
                         "their Chrome trace here and print where the GPU waits within each call")
@@ -90,9 +91,6 @@ def main(argv: list[str] | None = None) -> None:
         return graphed(("text",), lambda a, b: prompts.encode_tokens(f.encoders, a, b).pooled.clone(),
                        ids_1.to(device), ids_2.to(device))
 
-    def batched(x):
-        return x.expand(args.batch, *x.shape[1:]).contiguous()
-
     fast_args = (f.scheduler.alphas_cumprod.to(device), pos.base_context, pos.pooled, time_ids, latents[None])
     images = fast_call(f, timesteps, *fast_args, runner=models.runner)[1]
 
@@ -114,14 +112,15 @@ def main(argv: list[str] | None = None) -> None:
     timeit("uint8 images -> CPU -> PIL", lambda i: decoding.to_pil(decoding.to_host(images)[0]))
     timeit("uint8 images -> CPU (pageable memory) -> PIL",
            lambda i: [Image.fromarray(x.numpy()) for x in images.cpu()])
-    if not args.batch:
-        return
-    timeit(f"UNet step, batch {args.batch}", lambda i: graphed(
-        ("unet", args.batch), unet, batched(latents), batched(context), batched(pos.pooled),
-        batched(time_ids), timestep))
-    timeit(f"VAE decode + uint8, batch {args.batch}", lambda i: graphed(("vae", args.batch), vae, batched(latents)))
-    timeit(f"generate(), batch {args.batch}", lambda i: one_call(i, args.batch))
+    for batch in (b for b in args.batch if b):
+        def batched(x):
+            return x.expand(batch, *x.shape[1:]).contiguous()
 
+        timeit(f"UNet step, batch {batch}", lambda i: graphed(
+            ("unet", batch), unet, batched(latents), batched(context), batched(pos.pooled), batched(time_ids),
+            timestep))
+        timeit(f"VAE decode + uint8, batch {batch}", lambda i: graphed(("vae", batch), vae, batched(latents)))
+        timeit(f"generate(), batch {batch}", lambda i: one_call(i, batch))
 
 def timeline(call, device: torch.device, calls: int = 20) -> None:
     """Medians over `calls` calls: when each stage starts and ends on the host (ms from the call's start), and

@@ -59,9 +59,13 @@ def add_switches(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                         help="set torch._inductor.config.KEY to the Python literal VALUE (repeatable), on top of "
                              "the app's compile options, e.g. coordinate_descent_tuning=True")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its convolution algorithms on each new shape (torch.backends.cudnn.benchmark)")
 
 
 def switches(args: argparse.Namespace) -> dict[str, bool]:
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     for setting in args.inductor:  # dotted keys reach sub-configs, e.g. triton.enable_pdl=True
         key, _, value = setting.partition("=")
         setattr(torch._inductor.config, key, ast.literal_eval(value))

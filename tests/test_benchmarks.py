@@ -139,10 +139,12 @@ def test_bench_no_combo_kernels_compiles_without_them(tmp_path, monkeypatch):
 def test_fast_breakdown_script_times_every_part(capsys):
     from benchmarks import fast_breakdown
 
-    fast_breakdown.main(["--tiny", "--batch", "2", "--without", "subpixel_upsample"])
+    fast_breakdown.main(["--tiny", "--batch", "2", "3", "--without", "subpixel_upsample"])
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if " ms " in line]
-    assert len(lines) == 11 and all("median" in line for line in lines)
+    assert len(lines) == 14 and all("median" in line for line in lines)
+    assert [line.split("  ")[0] for line in lines[-3:]] == ["UNet step, batch 3", "VAE decode + uint8, batch 3",
+                                                             "generate(), batch 3"]
     assert out.startswith("acceleration: \n")  # the CPU default less the one option turned off
 
 
