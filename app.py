@@ -35,6 +35,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import gradio as gr
 import torch
@@ -42,6 +43,7 @@ import torch
 import sdxl_fast
 from sdxl_fast import accel, metadata
 from sdxl_fast.cli import add_model_arguments
+from sdxl_fast.models import pick_device_dtype
 from sdxl_fast.params import (DEFAULT_AESTHETIC_SCORE, DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_AESTHETIC_SCORE,
                               DEFAULT_REFINER_SWITCH, MAX_SEED, MODES, SDXL_BUCKETS, bucket_label)
 from sdxl_fast.pipeline.decoding import latent_preview
@@ -131,6 +133,9 @@ class Studio:
         self.compiler: BackgroundCompiler | None = None
         # The Fast UNet and VAE decoder compiled ahead of time for every shape (--compile aot).
         self.packages: FastPackages | None = None
+        # Modes whose models are read while the others serve (load_studio's `later`): mode -> their loading, a
+        # thread not started yet or running. Their requests are told to come back in a moment.
+        self.loading: dict[str, threading.Thread] = {}
 
     def prepare(self, params: sdxl_fast.GenerationParams, notify: bool = True) -> None:
         """Queue this request's shape for compiling if it is new, and tell the user why it may be slower."""
@@ -145,11 +150,41 @@ class Studio:
         compiled = self.compiler.status() if self.compiler is not None else {"compiled": [], "compiling": [],
                                                                                "queued": [], "failed": {}}
         packages = {"fast_ahead_of_time": self.packages.states} if self.packages is not None else {}
-        return {"models": {mode: self.unavailable(mode) is None for mode in MODES}, **compiled, **packages}
+        return {"models": {mode: self.unavailable(mode) is None for mode in MODES}, "loading": list(self.loading),
+                **compiled, **packages}
 
     def unavailable(self, mode: str) -> str | None:
+        if mode in self.loading:
+            return f"The {mode.title()} models are still loading; try again in a few seconds."
         loaded = self.models is not None and getattr(self.models, mode) is not None
         return None if loaded else self.load_errors.get(mode, f"The {mode} models are not loaded.")
+
+    def start_loading(self) -> None:
+        """Start reading the models of the modes load_studio left for later, each in a thread of its own."""
+        for thread in self.loading.values():
+            if thread.ident is None:
+                thread.start()
+
+    def _load_later(self, mode: str, load: Callable[[], sdxl_fast.Models],
+                    options: accel.Acceleration | None) -> None:
+        """`mode`'s models, read and sped up beside the served ones, then attached to them. The weights move to
+        the GPU tensor by tensor, between the requests' kernels; only the speed-ups hold the GPU slot."""
+        started = time.monotonic()
+        try:
+            later = load()
+            with self.gpu():
+                if options is not None:
+                    accel.apply(later, options)  # only the modules not shared with the served models
+                if self.models is None:  # nothing else loaded
+                    self.models = later
+                else:
+                    setattr(self.models, mode, getattr(later, mode))
+            log.info("%s models ready, %.1f s after serving started", mode.title(), time.monotonic() - started)
+        except Exception as e:  # noqa: BLE001 - reported in the page and the log; the other mode goes on
+            self.load_errors[mode] = str(e)
+            log.error("%s mode unavailable: %s", mode.title(), e)
+        finally:
+            del self.loading[mode]
 
     def params(self, mode: str, raw: dict) -> sdxl_fast.GenerationParams:
         """A request's raw values, keyed by API parameter name -> resolved
@@ -598,30 +633,41 @@ def build_demo(studio: Studio, examples: list[str] = EXAMPLES, note: str = "",
 
 def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None, cpu_offload=False,
                 fp8=False, compile_mode: str = "off", concurrency: int = 1,
-                modes: tuple[str, ...] = MODES) -> Studio:
+                modes: tuple[str, ...] = MODES, later: tuple[str, ...] = ()) -> Studio:
     """Load the paths in `modes` together; when that fails, each alone, so one missing model does not take down
     the other. A path that cannot load, or is not in `modes`, is reported in the page and the log, never by
     crashing. `fp8`: the opt-in fp8 matmuls on top of the device's default acceleration (skipped, with a log
-    line, where unsupported)."""
+    line, where unsupported). The paths in `later` are read afterwards, beside the others' requests, by a
+    thread that `studio.start_loading()` starts; they share the text encoders and VAE already loaded."""
+    device, dtype = pick_device_dtype(device, dtype)
+    options = None
+    if not cpu_offload:
+        # compile_new_shapes=False: a new shape runs uncompiled until the background compiler is done with it
+        options = replace(accel.Acceleration.for_device(device), fp8=fp8, compile_new_shapes=False)
+        if zerogpu.active():
+            options = zerogpu.acceleration(options)
+        options = replace(options, compile=options.compile and compile_mode in ("start", "background"))
+
     def loaded(studio: Studio) -> Studio:
-        if studio.models is not None and not cpu_offload:
-            # compile_new_shapes=False: a new shape runs uncompiled until the background compiler is done with it
-            options = replace(accel.Acceleration.for_device(studio.models.device), fp8=fp8, compile_new_shapes=False)
-            if zerogpu.active():
-                options = zerogpu.acceleration(options)
-            options = replace(options, compile=options.compile and compile_mode in ("start", "background"))
+        if studio.models is not None and options is not None:
             accel.apply(studio.models, options)
+        for mode in later:
+            load = partial(sdxl_fast.load, modes=(mode,), sources=sources, device=device, dtype=dtype,
+                           share=studio.models)
+            studio.loading[mode] = threading.Thread(target=studio._load_later, args=(mode, load, options),
+                                                    name=f"sdxl-fast-load-{mode}", daemon=True)
         return studio
 
     left_out = {mode: f"This server was started with --modes {','.join(modes)}."
                 for mode in MODES if mode not in modes}
+    now = tuple(mode for mode in modes if mode not in later)
     try:
-        return loaded(Studio(sdxl_fast.load(modes=modes, sources=sources, device=device, dtype=dtype,
+        return loaded(Studio(sdxl_fast.load(modes=now, sources=sources, device=device, dtype=dtype,
                                             cpu_offload=cpu_offload), left_out, concurrency=concurrency))
     except Exception as e:  # noqa: BLE001
         log.warning("Could not load all models (%s); trying each mode on its own", e)
     models, errors = None, dict(left_out)
-    for mode in modes:
+    for mode in now:
         try:
             one = sdxl_fast.load(modes=(mode,), sources=sources, device=device, dtype=dtype, cpu_offload=cpu_offload)
         except Exception as e:  # noqa: BLE001
@@ -745,8 +791,13 @@ def main(argv=None) -> None:
         raise SystemExit(str(e)) from e
     log.info("Imports took %.1f s; model sources: %s", time.monotonic() - STARTED, sources)
     started = time.monotonic()
-    studio = load_studio(sources, args.device, args.dtype, args.cpu_offload, args.fp8, args.compile, args.concurrency,
-                         args.modes)
+    device, dtype = pick_device_dtype(args.device, args.dtype)
+    # On a GPU, Fast serves while Quality's two UNets (about 10 GB for SDXL) are read: its first image comes
+    # seconds sooner. Compiling at start-up, or ZeroGPU, wants every model there first.
+    fast_first = (device.type == "cuda" and set(args.modes) == set(MODES) and not args.cpu_offload
+                  and args.compile in ("off", "aot") and not zerogpu.active())
+    studio = load_studio(sources, device, dtype, args.cpu_offload, args.fp8, args.compile, args.concurrency,
+                         args.modes, later=("quality",) if fast_first else ())
     device_type = studio.models.device.type if studio.models is not None else "cpu"
     try:
         studio.limits = Limits.resolve(device_type, {name: getattr(args, name) for name in serving_limits.SETTINGS})
@@ -762,6 +813,7 @@ def main(argv=None) -> None:
     demo_family = sources == sdxl_fast.PRESETS["demo"]
     demo = build_demo(studio, examples=DEMO_EXAMPLES if demo_family else EXAMPLES,
                       note=DEMO_NOTE if demo_family else "", delete_cache=delete_cache)
+    studio.start_loading()
     demo.queue(max_size=args.queue_size).launch(server_name=args.host, server_port=args.port, share=args.share)
 
 

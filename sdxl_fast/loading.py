@@ -237,8 +237,8 @@ def _unloadable(cls, folder: Path, err: OSError) -> str:
 class _Loader:
     """Loads each (folder, subfolder) once and hands back the same object on later requests."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype, self.cache = device, dtype, {}
+    def __init__(self, device: torch.device, dtype: torch.dtype, cache: dict | None = None):
+        self.device, self.dtype, self.cache = device, dtype, cache if cache is not None else {}
 
     def get(self, cls, folder: Path, subfolder: str | None):
         key = (str(folder.resolve()), subfolder)
@@ -275,11 +275,13 @@ class _Loader:
 
 def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | None = None,
          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-         cpu_offload: bool = False) -> Models:
+         cpu_offload: bool = False, share: Models | None = None) -> Models:
     """Load the models for the given paths ("quality", "fast") onto one device, as their weights are.
 
     `sources` defaults to `resolve_sources()`. `dtype` may be a torch dtype or "fp32"/"fp16"/"bf16".
     With `cpu_offload` each model sits in CPU memory and moves to the GPU only while it runs.
+    `share`: models loaded earlier (same device and dtype) whose components this load uses instead of reading
+    them again, e.g. Quality loaded after Fast takes the student's text encoders and VAE, when they are the base's.
     The speed-ups are applied by the caller: `sdxl_fast.accel.apply(models, options)`.
     """
     unknown = set(modes) - {"quality", "fast"}
@@ -287,9 +289,12 @@ def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | N
         raise ValueError(f"modes must be a non-empty subset of ('quality', 'fast'), got {modes!r}")
     sources = sources or resolve_sources()
     device, dtype = pick_device_dtype(device, dtype)
+    if share is not None and (cpu_offload or (share.device, share.dtype) != (device, dtype)):
+        raise ValueError(f"models on {share.device} {share.dtype} cannot be shared with a load for {device} {dtype}"
+                         + (" with cpu_offload" if cpu_offload else ""))
     load_device = torch.device("cpu") if cpu_offload else device
-    loader = _Loader(load_device, dtype)
-    models = Models(device=device, dtype=dtype)
+    loader = _Loader(load_device, dtype, share.components if share is not None else None)
+    models = Models(device=device, dtype=dtype, components=loader.cache)
 
     need_base = "quality" in modes
     fast_folder = None

@@ -79,6 +79,9 @@ class Models:
     quality: QualityModels | None = None
     fast: FastModels | None = None
     offload_hooks: list = field(default_factory=list)
+    # Every module and tokenizer `sdxl_fast.load` read, by (folder, subfolder): a later `load(..., share=models)`
+    # takes the ones it needs from here (the base's encoders and VAE) instead of reading a second copy.
+    components: dict = field(default_factory=dict, repr=False)
     # How the pipeline calls the models; sdxl_fast.accel.apply replaces it (CUDA graphs, hoisted cross-attention
     # keys and values).
     runner: Runner = field(default_factory=Runner)

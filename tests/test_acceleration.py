@@ -122,3 +122,23 @@ def test_generation_keeps_no_autograd_state_even_for_modules_that_require_grad(t
         hook.remove()
         models.fast.vae.requires_grad_(False)
     assert seen == [False]
+
+
+def test_apply_to_models_loaded_later_changes_only_their_own_modules(tiny_sources):
+    """Quality loaded after Fast (sdxl_fast.load(share=)) shares Fast's VAE and text encoders, which Fast's CUDA
+    graphs read at their addresses while Quality is prepared: applying the options to Quality rewrites its
+    UNets and leaves every tensor of the shared modules where it was."""
+    from sdxl_fast import accel as acceleration
+
+    options = replace(Acceleration.none(), subpixel_upsample=True, fuse_qkv=True, fuse_text_qkv=True)
+    fast = load(modes=("fast",), sources=tiny_sources, device="cpu")
+    assert acceleration.apply(fast, options)[0] == "subpixel_upsample: 4 upsamplers"
+    shared = [fast.fast.vae, fast.fast.encoders.text_encoder, fast.fast.encoders.text_encoder_2]
+    addresses = [[p.data_ptr() for p in module.parameters()] for module in shared]
+    later = load(modes=("quality",), sources=tiny_sources, device="cpu", share=fast)
+    notes = acceleration.apply(later, options)
+    assert notes[0] == "subpixel_upsample: 2 upsamplers"  # the base's and the refiner's one each
+    assert [[p.data_ptr() for p in module.parameters()] for module in shared] == addresses
+    assert hasattr(later.quality.base.down_blocks[1].attentions[0].transformer_blocks[0].attn1, "to_qkv")
+    params = GenerationParams("a tower", mode="quality", steps=2, seed=4, width=64, height=64)
+    assert generate(later, params)[0].size == (64, 64)

@@ -205,3 +205,43 @@ def test_gradio_rebuilds_its_event_table_every_1000_events_not_after_each(tiny_m
             client.predict(prompt="a red fox", steps=1, seed=seed, randomize_seed=False, size="128x128",
                            num_images=1, api_name="/generate_fast")
     assert bool(tables) == rebuilt
+
+
+def test_quality_loaded_later_is_reported_as_loading_then_served_with_the_fast_encoders_and_vae(tiny_sources):
+    """On a GPU the app serves Fast while Quality's UNets are read (app.main's fast_first): until then a Quality
+    request is told it is loading, and afterwards Quality runs on the text encoders and VAE Fast already uses."""
+    import gradio as gr
+
+    import app
+    import sdxl_fast
+
+    studio = app.load_studio(tiny_sources, device="cpu", dtype="fp32", later=("quality",))
+    assert studio.models.quality is None and studio.status()["loading"] == ["quality"]
+    assert studio.unavailable("quality") == "The Quality models are still loading; try again in a few seconds."
+    quality = sdxl_fast.GenerationParams("a red circle", mode="quality", steps=2, seed=1, width=64, height=64)
+    with pytest.raises(gr.Error, match="still loading"):
+        studio.run(quality)
+    studio.run(sdxl_fast.GenerationParams("a red circle", mode="fast", seed=1, width=64, height=64))
+
+    thread = studio.loading["quality"]
+    studio.start_loading()
+    thread.join(120)
+    assert studio.unavailable("quality") is None and studio.status()["loading"] == []
+    fast, q = studio.models.fast, studio.models.quality
+    assert q.vae is fast.vae and q.encoders.text_encoder_2 is fast.encoders.text_encoder_2
+    images, _ = studio.run(quality)
+    assert images[0].size == (64, 64)
+
+
+def test_a_quality_model_that_fails_to_load_later_says_why(tiny_sources, tmp_path):
+    import dataclasses
+
+    import app
+
+    sources = dataclasses.replace(tiny_sources, refiner=str(tmp_path / "no-such-refiner"))
+    studio = app.load_studio(sources, device="cpu", dtype="fp32", later=("quality",))
+    thread = studio.loading["quality"]
+    studio.start_loading()
+    thread.join(120)
+    assert "no such local folder" in studio.unavailable("quality")
+    assert studio.unavailable("fast") is None

@@ -178,3 +178,13 @@ def test_weight_dtype_is_diffusers_module_dtype_without_the_walk(tiny_models):
     for dtype in (torch.float32, torch.bfloat16):
         vae.to(dtype)
         assert weight_dtype(vae) == vae.dtype == dtype
+
+
+def test_a_later_load_shares_the_components_loaded_before_and_refuses_another_dtype(tiny_sources):
+    fast = load(modes=("fast",), sources=tiny_sources, device="cpu", dtype=torch.float32)
+    quality = load(modes=("quality",), sources=tiny_sources, device="cpu", dtype=torch.float32, share=fast)
+    assert quality.quality.vae is fast.fast.vae
+    assert quality.quality.encoders.text_encoder is fast.fast.encoders.text_encoder
+    assert quality.quality.base is not fast.fast.student
+    with pytest.raises(ValueError, match="cannot be shared"):
+        load(modes=("quality",), sources=tiny_sources, device="cpu", dtype=torch.bfloat16, share=fast)

@@ -189,8 +189,13 @@ PASSES: list[tuple[str, Callable[[Target], str]]] = [
 
 def apply(models: Models, options: Acceleration) -> list[str]:
     """Apply `options` to the loaded models in place; returns one line per enabled option: what it changed, or
-    why it was skipped."""
-    target = Target(models, options, *_unique_modules(models))
+    why it was skipped. A module that an earlier `apply` changed is left as it is, so models loaded later and
+    sharing modules with those already served (`sdxl_fast.load(..., share=)`) are applied on their own."""
+    unets, vaes, encoders = ([m for m in group if not getattr(m, "_sdxl_fast_applied", False)]
+                             for group in _unique_modules(models))
+    for module in unets + vaes + encoders:
+        module._sdxl_fast_applied = True
+    target = Target(models, options, unets, vaes, encoders)
     notes = []
     for name, swap in PASSES:
         if getattr(options, name):
