@@ -161,8 +161,9 @@ class Studio:
 
     def start_loading(self) -> None:
         """Start reading the models of the modes load_studio left for later, each in a thread of its own."""
-        for thread in self.loading.values():
+        for mode, thread in list(self.loading.items()):  # a thread removes its entry when done
             if thread.ident is None:
+                log.info("%s models are read in the background", mode.title())
                 thread.start()
 
     def _load_later(self, mode: str, load: Callable[[], sdxl_fast.Models],
@@ -179,7 +180,8 @@ class Studio:
                     self.models = later
                 else:
                     setattr(self.models, mode, getattr(later, mode))
-            log.info("%s models ready, %.1f s after serving started", mode.title(), time.monotonic() - started)
+            log.info("%s models ready %.1f s after the start (%.1f s in the background)", mode.title(),
+                     time.monotonic() - STARTED, time.monotonic() - started)
         except Exception as e:  # noqa: BLE001 - reported in the page and the log; the other mode goes on
             self.load_errors[mode] = str(e)
             log.error("%s mode unavailable: %s", mode.title(), e)

@@ -83,6 +83,7 @@ SERVING_KINDS = ("start-up", "first call", "http", "typists", "serving path alon
 SERVING_COLUMNS = {
     "start-up": [("cache", "compile cache"), ("cache_mb", "cache MB"), ("serving_s", "serving after s"),
                  ("first_fast_image_s", "first Fast image after s"), ("first_fast_call_ms", "first Fast call ms"),
+                 ("quality_ready_s", "Quality ready after s"),
                  ("defaults_compiled_after_s", "defaults compiled after s"), ("compiled", "shapes compiled")],
     "first call": [("api", "api"), ("mode", "mode"), ("size", "size"), ("images", "images"), ("steps", "steps"),
                    ("compiled", "compiled"), ("first_ms", "first call ms"), ("later_ms", "later calls, median ms")],

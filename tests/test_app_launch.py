@@ -207,13 +207,18 @@ def test_gradio_rebuilds_its_event_table_every_1000_events_not_after_each(tiny_m
     assert bool(tables) == rebuilt
 
 
-def test_quality_loaded_later_is_reported_as_loading_then_served_with_the_fast_encoders_and_vae(tiny_sources):
+def test_quality_loaded_later_is_reported_as_loading_then_served_with_the_fast_encoders_and_vae(
+        tiny_sources, caplog, tmp_path):
     """On a GPU the app serves Fast while Quality's UNets are read (app.main's fast_first): until then a Quality
-    request is told it is loading, and afterwards Quality runs on the text encoders and VAE Fast already uses."""
+    request is told it is loading, and afterwards Quality runs on the text encoders and VAE Fast already uses.
+    The serving benchmark reads when from the log."""
+    import logging
+
     import gradio as gr
 
     import app
     import sdxl_fast
+    from benchmarks.serving import App
 
     studio = app.load_studio(tiny_sources, device="cpu", dtype="fp32", later=("quality",))
     assert studio.models.quality is None and studio.status()["loading"] == ["quality"]
@@ -224,9 +229,15 @@ def test_quality_loaded_later_is_reported_as_loading_then_served_with_the_fast_e
     studio.run(sdxl_fast.GenerationParams("a red circle", mode="fast", seed=1, width=64, height=64))
 
     thread = studio.loading["quality"]
-    studio.start_loading()
-    thread.join(120)
+    with caplog.at_level(logging.INFO, logger="sdxl_fast.app"):
+        studio.start_loading()
+        thread.join(120)
     assert studio.unavailable("quality") is None and studio.status()["loading"] == []
+    bench_view = App.__new__(App)
+    bench_view.log = tmp_path / "app.log"
+    bench_view.log.write_text(caplog.text)
+    ready = bench_view.quality_ready(serves_quality=True, timeout=0)["quality_ready_s"]
+    assert 0 < ready <= time.monotonic() - app.STARTED + 0.05  # logged to 0.1 s
     fast, q = studio.models.fast, studio.models.quality
     assert q.vae is fast.vae and q.encoders.text_encoder_2 is fast.encoders.text_encoder_2
     images, _ = studio.run(quality)

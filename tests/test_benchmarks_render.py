@@ -104,7 +104,7 @@ def test_serving_rows_get_one_table_per_kind_per_device_with_command_and_commit(
         "start-up", "first call", "http", "typists", "compiled", "models saved"]  # one table per kind, this order
     assert ("Some GPU; torch 2.11.0+cu130, diffusers 0.42.1, transformers 5.17.0, Python 3.12.3; measured "
             "2026-12-07.") in " ".join(some.split())
-    assert "| cold |  | 20.5 | 22.0 | 1480.3 |  |  | [1] | abc1234 |" in some
+    assert "| cold |  | 20.5 | 22.0 | 1480.3 |  |  |  | [1] | abc1234 |" in some
     assert "| generate_fast | fast | 512² | 1 | 1 |  | 90.1 | 31.0 | [1] | abc1234 |" in some
     assert "| generate_fast | fast | 512² | 1 | 1 | yes | 25.0 | 24.2 | [1] | abc1234 |" in some
     assert "| 512² | 30 | 30.2 | 33.0 | 17.1 | 18.0 | [1] | abc1234 |" in some
