@@ -774,12 +774,16 @@ def lighten_gradio_events() -> None:
     - Gradio rebuilds its monitoring summary, a pandas table of up to 10,000 past events, after every event
       (2 ms after 300 events, 10 ms after 10,000 on a 2-core CPU, under Python's one lock). The app does not
       enable monitoring: the summary is rebuilt every 1,000 events (GRADIO_ANALYTICS_CACHE_FREQUENCY overrides).
-    - Gradio sets matplotlib's backend around every event. Where matplotlib is installed, pyplot is imported
-      now (over a second on a fresh machine, with its font cache); where it is not, it is marked absent, so
-      that events do not search the import path for it twice each."""
+    - Gradio sets matplotlib's backend around every event, and reading the backend first imports pyplot and
+      builds matplotlib's font cache (0.5 s, and seconds on a fresh machine). Where matplotlib is installed
+      its backend is set to "agg" now, which a server draws with anyway: events then find it set and import
+      nothing (`import matplotlib` itself takes 0.2-0.3 s on a 2-core CPU). Where it is not, it is marked
+      absent, so that events do not search the import path for it twice each."""
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")  # read when demo.queue() builds the queue
     if importlib.util.find_spec("matplotlib") is not None:
-        import matplotlib.pyplot  # noqa: F401
+        import matplotlib
+
+        matplotlib.use("agg")
     else:
         sys.modules.setdefault("matplotlib", None)  # `import matplotlib` now fails at once
 

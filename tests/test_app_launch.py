@@ -153,9 +153,12 @@ def test_start_up_records_the_first_shape_before_serving_and_the_rest_between_re
     assert started[2] - ended[0] >= app.WARM_UP_IDLE_S  # the next shape waited for an idle GPU
 
 
-def test_pyplot_is_imported_before_serving_where_matplotlib_is_installed(tmp_path, monkeypatch):
-    """Gradio sets matplotlib's backend in every event: where matplotlib is installed the app imports pyplot
-    before serving; where it is not, `import matplotlib` fails at once instead of searching the path."""
+def test_gradio_events_import_no_pyplot_where_matplotlib_is_installed(tmp_path, monkeypatch):
+    """Gradio reads and sets matplotlib's backend in every event: where matplotlib is installed the app sets
+    it to agg before serving, so no event imports pyplot (nor builds its font cache); where it is not,
+    `import matplotlib` fails at once instead of searching the path."""
+    from gradio.utils import MatplotlibBackendMananger
+
     import app
 
     monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p) / "matplotlib").exists()])
@@ -169,13 +172,21 @@ def test_pyplot_is_imported_before_serving_where_matplotlib_is_installed(tmp_pat
     finally:
         sys.modules.pop("matplotlib", None)
 
-    (tmp_path / "matplotlib").mkdir()  # a stand-in package: the real one may not be installed here
-    (tmp_path / "matplotlib" / "__init__.py").write_text("")
-    (tmp_path / "matplotlib" / "pyplot.py").write_text("IMPORTED = True\n")
+    # A stand-in package (the real one may not be installed here) that resolves an unset backend as
+    # matplotlib does: through pyplot.
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text(
+        "BACKEND = None\n\n"
+        "def use(name):\n    global BACKEND\n    BACKEND = name\n\n"
+        "def get_backend():\n    if BACKEND is None:\n        import matplotlib.pyplot\n        use('auto')\n"
+        "    return BACKEND\n")
+    (tmp_path / "matplotlib" / "pyplot.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
         app.lighten_gradio_events()
-        assert sys.modules["matplotlib.pyplot"].IMPORTED
+        with MatplotlibBackendMananger():  # what Gradio does around an event
+            pass
+        assert "matplotlib.pyplot" not in sys.modules and sys.modules["matplotlib"].get_backend() == "agg"
     finally:  # gradio's later events in this process must not find the stand-in
         sys.modules.pop("matplotlib", None)
         sys.modules.pop("matplotlib.pyplot", None)
