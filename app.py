@@ -175,7 +175,7 @@ class Studio:
             later = load()
             with self.gpu():
                 if options is not None:
-                    accel.apply(later, options)  # only the modules not shared with the served models
+                    accel.apply(later, options, leave=self.models)  # the served models' modules stay as they are
                 if self.models is None:  # nothing else loaded
                     self.models = later
                 else:

@@ -136,7 +136,7 @@ def test_apply_to_models_loaded_later_changes_only_their_own_modules(tiny_source
     shared = [fast.fast.vae, fast.fast.encoders.text_encoder, fast.fast.encoders.text_encoder_2]
     addresses = [[p.data_ptr() for p in module.parameters()] for module in shared]
     later = load(modes=("quality",), sources=tiny_sources, device="cpu", share=fast)
-    notes = acceleration.apply(later, options)
+    notes = acceleration.apply(later, options, leave=fast)
     assert notes[0] == "subpixel_upsample: 2 upsamplers"  # the base's and the refiner's one each
     assert [[p.data_ptr() for p in module.parameters()] for module in shared] == addresses
     assert hasattr(later.quality.base.down_blocks[1].attentions[0].transformer_blocks[0].attn1, "to_qkv")

@@ -187,14 +187,12 @@ PASSES: list[tuple[str, Callable[[Target], str]]] = [
 ]
 
 
-def apply(models: Models, options: Acceleration) -> list[str]:
+def apply(models: Models, options: Acceleration, leave: Models | None = None) -> list[str]:
     """Apply `options` to the loaded models in place; returns one line per enabled option: what it changed, or
-    why it was skipped. A module that an earlier `apply` changed is left as it is, so models loaded later and
-    sharing modules with those already served (`sdxl_fast.load(..., share=)`) are applied on their own."""
-    unets, vaes, encoders = ([m for m in group if not getattr(m, "_sdxl_fast_applied", False)]
-                             for group in _unique_modules(models))
-    for module in unets + vaes + encoders:
-        module._sdxl_fast_applied = True
+    why it was skipped. Modules that are also in `leave` are left as they are: models loaded later and sharing
+    modules with models already served (`sdxl_fast.load(..., share=)`) get their own modules changed only."""
+    served = {id(m) for group in _unique_modules(leave) for m in group} if leave is not None else set()
+    unets, vaes, encoders = ([m for m in group if id(m) not in served] for group in _unique_modules(models))
     target = Target(models, options, unets, vaes, encoders)
     notes = []
     for name, swap in PASSES:
