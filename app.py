@@ -697,8 +697,7 @@ def start_serving(studio: Studio, compile_mode: str) -> None:
         log.warning("--compile aot is ignored with --cpu-offload: a package reads the weights where they lie, and "
                     "offloading moves them on every call")
     elif compile_mode == "aot" and models.fast is not None:
-        studio.packages = FastPackages(models, studio.exclusive, partial(drop_graphs, models.runner),
-                                       max_batch=LIVE_BATCH).start()
+        studio.packages = FastPackages(models, studio.exclusive, partial(drop_graphs, models.runner)).start()
     # On a GPU each live batch size is its own CUDA graph: record them all at start-up, not on a typist's keystroke.
     batches = LIVE_BATCHES if models.device.type == "cuda" else (1,)
     if compile_mode in ("off", "aot"):
@@ -750,7 +749,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "compiles and records only Fast's shapes")
     parser.add_argument("--compile", choices=["off", "aot", "start", "background"], default="off",
                         help="compiling on a GPU: off (default: uncompiled kernels in CUDA graphs, serving within "
-                             "seconds); aot (experimental, stops on a GPU with torch 2.11, see README: the Fast UNet "
+                             "seconds); aot (experimental, not measured on a GPU yet, see README: the Fast UNet "
                              "and VAE decoder compiled ahead of time for every size and batch: loaded from "
                              "$SDXL_FAST_AOT_CACHE in a second, or compiled there once in the background while "
                              "serving uncompiled); start (torch.compile the default shapes before serving, minutes "

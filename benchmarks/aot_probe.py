@@ -1,11 +1,11 @@
 """The Fast path with its UNet and VAE decoder compiled ahead of time (`sdxl_fast.accel.aot`): what compiling
-each into one package for every batch size up to `--max-batch` and every size costs, what loading it costs,
+each into one package for every batch size and size costs, what loading it costs,
 and `generate()` with them against `generate()` uncompiled, both with the device's other speed-ups (CUDA
 graphs on a GPU).
 
     python -m benchmarks.aot_probe --configs benchmarks/sdxl-configs --out aot.jsonl   # full-size SDXL, on a GPU
     python -m benchmarks.aot_probe --tiny                                                # a CPU check of the script
-    python -m benchmarks.aot_probe --loader-check /tmp/loader-check   # does torch load any package here at all?
+    python -m benchmarks.aot_probe --loader-check /tmp/loader-check   # does AOTInductor's loader (not used) run here?
 
 Random weights of the given shapes (the student shares the SDXL base UNet's), Fast 1 step; batch sizes 1, 3
 and `--max-batch` at the Fast path's own size (512², 128² with --tiny) and one image at 1.5 times its side.
@@ -120,10 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     done = []
     for part, module in (("vae-decoder", models.fast.vae), ("unet", models.fast.student)):
         compile_package, use_package = (getattr(aot, name) for name in packages.PARTS[part])
-        path = packages.package_path(part, module, args.max_batch)
+        path = packages.package_path(part, module)
         print(f"compiling the Fast {part} into {path}", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        compile_package(module, path, args.max_batch)
+        compile_package(module, path)
         compile_s = time.perf_counter() - started
         started = time.perf_counter()
         use_package(module, path)

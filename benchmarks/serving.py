@@ -358,7 +358,7 @@ def main(argv=None) -> int:
     # A restart: with the compile cache of the first start (--app-compile start/background) or the Fast path's
     # packages (aot), or, without compilation, what a restarted server pays with its model files in the OS's
     # page cache.
-    cached = list((args.work / "aot").glob("*.pt2")) if args.app_compile == "aot" else [cache] * cache.is_file()
+    cached = list((args.work / "aot").glob("*.aot")) if args.app_compile == "aot" else [cache] * cache.is_file()
     if "cached" in phases and (cached or args.app_compile == "off"):
         app = App(family, args.work, cache, args.port, "cached", args.app_compile, args.app_modes)
         try:

@@ -1,5 +1,5 @@
-"""sdxl_fast.accel.aot: one ahead-of-time package for every batch size and size of the Fast UNet, and one of
-its VAE decoder, each running on the weights of the module it is given."""
+"""sdxl_fast.accel.aot: one file compiled ahead of time for every batch size and size of the Fast UNet, and one
+of its VAE decoder, each running on the weights of the module it is given, loaded in another process."""
 
 import copy
 import multiprocessing
@@ -27,15 +27,14 @@ def compile_part(sources: ModelSources, part: str, path) -> str:
     as the server does (sdxl_fast.serving.packages)."""
     torch.set_num_threads(1)
     fast = fast_models(sources).fast
-    with torch._inductor.config.patch({"aot_inductor.compile_wrapper_opt_level": "O0"}):  # a quicker C++ build
-        if part == "unet":
-            return str(aot.compile_unet(copy.deepcopy(fast.student), path, max_batch=4))
-        return str(aot.compile_decoder(copy.deepcopy(fast.vae), path, max_batch=4))
+    if part == "unet":
+        return str(aot.compile_unet(copy.deepcopy(fast.student), path))
+    return str(aot.compile_decoder(copy.deepcopy(fast.vae), path))
 
 
 def test_packages_serve_every_batch_and_size_on_the_modules_weights_without_compiling(tiny_sources, tmp_path):
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        compiling = {part: pool.submit(compile_part, tiny_sources, part, tmp_path / f"{part}.pt2")
+        compiling = {part: pool.submit(compile_part, tiny_sources, part, tmp_path / f"{part}.aot")
                      for part in ("unet", "decoder")}
         models = fast_models(tiny_sources)
         unet, vae = models.fast.student, models.fast.vae

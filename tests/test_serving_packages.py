@@ -27,7 +27,7 @@ def stand_in(monkeypatch):
     which module they were given and whether the exclusive lock was held."""
     calls = {"compiled": [], "used": [], "release": threading.Event(), "fail": None, "held": threading.Lock()}
 
-    def compile_package(module, path, max_batch):
+    def compile_package(module, path):
         calls["compiled"].append(module)
         calls["release"].wait(10)
         path.write_bytes(b"kernels")
@@ -55,7 +55,7 @@ def exclusive(calls):
 def test_without_packages_it_compiles_copies_in_the_background_then_swaps_while_no_generation_runs(
         fast, stand_in, tmp_path):
     swapped = []
-    aot_ = packages.FastPackages(fast, exclusive(stand_in), lambda: swapped.append(True), 16, tmp_path).start()
+    aot_ = packages.FastPackages(fast, exclusive(stand_in), lambda: swapped.append(True), tmp_path).start()
     assert set(aot_.states.values()) <= {"queued", "compiling"} and not stand_in["used"]  # start() did not wait
     stand_in["release"].set()
     aot_.thread.join(10)
@@ -67,34 +67,34 @@ def test_without_packages_it_compiles_copies_in_the_background_then_swaps_while_
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["unet", "vae"]  # no partial files left
 
     # The next start (a restart, or a replica given the folder) loads them at once and compiles nothing.
-    again = packages.FastPackages(fast, exclusive(stand_in), lambda: swapped.append(True), 16, tmp_path).start()
+    again = packages.FastPackages(fast, exclusive(stand_in), lambda: swapped.append(True), tmp_path).start()
     assert again.states == {"unet": "loaded", "vae-decoder": "loaded"}
     assert len(stand_in["compiled"]) == 2 and swapped == [True, True] and not again.thread.is_alive()
 
 
 def test_a_package_that_stopped_the_last_start_is_not_loaded_again(fast, stand_in, tmp_path):
     stand_in["release"].set()
-    first = packages.FastPackages(fast, exclusive(stand_in), lambda: None, 16, tmp_path).start()
+    first = packages.FastPackages(fast, exclusive(stand_in), lambda: None, tmp_path).start()
     first.thread.join(10)
-    loads = packages.FastPackages(fast, exclusive(stand_in), lambda: None, 16, tmp_path).start()
+    loads = packages.FastPackages(fast, exclusive(stand_in), lambda: None, tmp_path).start()
     assert loads.states == {"unet": "loaded", "vae-decoder": "loaded"} and len(stand_in["used"]) == 4
     # That start "crashed" before a generation ran through the packages: the next one serves uncompiled.
-    after_crash = packages.FastPackages(fast, exclusive(stand_in), lambda: None, 16, tmp_path).start()
+    after_crash = packages.FastPackages(fast, exclusive(stand_in), lambda: None, tmp_path).start()
     assert all(state.startswith("failed: a start stopped") for state in after_crash.states.values())
     assert len(stand_in["used"]) == 4 and len(stand_in["compiled"]) == 2 and not after_crash.thread.is_alive()
     # Deleted, they are compiled again, and once a generation has run through them they are trusted.
     for path in after_crash.paths.values():
         path.unlink()
-    packages.FastPackages(fast, exclusive(stand_in), lambda: None, 16, tmp_path).start().thread.join(10)
-    packages.FastPackages(fast, exclusive(stand_in), lambda: None, 16, tmp_path).start().ran()
-    assert packages.FastPackages(fast, exclusive(stand_in), lambda: None, 16, tmp_path).start().states == {
+    packages.FastPackages(fast, exclusive(stand_in), lambda: None, tmp_path).start().thread.join(10)
+    packages.FastPackages(fast, exclusive(stand_in), lambda: None, tmp_path).start().ran()
+    assert packages.FastPackages(fast, exclusive(stand_in), lambda: None, tmp_path).start().states == {
         "unet": "loaded", "vae-decoder": "loaded"}
 
 
 def test_a_failed_compile_leaves_that_module_uncompiled_and_stores_nothing(fast, stand_in, tmp_path):
     stand_in["fail"] = RuntimeError("out of memory")
     stand_in["release"].set()
-    aot_ = packages.FastPackages(fast, exclusive(stand_in), lambda: None, 16, tmp_path).start()
+    aot_ = packages.FastPackages(fast, exclusive(stand_in), lambda: None, tmp_path).start()
     aot_.thread.join(10)
     assert aot_.states["unet"] == "failed: RuntimeError: out of memory"
     assert not stand_in["used"] and not list(tmp_path.iterdir())
@@ -102,16 +102,15 @@ def test_a_failed_compile_leaves_that_module_uncompiled_and_stores_nothing(fast,
 
 def test_the_package_name_follows_what_the_kernels_depend_on(fast, tmp_path):
     unet = fast.fast.student
-    name = packages.package_path("unet", unet, 16, tmp_path)
-    assert packages.package_path("unet", unet, 16, tmp_path) == name
-    assert packages.package_path("unet", unet, 8, tmp_path) != name  # the largest batch
+    name = packages.package_path("unet", unet, tmp_path)
+    assert packages.package_path("unet", unet, tmp_path) == name
     with torch.no_grad():
         unet.conv_in.weight.mul_(2)
-    assert packages.package_path("unet", unet, 16, tmp_path) == name  # weights are not in the package
+    assert packages.package_path("unet", unet, tmp_path) == name  # weights are not in the package
     unet.to(memory_format=torch.channels_last)
-    assert packages.package_path("unet", unet, 16, tmp_path) != name  # strides are
+    assert packages.package_path("unet", unet, tmp_path) != name  # strides are
     unet.to(torch.float16)
-    assert packages.package_path("unet", unet, 16, tmp_path) != name
+    assert packages.package_path("unet", unet, tmp_path) != name
 
 
 def test_the_app_with_compile_aot_serves_at_once_and_swaps_the_packages_in_while_holding_every_slot(
@@ -147,7 +146,7 @@ def test_with_cpu_offload_the_app_leaves_aot_off_and_says_so(tiny_models, stand_
 
 def test_a_stored_package_that_does_not_load_is_compiled_again_and_the_server_starts(fast, stand_in, tmp_path,
                                                                                      caplog, monkeypatch):
-    path = packages.package_path("unet", fast.fast.student, 16, tmp_path)
+    path = packages.package_path("unet", fast.fast.student, tmp_path)
     path.write_bytes(b"truncated")
     used = stand_in["used"]
 
@@ -159,7 +158,7 @@ def test_a_stored_package_that_does_not_load_is_compiled_again_and_the_server_st
     monkeypatch.setattr(aot, "use_unet_package", use_package)
     monkeypatch.setattr(aot, "use_decoder_package", use_package)
     stand_in["release"].set()
-    aot_ = packages.FastPackages(fast, exclusive(stand_in), lambda: None, 16, tmp_path).start()
+    aot_ = packages.FastPackages(fast, exclusive(stand_in), lambda: None, tmp_path).start()
     aot_.thread.join(10)
     assert "could not be loaded (PytorchStreamReader failed" in caplog.text
     assert aot_.states == {"unet": "compiled", "vae-decoder": "compiled"} and path.read_bytes() == b"kernels"

@@ -1,19 +1,24 @@
-"""The Fast path's UNet and VAE decoder compiled ahead of time, each into one package file (torch.export with
-dynamic dimensions, AOTInductor).
+"""The Fast path's UNet and VAE decoder compiled ahead of time, each into one file (torch.compile's
+`aot_compile`: Dynamo's trace, Inductor's kernels and their guards, saved).
 
-One package covers every batch size from 1 to `max_batch` and every latent side from 8 to 256 in multiples of
-8 (64 to 2048 pixels): loading it takes a fraction of a second and no request ever traces or compiles, where
-torch.compile compiles each shape it meets and traces each again at every start, even from its caches.
-A package holds kernels, not weights: it runs on the weights of the module it is given, in place, so one
-package serves every model of the same architecture, dtype and device kind (a student and the base it came
-from). A module moved to another dtype or device afterwards runs uncompiled again.
+One file covers every batch size and every latent size the module takes (dynamic dimensions: one compiled
+function for batch 1, which Dynamo specialises, and one for all larger batches): loading it takes about a
+second and no request ever traces or compiles, where torch.compile compiles each shape it meets and traces
+each again at every start, even from its caches. It stays in Python (Inductor's own wrapper code around its
+Triton or C++ kernels), unlike AOTInductor's packages, whose loader stopped the process on an H100 with torch
+2.11 (BENCHMARKS.md). A file holds kernels, not weights: the compiled functions take the module as an argument
+and read its weights at each call, so one file serves every model of the same architecture, dtype and device
+kind (a student and the base it came from). A module moved to another dtype or device afterwards, or a call
+that none of the compiled functions' guards accepts, runs uncompiled.
 
-    aot.compile_unet(models.fast.student, "student.pt2")       # minutes, once
-    aot.use_unet_package(models.fast.student, "student.pt2")   # every start: generate() now calls the package
+    aot.compile_unet(models.fast.student, "student.aot")       # minutes, once
+    aot.use_unet_package(models.fast.student, "student.aot")   # every start: generate() now calls the package
 """
 
 from __future__ import annotations
 
+import io
+import pickle
 import threading
 from pathlib import Path
 
@@ -60,46 +65,54 @@ def example_inputs(unet, batch: int = 2, side: int | None = None) -> tuple[torch
     return latents, torch.full((batch,), 999.0, device=unet.device), context, pooled, time_ids.abs() * latent * 8
 
 
-def _dims(max_batch: int) -> tuple[torch.export.Dim, dict]:
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
-    return batch, {0: batch, 2: 8 * torch.export.Dim("h8", min=1, max=32), 3: 8 * torch.export.Dim("w8", min=1, max=32)}
-
-
-def _compile(call: torch.nn.Module, inputs: tuple, dynamic_shapes: tuple, path: str | Path) -> Path:
-    with torch.no_grad():
-        exported = torch.export.export(call, inputs, dynamic_shapes=dynamic_shapes)
+def _compile(call: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: str | Path) -> Path:
+    """`call` compiled for `inputs` (batch 2, the first one latents [B, C, H, W]) with dynamic batch, height and
+    width, and again for batch 1, both saved in the file `path`."""
+    compiled = []
+    for batch in (1, 2):
+        example = tuple(x[:batch].clone() for x in inputs)
+        for x in example[1:] if batch == 1 else example:
+            torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(example[0], 2)
+        torch._dynamo.mark_dynamic(example[0], 3)
+        # Guards on the inputs' shapes, dtypes and devices only: not on the module or its weights, which the
+        # compiled function reads at each call, whichever module of this architecture it is given.
+        fn = torch.compile(type(call).forward, fullgraph=True,
+                           options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
+        with torch.no_grad():
+            function = fn.aot_compile(((call, *example), {}))
+        saved = Path(f"{path}.batch{batch}")
+        try:
+            function.save_compiled_function(str(saved))
+            compiled.append(saved.read_bytes())
+        finally:
+            saved.unlink(missing_ok=True)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    # Weights left out of the package (a full-size UNet's would add gigabytes of disk and minutes of linking),
-    # and none folded into the kernels either, so that the package computes with whatever weights it is given.
-    configs = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True,
-               "joint_graph_constant_folding": False}
-    return Path(torch._inductor.aoti_compile_and_package(exported, package_path=str(path), inductor_configs=configs))
+    Path(path).write_bytes(pickle.dumps(compiled))
+    return Path(path)
 
 
 def _load(call: torch.nn.Module, path: str | Path):
-    """The package at `path`, reading the parameters and buffers of `call`'s module in place, callable from
-    any thread and inside CUDA graph capture."""
-    # torch's loader documents run_single_threaded as the way to run a package inside CUDA graphs; without
-    # its own thread handling, calls take turns here (the Fast and Quality paths share the VAE).
-    package = torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
-    tensors = dict(call.state_dict(keep_vars=True))
-    package.load_constants({name: tensors[name].detach() for name in package.get_constant_fqns()},
-                           check_full_update=True, user_managed=True)
-    lock = threading.Lock()
+    """The compiled functions in the file `path`, as one function of `call`'s inputs that runs the first whose
+    guards accept them on `call`'s module, or returns None when none does; callable from any thread and inside
+    CUDA graph capture. The file is a pickle, as torch's compiled functions are: load only files made here."""
+    saved = pickle.loads(Path(path).read_bytes())
+    functions = [torch.compiler.load_compiled_function(io.BytesIO(data)) for data in saved]
+    lock = threading.Lock()  # the Fast and Quality paths share the VAE
 
     def run(*inputs):
         with lock:
-            return package(*inputs)
+            for function in functions:
+                if function.guard_check(call, *inputs):
+                    return function(call, *inputs)
+        return None
 
     return run
 
 
-def compile_unet(unet, path: str | Path, max_batch: int = 16) -> Path:
-    """Export `unet` (as it is now, speed-ups applied) for batches 1 to `max_batch` and latent sides 8 to 256
-    and compile it into the package `path`."""
-    batch, latents = _dims(max_batch)
-    return _compile(_UNetCall(unet), example_inputs(unet), (latents, {0: batch}, {0: batch}, {0: batch}, {0: batch}),
-                    path)
+def compile_unet(unet, path: str | Path) -> Path:
+    """Compile `unet` (as it is now, speed-ups applied) for every batch and latent size into the file `path`."""
+    return _compile(_UNetCall(unet), example_inputs(unet), path)
 
 
 def use_unet_package(unet, path: str | Path) -> None:
@@ -114,17 +127,18 @@ def use_unet_package(unet, path: str | Path) -> None:
         timesteps = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32).expand(sample.shape[0])
         out = package(sample, timesteps.contiguous(), encoder_hidden_states, added_cond_kwargs["text_embeds"],
                       added_cond_kwargs["time_ids"])
+        if out is None:  # inputs the compiled functions were not made for, e.g. a size not divisible as theirs
+            return uncompiled(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                              return_dict=return_dict)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
     unet.forward = forward
 
 
-def compile_decoder(vae, path: str | Path, max_batch: int = 16) -> Path:
-    """Export `vae.decode` for batches 1 to `max_batch` and latent sides 8 to 256 and compile it into the
-    package `path`."""
-    batch, latents = _dims(max_batch)
+def compile_decoder(vae, path: str | Path) -> Path:
+    """Compile `vae.decode` for every batch and latent size into the file `path`."""
     example = torch.randn(2, vae.config.latent_channels, 64, 64, device=vae.device, dtype=vae.dtype)
-    return _compile(_DecoderCall(vae), (example,), (latents,), path)
+    return _compile(_DecoderCall(vae), (example,), path)
 
 
 def use_decoder_package(vae, path: str | Path) -> None:
@@ -137,6 +151,8 @@ def use_decoder_package(vae, path: str | Path) -> None:
         if kwargs or z.dtype != dtype or vae.dtype != dtype or vae.device != device:
             return uncompiled(z, return_dict=return_dict, **kwargs)
         out = package(z)
+        if out is None:
+            return uncompiled(z, return_dict=return_dict)
         return DecoderOutput(sample=out) if return_dict else (out,)
 
     vae.decode = decode

@@ -4,8 +4,8 @@
 One package per module serves every size and every live batch, so no request ever waits for a compile.
 A package holds kernels, not weights, and is stored in a cache folder under a name made from everything it
 depends on: the module's structure (module types, parameter shapes, strides and dtypes, after the speed-ups),
-the GPU, torch's version and the largest batch. So a restart, or a replica that is given the folder, loads
-it in about a second. Where the folder has none, the server starts serving uncompiled at once (CUDA graphs),
+the GPU and torch's version. So a restart, or a replica that is given the folder, loads it in about a
+second. Where the folder has none, the server starts serving uncompiled at once (CUDA graphs),
 and a thread compiles the missing packages (minutes), stores them and swaps each in between two generations.
 """
 
@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from ..accel import aot
-from ..files import atomic_write, replace
+from ..files import atomic_write
 from ..models import Models
 
 log = logging.getLogger(__name__)
@@ -34,15 +34,15 @@ PACKAGE_DIR = Path(os.environ.get("SDXL_FAST_AOT_CACHE", Path.home() / ".cache" 
 PARTS = {"unet": ("compile_unet", "use_unet_package"), "vae-decoder": ("compile_decoder", "use_decoder_package")}
 
 
-def package_path(part: str, module, max_batch: int, directory: Path | None = None) -> Path:
+def package_path(part: str, module, directory: Path | None = None) -> Path:
     """Where the package of `module` (a `PARTS` name), as it is now, on this device and torch, belongs."""
     device = torch.cuda.get_device_name(module.device) if module.device.type == "cuda" else module.device.type
-    digest = hashlib.sha256(f"{torch.__version__} {max_batch} {device}".encode())
+    digest = hashlib.sha256(f"{torch.__version__} {device}".encode())
     for name, m in module.named_modules():
         digest.update(f"{name} {type(m).__qualname__} {type(getattr(m, 'processor', None)).__name__}".encode())
     for name, t in module.state_dict(keep_vars=True).items():
         digest.update(f"{name} {tuple(t.shape)} {t.stride()} {t.dtype}".encode())
-    return (directory or PACKAGE_DIR) / f"{part}-{digest.hexdigest()[:16]}.pt2"
+    return (directory or PACKAGE_DIR) / f"{part}-{digest.hexdigest()[:16]}.aot"
 
 
 def _marker(package: Path) -> Path:
@@ -59,10 +59,10 @@ class FastPackages:
     and calls `swapped()` (e.g. to drop CUDA graphs recorded around the uncompiled module)."""
 
     def __init__(self, models: Models, exclusive: Callable[[], AbstractContextManager], swapped: Callable[[], None],
-                 max_batch: int = 16, directory: Path | None = None):
-        self.exclusive, self.swapped, self.max_batch = exclusive, swapped, max_batch
+                 directory: Path | None = None):
+        self.exclusive, self.swapped = exclusive, swapped
         self.modules = {"unet": models.fast.student, "vae-decoder": models.fast.vae}
-        self.paths = {part: package_path(part, m, max_batch, directory) for part, m in self.modules.items()}
+        self.paths = {part: package_path(part, m, directory) for part, m in self.modules.items()}
         self.states = {part: "queued" for part in self.modules}
         self.thread = threading.Thread(target=self._compile_missing, name="sdxl-fast-aot", daemon=True)
 
@@ -117,12 +117,7 @@ class FastPackages:
         started = time.perf_counter()
         try:
             with atomic_write(path) as tmp:  # whole or absent, for the next start
-                # AOTInductor writes only to a name ending in .pt2; the finished file then takes the temporary one
-                written = tmp.with_suffix(".pt2")
-                try:
-                    replace(compile_package(copy.deepcopy(module), written, self.max_batch), tmp)
-                finally:  # a compile that fails may leave part of its file behind
-                    written.unlink(missing_ok=True)
+                compile_package(copy.deepcopy(module), tmp)
             _marker(path).unlink(missing_ok=True)  # a new package: the next start tries it
             with self.exclusive():
                 use_package(module, path)
