@@ -68,6 +68,7 @@ def example_inputs(unet, batch: int = 2, side: int | None = None) -> tuple[torch
 def _compile(call: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: str | Path) -> Path:
     """`call` compiled for `inputs` (batch 2, the first one latents [B, C, H, W]) with dynamic batch, height and
     width, and again for batch 1, both saved in the file `path`."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     compiled = []
     for batch in (1, 2):
         example = tuple(x[:batch].clone() for x in inputs)
@@ -87,7 +88,6 @@ def _compile(call: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: str 
             compiled.append(saved.read_bytes())
         finally:
             saved.unlink(missing_ok=True)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_bytes(pickle.dumps(compiled))
     return Path(path)
 
