@@ -94,8 +94,8 @@ def _compile(call: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: str 
 
 def _load(call: torch.nn.Module, path: str | Path):
     """The compiled functions in the file `path`, as one function of `call`'s inputs that runs the first whose
-    guards accept them on `call`'s module, or returns None when none does; callable from any thread and inside
-    CUDA graph capture. The file is a pickle, as torch's compiled functions are: load only files made here."""
+    guards accept them on `call`'s module, or returns None when none does; callable from any thread. The file
+    is a pickle, as torch's compiled functions are: load only files made here."""
     saved = pickle.loads(Path(path).read_bytes())
     functions = [torch.compiler.load_compiled_function(io.BytesIO(data)) for data in saved]
     lock = threading.Lock()  # the Fast and Quality paths share the VAE
