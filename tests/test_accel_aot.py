@@ -1,9 +1,8 @@
 """sdxl_fast.accel.aot: one file compiled ahead of time for every batch size and size of the Fast UNet, and one
-of its VAE decoder, each running on the weights of the module it is given, loaded in another process."""
+of its VAE decoder, each compiled in another process as the server does (sdxl_fast.serving.packages) and
+running on the weights of the module it is given."""
 
-import copy
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import torch
@@ -11,6 +10,7 @@ import torch
 from sdxl_fast import GenerationParams, ModelSources, accel, load
 from sdxl_fast.accel import aot
 from sdxl_fast.pipeline.generate import generate_tensors
+from sdxl_fast.serving import packages
 
 SHAPES = [(128, 1), (128, 3), (192, 2)]  # (side, images): sizes and batch sizes other than the exports'
 
@@ -22,22 +22,12 @@ def fast_models(sources: ModelSources):
     return models
 
 
-def compile_part(sources: ModelSources, part: str, path) -> str:
-    """In a process of its own (the two compiles take minutes of one core each): a copy of the part compiled,
-    as the server does (sdxl_fast.serving.packages)."""
-    torch.set_num_threads(1)
-    fast = fast_models(sources).fast
-    if part == "unet":
-        return str(aot.compile_unet(copy.deepcopy(fast.student), path))
-    return str(aot.compile_decoder(copy.deepcopy(fast.vae), path))
-
-
 def test_packages_serve_every_batch_and_size_on_the_modules_weights_without_compiling(tiny_sources, tmp_path):
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        compiling = {part: pool.submit(compile_part, tiny_sources, part, tmp_path / f"{part}.aot")
-                     for part in ("unet", "decoder")}
-        models = fast_models(tiny_sources)
-        unet, vae = models.fast.student, models.fast.vae
+    models = fast_models(tiny_sources)
+    unet, vae = models.fast.student, models.fast.vae
+    with ThreadPoolExecutor(2) as pool:  # each compile in a process of its own, both at once (minutes each)
+        compiling = {part: pool.submit(packages.compile_elsewhere, part, module, tmp_path / f"{part}.aot")
+                     for part, module in (("unet", unet), ("vae-decoder", vae))}
 
         def images():
             return [generate_tensors(models, GenerationParams("a red circle", mode="fast", steps=2, seed=3, width=side,
@@ -49,10 +39,11 @@ def test_packages_serve_every_batch_and_size_on_the_modules_weights_without_comp
                 p.mul_(1 + 0.2 * torch.rand_like(p))
         eager = images()
         assert any((a.int() - b.int()).abs().max() > 8 for a, b in zip(eager, exported_weights))
-        packages = {part: future.result() for part, future in compiling.items()}
+        for future in compiling.values():
+            future.result()
 
-    aot.use_unet_package(unet, packages["unet"])
-    aot.use_decoder_package(vae, packages["decoder"])
+    aot.use_unet_package(unet, tmp_path / "unet.aot")
+    aot.use_decoder_package(vae, tmp_path / "vae-decoder.aot")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = images()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing traced on any shape

@@ -1,7 +1,8 @@
 """sdxl_fast.serving.packages: the Fast UNet's and VAE decoder's ahead-of-time packages loaded at start, or
 compiled in the background while the modules serve uncompiled, then swapped in while no generation runs.
-The compile is a stand-in here (the real one takes minutes; tests/test_accel_aot.py runs it)."""
+The compile is a stand-in here (the real one takes minutes in another process; tests/test_accel_aot.py runs it)."""
 
+import pickle
 import threading
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -23,11 +24,11 @@ def fast():
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    """aot's compile functions write a file once `release` is set (or raise `fail`); its use functions record
-    which module they were given and whether the exclusive lock was held."""
+    """The compile in another process writes a file once `release` is set (or raises `fail`); aot's use
+    functions record which module they were given and whether the exclusive lock was held."""
     calls = {"compiled": [], "used": [], "release": threading.Event(), "fail": None, "held": threading.Lock()}
 
-    def compile_package(module, path):
+    def compile_elsewhere(part, module, path):
         calls["compiled"].append(module)
         calls["release"].wait(10)
         path.write_bytes(b"kernels")
@@ -38,8 +39,8 @@ def stand_in(monkeypatch):
     def use_package(module, path):
         calls["used"].append((module, path.read_bytes(), calls["held"].locked()))
 
+    monkeypatch.setattr(packages, "compile_elsewhere", compile_elsewhere)
     for part in ("unet", "decoder"):
-        monkeypatch.setattr(aot, f"compile_{part}", compile_package)
         monkeypatch.setattr(aot, f"use_{part}_package", use_package)
     return calls
 
@@ -52,7 +53,7 @@ def exclusive(calls):
     return hold
 
 
-def test_without_packages_it_compiles_copies_in_the_background_then_swaps_while_no_generation_runs(
+def test_without_packages_it_compiles_in_the_background_then_swaps_while_no_generation_runs(
         fast, stand_in, tmp_path):
     swapped = []
     aot_ = packages.FastPackages(fast, exclusive(stand_in), lambda: swapped.append(True), tmp_path).start()
@@ -61,8 +62,8 @@ def test_without_packages_it_compiles_copies_in_the_background_then_swaps_while_
     aot_.thread.join(10)
     assert aot_.states == {"unet": "compiled", "vae-decoder": "compiled"} and swapped == [True, True]
     modules = [fast.fast.student, fast.fast.vae]
-    # Copies are traced, never the modules being served; the served ones run the packages, swapped under the lock.
-    assert all(c is not m for c, m in zip(stand_in["compiled"], modules)) and len(stand_in["compiled"]) == 2
+    # The served modules run the packages compiled for them, swapped in under the lock.
+    assert stand_in["compiled"] == modules
     assert [(u, data, held) for u, data, held in stand_in["used"]] == [(m, b"kernels", True) for m in modules]
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["unet", "vae"]  # no partial files left
 
@@ -98,6 +99,16 @@ def test_a_failed_compile_leaves_that_module_uncompiled_and_stores_nothing(fast,
     aot_.thread.join(10)
     assert aot_.states["unet"] == "failed: RuntimeError: out of memory"
     assert not stand_in["used"] and not list(tmp_path.iterdir())
+
+
+def test_the_compiling_process_gets_a_module_without_data_whose_package_is_the_served_modules(fast, tmp_path):
+    unet = fast.fast.student.to(memory_format=torch.channels_last)  # strides, as on a GPU, are part of the name
+    skeleton = packages._skeleton(unet)
+    assert all(t.is_meta for t in [*skeleton.parameters(), *skeleton.buffers()])
+    assert all(not t.is_meta for t in unet.parameters())  # the served module is left as it was
+    # What the compiling process makes of it: memory on the device, and the name of the served module's package.
+    rebuilt = pickle.loads(pickle.dumps(skeleton)).to_empty(device="cpu")
+    assert packages.package_path("unet", rebuilt, tmp_path) == packages.package_path("unet", unet, tmp_path)
 
 
 def test_the_package_name_follows_what_the_kernels_depend_on(fast, tmp_path):

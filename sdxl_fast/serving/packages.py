@@ -6,7 +6,10 @@ A package holds kernels, not weights, and is stored in a cache folder under a na
 depends on: the module's structure (module types, parameter shapes, strides and dtypes, after the speed-ups),
 the GPU and torch's version. So a restart, or a replica that is given the folder, loads it in about a
 second. Where the folder has none, the server starts serving uncompiled at once (CUDA graphs),
-and a thread compiles the missing packages (minutes), stores them and swaps each in between two generations.
+and a thread has another process compile the missing packages (minutes), then stores them and swaps each in
+between two generations. The compile runs in a process of its own because tracing and code generation are
+minutes of Python, which in the serving process would hold the interpreter lock between requests; a crash
+in the compiler then ends that process, not the server.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import multiprocessing
 import os
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Callable
@@ -45,6 +50,29 @@ def package_path(part: str, module, directory: Path | None = None) -> Path:
     return (directory or PACKAGE_DIR) / f"{part}-{digest.hexdigest()[:16]}.aot"
 
 
+def _skeleton(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module` whose parameters and buffers are on the meta device (no data), with their shapes,
+    strides and dtypes: all a compile depends on, and cheap to send to another process."""
+    memo = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        empty = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(empty, t.requires_grad) if isinstance(t, torch.nn.Parameter) else empty
+    return copy.deepcopy(module, memo)
+
+
+def _compile_skeleton(part: str, skeleton: torch.nn.Module, device: str, path: str) -> None:
+    """In the compiling process: the skeleton given uninitialised memory on `device`, compiled into `path`. The
+    kernels do not depend on the weights' values, which the package reads from the served module at each call."""
+    getattr(aot, PARTS[part][0])(skeleton.to_empty(device=device), Path(path))
+
+
+def compile_elsewhere(part: str, module: torch.nn.Module, path: Path) -> None:
+    """Compile the package of `module` (a `PARTS` name) into `path`, in a new process; raises what it raised, or
+    BrokenProcessPool if it stopped."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_compile_skeleton, part, _skeleton(module), str(module.device), str(path)).result()
+
+
 def _marker(package: Path) -> Path:
     return package.with_name(package.name + ".loading")
 
@@ -53,10 +81,10 @@ class FastPackages:
     """The packages of the Fast path's UNet and VAE decoder. `states[part]` is "loaded", "queued",
     "compiling", "compiled" or "failed: why".
 
-    `start()` loads the stored packages at once (call `ran()` once a generation has gone through them); the
-    missing ones a thread compiles in turn, each from a copy of its module (so the served module is never
-    traced while it runs), and then, holding `exclusive()` (no generation running), makes the module run it
-    and calls `swapped()` (e.g. to drop CUDA graphs recorded around the uncompiled module)."""
+    `start()` loads the stored packages at once (call `ran()` once a generation has gone through them); for
+    the missing ones a thread has another process compile each in turn (`compile_elsewhere`), and then, holding
+    `exclusive()` (no generation running), makes the module run it and calls `swapped()` (e.g. to drop CUDA
+    graphs recorded around the uncompiled module)."""
 
     def __init__(self, models: Models, exclusive: Callable[[], AbstractContextManager], swapped: Callable[[], None],
                  directory: Path | None = None):
@@ -111,13 +139,13 @@ class FastPackages:
                 self._compile(part)
 
     def _compile(self, part: str) -> None:
-        compile_package, use_package = (getattr(aot, name) for name in PARTS[part])
+        use_package = getattr(aot, PARTS[part][1])
         module, path = self.modules[part], self.paths[part]
         self.states[part] = "compiling"
         started = time.perf_counter()
         try:
             with atomic_write(path) as tmp:  # whole or absent, for the next start
-                compile_package(copy.deepcopy(module), tmp)
+                compile_elsewhere(part, module, tmp)
             _marker(path).unlink(missing_ok=True)  # a new package: the next start tries it
             with self.exclusive():
                 use_package(module, path)
@@ -128,5 +156,3 @@ class FastPackages:
         except Exception as exc:  # noqa: BLE001 - the module keeps running uncompiled; the server goes on
             self.states[part] = f"failed: {type(exc).__name__}: {exc}"
             log.warning("Fast %s: compiling ahead of time failed, it stays uncompiled: %s", part, exc)
-        if module.device.type == "cuda":
-            torch.cuda.empty_cache()  # the copy's memory
