@@ -185,7 +185,9 @@ def _conditions(device: str, rows: list[dict], notes: list[str]) -> str:
     dates = sorted(_unique(r["date"] for r in measured if r.get("date")))
     if dates:
         text += f"; measured {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else "")
-    return textwrap.fill(" ".join([text + "."] + notes), width=110, break_on_hyphens=False)
+    bullets = [textwrap.fill(note, width=110, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False)
+               for note in notes]
+    return "\n".join([textwrap.fill(text + ".", width=110, break_on_hyphens=False), *([""] if notes else []), *bullets])
 
 
 def _result_row(r: dict, commands: _Commands) -> str:

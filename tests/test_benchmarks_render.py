@@ -43,7 +43,7 @@ def test_a_device_table_names_each_number_with_its_command_and_commit(tmp_path):
 
     assert "## Some GPU" in text
     assert ("Some GPU, fp16; torch 2.11.0+cu130, diffusers 0.42.1, transformers 5.17.0, Python 3.12.3; "
-            "measured 2026-12-06. A note on this machine.") in " ".join(text.split())  # a wrapped paragraph
+            "measured 2026-12-06.\n\n- A note on this machine.") in text  # each note a bullet of its own
     assert ("| fast 1-step | ours + compile | 512² | 1 | 16.0 (15.9–16.4) | 62.4 | 13.13 | 7.21e-04 | [1] "
             "| abc1234 |") in text
     assert "| fast 1-step | diffusers default | 512² | 1 | 128.6 |  |  |  | [1] | abc1234 |" in text
