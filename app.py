@@ -655,7 +655,7 @@ def load_studio(sources: sdxl_fast.ModelSources | None, device=None, dtype=None,
             accel.apply(studio.models, options)
         for mode in later:
             load = partial(sdxl_fast.load, modes=(mode,), sources=sources, device=device, dtype=dtype,
-                           share=studio.models)
+                           share=studio.models, beside_requests=True)
             studio.loading[mode] = threading.Thread(target=studio._load_later, args=(mode, load, options),
                                                     name=f"sdxl-fast-load-{mode}", daemon=True)
         return studio

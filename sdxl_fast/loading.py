@@ -234,11 +234,27 @@ def _unloadable(cls, folder: Path, err: OSError) -> str:
     return f"could not load {cls.__name__} from {folder}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
 
 
+def read_ahead(folder: Path) -> int:
+    """Read the weight files that `from_pretrained` reads in `folder` (not the variants, e.g. `*.fp16.safetensors`)
+    once, in chunks, into the OS's page cache; returns the bytes read. A file read releases the GIL while the
+    disk works, where safetensors parsing a file that is not cached holds it: so a load beside threads that
+    serve requests holds them up for the parse from memory only, not for the disk."""
+    total, buffer = 0, bytearray(64 << 20)
+    for path in sorted(folder.glob("*.safetensors")):
+        if "." in path.stem:  # a variant, which from_pretrained without `variant` does not read
+            continue
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                total += n
+    return total
+
+
 class _Loader:
     """Loads each (folder, subfolder) once and hands back the same object on later requests."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, cache: dict | None = None):
+    def __init__(self, device: torch.device, dtype: torch.dtype, cache: dict | None = None, read_first: bool = False):
         self.device, self.dtype, self.cache = device, dtype, cache if cache is not None else {}
+        self.read_first = read_first
 
     def get(self, cls, folder: Path, subfolder: str | None):
         key = (str(folder.resolve()), subfolder)
@@ -248,6 +264,8 @@ class _Loader:
                 if cls is CLIPTokenizer:
                     obj = cls.from_pretrained(folder, **kwargs)
                 else:
+                    if self.read_first:
+                        read_ahead(folder / (subfolder or ""))
                     obj = cls.from_pretrained(folder, use_safetensors=True, torch_dtype=self.dtype, **kwargs)
             except OSError as err:
                 raise ModelNotFoundError(_unloadable(cls, folder / (subfolder or ""), err)) from err
@@ -275,13 +293,14 @@ class _Loader:
 
 def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | None = None,
          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-         cpu_offload: bool = False, share: Models | None = None) -> Models:
+         cpu_offload: bool = False, share: Models | None = None, beside_requests: bool = False) -> Models:
     """Load the models for the given paths ("quality", "fast") onto one device, as their weights are.
 
     `sources` defaults to `resolve_sources()`. `dtype` may be a torch dtype or "fp32"/"fp16"/"bf16".
     With `cpu_offload` each model sits in CPU memory and moves to the GPU only while it runs.
     `share`: models loaded earlier (same device and dtype) whose components this load uses instead of reading
     them again, e.g. Quality loaded after Fast takes the student's text encoders and VAE, when they are the base's.
+    `beside_requests`: other threads serve requests meanwhile, so each weight file is read ahead (`read_ahead`).
     The speed-ups are applied by the caller: `sdxl_fast.accel.apply(models, options)`.
     """
     unknown = set(modes) - {"quality", "fast"}
@@ -293,7 +312,7 @@ def load(modes: tuple[str, ...] = ("quality", "fast"), sources: ModelSources | N
         raise ValueError(f"models on {share.device} {share.dtype} cannot be shared with a load for {device} {dtype}"
                          + (" with cpu_offload" if cpu_offload else ""))
     load_device = torch.device("cpu") if cpu_offload else device
-    loader = _Loader(load_device, dtype, share.components if share is not None else None)
+    loader = _Loader(load_device, dtype, share.components if share is not None else None, beside_requests)
     models = Models(device=device, dtype=dtype, components=loader.cache)
 
     need_base = "quality" in modes

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import torch
+from diffusers.models.autoencoders.vae import DecoderOutput
 
 from sdxl_fast import GenerationParams, ModelSources, accel, load
 from sdxl_fast.accel import aot
@@ -55,3 +56,19 @@ def test_packages_serve_every_batch_and_size_on_the_modules_weights_without_comp
     vae.to(torch.float64)
     latents = torch.randn(1, 4, 16, 16, dtype=torch.float64)
     assert vae.decode(latents).sample.dtype == torch.float64
+
+
+def test_a_module_compiles_where_torch_leaves_aot_compile_off(tmp_path, monkeypatch):
+    """Torch 2.11 turns `aot_compile` off by default (later versions on): the compile must not depend on it."""
+
+    class Decoder(torch.nn.Module):  # a VAE's decode, as aot calls it, in one convolution
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 3, 1)
+
+        def decode(self, z):
+            return DecoderOutput(sample=self.conv(z))
+
+    monkeypatch.setattr(torch._dynamo.config, "enable_aot_compile", False)
+    path = aot._compile(aot._DecoderCall(Decoder()), (torch.randn(2, 4, 8, 8),), tmp_path / "conv.aot")
+    assert path.is_file() and torch._dynamo.config.enable_aot_compile is False

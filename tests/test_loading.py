@@ -188,3 +188,34 @@ def test_a_later_load_shares_the_components_loaded_before_and_refuses_another_dt
     assert quality.quality.base is not fast.fast.student
     with pytest.raises(ValueError, match="cannot be shared"):
         load(modes=("quality",), sources=tiny_sources, device="cpu", dtype=torch.bfloat16, share=fast)
+
+
+def test_read_ahead_reads_the_files_from_pretrained_reads_and_not_the_variants(tmp_path):
+    from sdxl_fast.loading import read_ahead
+
+    (tmp_path / "diffusion_pytorch_model-00001-of-00002.safetensors").write_bytes(b"a" * 100)
+    (tmp_path / "diffusion_pytorch_model-00002-of-00002.safetensors").write_bytes(b"b" * 50)
+    (tmp_path / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"c" * 70)
+    (tmp_path / "config.json").write_text("{}")
+    assert read_ahead(tmp_path) == 150
+
+
+def test_a_load_beside_requests_reads_each_weight_folder_ahead_before_parsing_it(tiny_sources, monkeypatch):
+    import sdxl_fast.loading as loading
+
+    events = []
+    monkeypatch.setattr(loading, "read_ahead", lambda folder: events.append(("read", folder.name)) or 0)
+    parse = loading.UNet2DConditionModel.from_pretrained.__func__
+
+    def from_pretrained(cls, folder, **kwargs):
+        events.append(("parse", kwargs.get("subfolder")))
+        return parse(cls, folder, **kwargs)
+
+    monkeypatch.setattr(loading.UNet2DConditionModel, "from_pretrained", classmethod(from_pretrained))
+    fast = load(modes=("fast",), sources=tiny_sources, device="cpu", dtype=torch.float32)
+    assert not [e for e in events if e[0] == "read"]  # nothing served yet: parsed straight away
+    events.clear()
+    load(modes=("quality",), sources=tiny_sources, device="cpu", dtype=torch.float32, share=fast,
+         beside_requests=True)
+    unets = [e for e in events if e in (("read", "unet"), ("parse", "unet"))]
+    assert unets == [("read", "unet"), ("parse", "unet")] * 2  # the base's UNet, then the refiner's

@@ -77,10 +77,11 @@ def _compile(call: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: str 
         torch._dynamo.mark_dynamic(example[0], 2)
         torch._dynamo.mark_dynamic(example[0], 3)
         # Guards on the inputs' shapes, dtypes and devices only: not on the module or its weights, which the
-        # compiled function reads at each call, whichever module of this architecture it is given.
-        fn = torch.compile(type(call).forward, fullgraph=True,
-                           options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
-        with torch.no_grad():
+        # compiled function reads at each call, whichever module of this architecture it is given. Torch 2.11
+        # offers `aot_compile` only with this setting on (later versions have it on by default).
+        with torch._dynamo.config.patch(enable_aot_compile=True), torch.no_grad():
+            fn = torch.compile(type(call).forward, fullgraph=True,
+                               options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
             function = fn.aot_compile(((call, *example), {}))
         saved = Path(f"{path}.batch{batch}")
         try:
