@@ -338,8 +338,9 @@ def main(argv=None) -> int:
                 log = compiled_lines(app.log.read_text())
                 write(kind="compiled", shapes=len(log), after_s=round(serving, 1), log=log)
             elif compiles and args.app_compile == "aot":  # a package per module for every shape, compiled while serving
-                done = app.wait_for(r"Fast \S+: (compiled ahead of time|compiling ahead of time failed)",
-                                    args.compile_wait, count=2)
+                app.wait_for(r"Fast \S+: (compiled ahead of time|compiling ahead of time failed)", args.compile_wait,
+                             count=2)
+                done = len(app.log_lines(r"Fast \S+: compiled ahead of time")) == 2
                 write(kind="compiled", shapes="every Fast shape" if done else 0,
                       after_s=round(time.perf_counter() - app.started, 1), log=compiled_lines(app.log.read_text()))
             elif compiles:
