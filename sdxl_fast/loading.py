@@ -252,9 +252,10 @@ def read_ahead(folder: Path) -> int:
 class _Loader:
     """Loads each (folder, subfolder) once and hands back the same object on later requests."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, cache: dict | None = None, read_first: bool = False):
+    def __init__(self, device: torch.device, dtype: torch.dtype, cache: dict | None = None,
+                 beside_requests: bool = False):
         self.device, self.dtype, self.cache = device, dtype, cache if cache is not None else {}
-        self.read_first = read_first
+        self.beside_requests = beside_requests
 
     def get(self, cls, folder: Path, subfolder: str | None):
         key = (str(folder.resolve()), subfolder)
@@ -264,7 +265,7 @@ class _Loader:
                 if cls is CLIPTokenizer:
                     obj = cls.from_pretrained(folder, **kwargs)
                 else:
-                    if self.read_first:
+                    if self.beside_requests:
                         read_ahead(folder / (subfolder or ""))
                     obj = cls.from_pretrained(folder, use_safetensors=True, torch_dtype=self.dtype, **kwargs)
             except OSError as err:
