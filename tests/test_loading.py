@@ -89,6 +89,7 @@ def test_a_student_runs_the_sampler_its_folder_records(tiny_family, tmp_path):
     unet = UNet2DConditionModel.from_pretrained(tiny_family["student"])
     exported = export_student(unet, tmp_path / "exported", {"teacher": "t", "student_timesteps": [999]}, 1, False)
     assert (exported / loading.STUDENT_CONFIG).is_file() and sampler_of(str(exported)) == "ADD"
+    assert "_name_or_path" not in json.loads((exported / "config.json").read_text())  # no path of this machine
     other = tmp_path / "other"
     shutil.copytree(tiny_family["student"], other)
     loading.write_student_config(other, sampler="Euler a")

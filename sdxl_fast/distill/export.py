@@ -48,6 +48,10 @@ def export_student(student, folder: str | Path, config: dict, step: int, ema_use
     the base model's scheduler decides)."""
     folder = Path(folder)
     student.save_pretrained(folder, safe_serialization=True)
+    # diffusers records the folder the weights were loaded from, a path on the training machine only.
+    saved = json.loads((folder / "config.json").read_text())
+    saved.pop("_name_or_path", None)
+    (folder / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     (folder / "README.md").write_text(CARD.format(
         teacher=config["teacher"], timesteps=tuple(config["student_timesteps"]), step=step,
         weights="EMA of the student weights" if ema_used else "the student's final weights",
