@@ -47,7 +47,7 @@ from sdxl_fast.models import pick_device_dtype
 from sdxl_fast.params import (DEFAULT_AESTHETIC_SCORE, DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_AESTHETIC_SCORE,
                               DEFAULT_REFINER_SWITCH, MAX_SEED, MODES, SDXL_BUCKETS, bucket_label)
 from sdxl_fast.pipeline.decoding import latent_preview
-from sdxl_fast.pipeline.generate import generate_many
+from sdxl_fast.pipeline.generate import batch_key, generate_many
 from sdxl_fast.accel.compile import compiling
 from sdxl_fast.accel.cuda_graphs import drop_graphs
 from sdxl_fast.serving.compiler import BackgroundCompiler, load_cache, save_cache
@@ -136,6 +136,11 @@ class Studio:
         # Modes whose models are read while the others serve (load_studio's `later`): mode -> their loading, a
         # thread not started yet or running. Their requests are told to come back in a moment.
         self.loading: dict[str, threading.Thread] = {}
+        # Calls whose CUDA graphs a thread records between requests (`record_later`), and their shapes.
+        self._to_record: queue.Queue = queue.Queue()
+        self._recording: set[tuple] = set()
+        self._record_lock = threading.Lock()
+        self._recorder: threading.Thread | None = None
 
     def prepare(self, params: sdxl_fast.GenerationParams, notify: bool = True) -> None:
         """Queue this request's shape for compiling if it is new, and tell the user why it may be slower."""
@@ -215,7 +220,8 @@ class Studio:
                  params.prompt[:60])
         # catch_warnings swaps process-wide state; it is safe because generations run one at a time (one slot
         # unless --concurrency says otherwise).
-        with self.gpu(), warnings.catch_warnings(record=True) as caught:
+        with self.gpu(), self.eager_if_new(params if callback is None else None), \
+                warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", sdxl_fast.PromptTruncatedWarning)
             started = time.perf_counter()
             images = self._run_errors(sdxl_fast.generate, self.models, params, callback)
@@ -324,8 +330,9 @@ class Studio:
     def _live_batch(self, batch: list[sdxl_fast.GenerationParams]) -> list[list]:
         """One batched call for the live requests the batcher gathered (a power of two images)."""
         images = sum(p.num_images for p in batch)
-        self.prepare(replace(batch[0], num_images=images), notify=False)
-        with self.gpu():
+        together = replace(batch[0], num_images=images)
+        self.prepare(together, notify=False)
+        with self.gpu(), self.eager_if_new(together):
             started = time.perf_counter()
             made = self._run_errors(generate_many, self.models, batch)
         log.info("generate() took %.1f ms (fast live, %d requests, %d images)", (time.perf_counter() - started) * 1e3,
@@ -435,20 +442,69 @@ class Studio:
             for _ in range(self.concurrency):
                 self.slots.release()
 
-    def warm_up(self, calls: list[sdxl_fast.GenerationParams]) -> None:
-        """Run these calls one at a time, each holding the GPU slot: the default shapes' CUDA graphs recorded
-        after the server has started, each once the GPU has been idle for WARM_UP_IDLE_S. A request waiting for
-        the slot goes first."""
-        started = time.perf_counter()
-        for params in calls:
-            while self.waiting_for_gpu or time.monotonic() - self.gpu_used_at < WARM_UP_IDLE_S:
+    @contextmanager
+    def eager_if_new(self, params: sdxl_fast.GenerationParams | None):
+        """Around a Fast call made as one CUDA graph (`params`; None: any other call): if that graph is not
+        recorded yet, the call runs eagerly and the shape is recorded between requests (`record_later`), as
+        recording costs two more calls and the capture, which a user's request should not wait for. Quality
+        records its UNet steps' graphs on its first request: the cost of a few steps in a run of many."""
+        graphs = getattr(self.models.runner, "graphs", None) if params is not None and params.mode == "fast" else None
+        if graphs is None:
+            yield
+            return
+        with graphs.eager_if_new() as missed:
+            yield
+        if missed:
+            self.record_later([params])
+
+    def _shape(self, params: sdxl_fast.GenerationParams) -> tuple:
+        """What a call's CUDA graphs depend on: mode, sampler, steps, size, step cache and images."""
+        family = getattr(self.models, params.mode)
+        p = params.resolved(sdxl_fast.native_side(self.models, params.mode),
+                            default_sampler=getattr(family, "sampler", None))
+        return *batch_key(p), p.num_images
+
+    def record_later(self, calls: list[sdxl_fast.GenerationParams]) -> None:
+        """Have a thread run these calls, so that their CUDA graphs are recorded: one at a time, each holding
+        the GPU slot once the GPU has been idle for WARM_UP_IDLE_S; a request waiting for the slot goes first.
+        A shape already waiting is not queued again."""
+        with self._record_lock:
+            for params in calls:
+                if self._shape(params) not in self._recording:
+                    self._recording.add(self._shape(params))
+                    self._to_record.put(params)
+            if self._recorder is None:
+                self._recorder = threading.Thread(target=self._record, name="sdxl-fast-warm-up", daemon=True)
+                self._recorder.start()
+
+    def _idle_slot(self) -> None:
+        """Take a GPU slot once no request has used the GPU for WARM_UP_IDLE_S and none is waiting for it."""
+        def idle():
+            return not self.waiting_for_gpu and time.monotonic() - self.gpu_used_at >= WARM_UP_IDLE_S
+        while True:
+            while not idle():
                 time.sleep(0.01)
-            with self.slots:
-                try:
-                    sdxl_fast.generate(self.models, params)
-                except Exception:  # noqa: BLE001 - that shape is recorded on its first request instead
-                    log.exception("warming up %s at %d image(s) failed", params.mode, params.num_images)
-        log.info("Recorded the other %d default shapes in %.1f s", len(calls), time.perf_counter() - started)
+            self.slots.acquire()
+            if idle():  # still: no request took the slot between the check and here
+                return
+            self.slots.release()
+
+    def _record(self) -> None:
+        while True:
+            params = self._to_record.get()
+            self._idle_slot()
+            started = time.perf_counter()
+            try:
+                sdxl_fast.generate(self.models, params)
+            except Exception:  # noqa: BLE001 - that shape goes on running eagerly
+                log.exception("recording %s at %d image(s) failed", params.mode, params.num_images)
+            finally:
+                self.slots.release()
+            mode, _, steps, width, height, _, images = shape = self._shape(params)
+            with self._record_lock:
+                self._recording.discard(shape)
+            log.info("Recorded the CUDA graphs of %s %dx%d x%d, %d step(s), between requests in %.2f s", mode, width,
+                     height, images, steps, time.perf_counter() - started)
 
     def _stop_flag(self, request: gr.Request | None) -> threading.Event:
         """A new stop flag for the request's session; a generation of the session still running (with more
@@ -710,7 +766,7 @@ def start_serving(studio: Studio, compile_mode: str) -> None:
         sdxl_fast.generate(models, first)
         if studio.packages is not None:
             studio.packages.ran()
-        threading.Thread(target=studio.warm_up, args=(rest,), name="sdxl-fast-warm-up", daemon=True).start()
+        studio.record_later(rest)
         return
     log.info("Compiling and recording the default shapes%s", " in the background" if compile_mode == "background" else "")
     with compiling() if compile_mode == "start" else nullcontext():

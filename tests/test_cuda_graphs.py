@@ -6,6 +6,9 @@ closed over from the first call) would be frozen at recording time. The stand-in
 `Graphed(fn, inputs)` copies the inputs into its own buffers, and a replay runs fn on those buffers only.
 """
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -119,3 +122,46 @@ def test_step_cache_graphs_give_the_eager_cached_images(tiny_models, cpu_graphs)
     assert all(np.array_equal(w, g) for w, g in zip(eager, graphed))
     assert {key[:4:3] for key in cpu_graphs.graphs if key[0] != "text encoders"} == {
         ("base", "full"), ("base", "cached"), ("refiner", "full"), ("refiner", "cached")}
+
+
+def test_within_eager_if_new_an_unrecorded_call_runs_eagerly_in_that_thread_only(cpu_graphs):
+    x = torch.ones(3)
+    with cpu_graphs.eager_if_new() as missed:
+        assert torch.equal(cpu_graphs.run(("double",), lambda t: t * 2, x), x * 2)
+        other = threading.Thread(target=cpu_graphs.run, args=(("triple",), lambda t: t * 3, x))
+        other.start()
+        other.join()
+    assert missed == ["double"]
+    assert [key[0] for key in cpu_graphs.graphs] == ["triple"]  # another thread records as before
+    cpu_graphs.run(("double",), lambda t: t * 2, x)  # outside: recorded
+    with cpu_graphs.eager_if_new() as missed:
+        assert torch.equal(cpu_graphs.run(("double",), lambda t: t * 2, x * 5), x * 10)  # replayed
+    assert missed == [] and len(RecordedOnCPU.recorded) == 2
+
+
+def test_a_fast_request_of_a_new_shape_runs_eagerly_and_is_recorded_between_requests(tiny_models, cpu_graphs):
+    """The app never records a Fast call's graph on a user's request: that costs the request two more calls
+    and the capture. The call runs eagerly and the recording thread records it once the GPU is idle."""
+    import app
+
+    params = GenerationParams("a red fox", mode="fast", seed=1, width=64, height=64, num_images=2)
+    eager = [np.asarray(im) for im in generate(tiny_models, params)]
+    _use_graphs(tiny_models, cpu_graphs)
+    try:
+        studio = app.Studio(tiny_models)
+        images, _ = studio.run(params)
+        assert all(np.array_equal(w, np.asarray(g)) for w, g in zip(eager, images))
+        assert not any(key[0] == "fast" for key in cpu_graphs.graphs)  # the request recorded nothing...
+        deadline = time.monotonic() + 30
+        while not any(key[0] == "fast" for key in cpu_graphs.graphs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any(key[0] == "fast" for key in cpu_graphs.graphs)  # ...the thread did, once the GPU was idle
+        recorded = len(RecordedOnCPU.recorded)
+        again, _ = studio.run(params)  # replays the recorded graph
+        assert len(RecordedOnCPU.recorded) == recorded
+        assert all(np.array_equal(w, np.asarray(g)) for w, g in zip(eager, again))
+        # A Quality request records its UNet steps' graphs itself, as before.
+        studio.run(GenerationParams("a red fox", mode="quality", seed=1, width=64, height=64, steps=2))
+        assert {"base", "refiner"} <= {key[0] for key in cpu_graphs.graphs}
+    finally:
+        _use_graphs(tiny_models, None)

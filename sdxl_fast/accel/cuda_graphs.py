@@ -14,7 +14,9 @@ inputs are copied into the graph's own buffers and its outputs are overwritten b
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
@@ -62,6 +64,19 @@ class CudaGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, Graphed] = {}
         self.failed: set[tuple] = set()
+        self._local = threading.local()  # .missed: the list `eager_if_new` yields, in this thread
+
+    @contextmanager
+    def eager_if_new(self) -> Iterator[list[str]]:
+        """Within this context, in this thread, a call whose graph is not recorded yet runs eagerly instead of
+        being recorded (recording costs two eager calls and the capture), and its name is added to the list
+        yielded, so that the caller can have it recorded later, e.g. between users' requests."""
+        missed: list[str] = []
+        self._local.missed = missed
+        try:
+            yield missed
+        finally:
+            self._local.missed = None
 
     def clear(self) -> None:
         """Forget every graph (each is recorded again on its next use), e.g. once new shapes are compiled."""
@@ -77,6 +92,10 @@ class CudaGraphs:
         graph = self.graphs.get(key)
         if graph is None:
             if key in self.failed:
+                return fn(*inputs)
+            missed = getattr(self._local, "missed", None)
+            if missed is not None:
+                missed.append(name[0])
                 return fn(*inputs)
             try:
                 graph = self.graphs[key] = Graphed(fn, inputs, self.pool)
