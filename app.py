@@ -470,8 +470,9 @@ class Studio:
         A shape already waiting is not queued again."""
         with self._record_lock:
             for params in calls:
-                if self._shape(params) not in self._recording:
-                    self._recording.add(self._shape(params))
+                shape = self._shape(params)
+                if shape not in self._recording:
+                    self._recording.add(shape)
                     self._to_record.put(params)
             if self._recorder is None:
                 self._recorder = threading.Thread(target=self._record, name="sdxl-fast-warm-up", daemon=True)
