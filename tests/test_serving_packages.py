@@ -26,10 +26,12 @@ def fast():
 def stand_in(monkeypatch):
     """The compile in another process writes a file once `release` is set (or raises `fail`); aot's use
     functions record which module they were given and whether the exclusive lock was held."""
-    calls = {"compiled": [], "used": [], "release": threading.Event(), "fail": None, "held": threading.Lock()}
+    calls = {"compiled": [], "processes": [], "used": [], "release": threading.Event(), "fail": None,
+             "held": threading.Lock()}
 
-    def compile_elsewhere(part, module, path):
+    def compile_elsewhere(part, module, path, process=None):
         calls["compiled"].append(module)
+        calls["processes"].append(process)
         calls["release"].wait(10)
         path.write_bytes(b"kernels")
         if calls["fail"]:  # after writing part of its file, as a compile may
@@ -61,9 +63,12 @@ def test_without_packages_it_compiles_in_the_background_then_swaps_while_no_gene
     stand_in["release"].set()
     aot_.thread.join(10)
     assert aot_.states == {"unet": "compiled", "vae-decoder": "compiled"} and swapped == [True, True]
-    modules = [fast.fast.student, fast.fast.vae]
-    # The served modules run the packages compiled for them, swapped in under the lock.
+    modules = [fast.fast.vae, fast.fast.student]  # the decoder first: uncompiled, it is most of a live batch
+    # The served modules run the packages compiled for them, swapped in under the lock, both compiled by one
+    # process (one set of imports).
     assert stand_in["compiled"] == modules
+    first, second = stand_in["processes"]
+    assert first is second and first is not None
     assert [(u, data, held) for u, data, held in stand_in["used"]] == [(m, b"kernels", True) for m in modules]
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["unet", "vae"]  # no partial files left
 
@@ -99,6 +104,26 @@ def test_a_failed_compile_leaves_that_module_uncompiled_and_stores_nothing(fast,
     aot_.thread.join(10)
     assert aot_.states["unet"] == "failed: RuntimeError: out of memory"
     assert not stand_in["used"] and not list(tmp_path.iterdir())
+
+
+def test_a_compile_that_stops_its_process_leaves_the_next_part_a_new_one(fast, stand_in, tmp_path, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    stand_in["release"].set()
+    compile_elsewhere = packages.compile_elsewhere
+
+    def crash_first(part, module, path, process=None):
+        compile_elsewhere(part, module, path, process)
+        if part == "vae-decoder":
+            raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+
+    monkeypatch.setattr(packages, "compile_elsewhere", crash_first)
+    aot_ = packages.FastPackages(fast, exclusive(stand_in), lambda: None, tmp_path).start()
+    aot_.thread.join(10)
+    assert aot_.states["vae-decoder"].startswith("failed: BrokenProcessPool")
+    assert aot_.states["unet"] == "compiled"
+    first, second = stand_in["processes"]
+    assert first is not second and second is not None
 
 
 def test_the_compiling_process_gets_a_module_without_data_whose_package_is_the_served_modules(fast, tmp_path):

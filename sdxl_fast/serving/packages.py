@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Callable
@@ -66,11 +67,20 @@ def _compile_skeleton(part: str, skeleton: torch.nn.Module, device: str, path: s
     getattr(aot, PARTS[part][0])(skeleton.to_empty(device=device), Path(path))
 
 
-def compile_elsewhere(part: str, module: torch.nn.Module, path: Path) -> None:
-    """Compile the package of `module` (a `PARTS` name) into `path`, in a new process; raises what it raised, or
-    BrokenProcessPool if it stopped."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pool.submit(_compile_skeleton, part, _skeleton(module), str(module.device), str(path)).result()
+def compiler_process() -> ProcessPoolExecutor:
+    """A process of its own for compiling packages, started on its first compile; each compile it runs after
+    the first skips the imports and CUDA start-up."""
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+
+def compile_elsewhere(part: str, module: torch.nn.Module, path: Path,
+                      process: ProcessPoolExecutor | None = None) -> None:
+    """Compile the package of `module` (a `PARTS` name) into `path`, in `process` (`compiler_process()`) or a
+    new one; raises what it raised, or BrokenProcessPool if that process stopped."""
+    if process is None:
+        with compiler_process() as process:
+            return compile_elsewhere(part, module, path, process)
+    process.submit(_compile_skeleton, part, _skeleton(module), str(module.device), str(path)).result()
 
 
 def _marker(package: Path) -> Path:
@@ -89,7 +99,8 @@ class FastPackages:
     def __init__(self, models: Models, exclusive: Callable[[], AbstractContextManager], swapped: Callable[[], None],
                  directory: Path | None = None):
         self.exclusive, self.swapped = exclusive, swapped
-        self.modules = {"unet": models.fast.student, "vae-decoder": models.fast.vae}
+        # The decoder first: uncompiled, it takes most of a live batch's time (BENCHMARKS.md, H100 serving notes).
+        self.modules = {"vae-decoder": models.fast.vae, "unet": models.fast.student}
         self.paths = {part: package_path(part, m, directory) for part, m in self.modules.items()}
         self.states = {part: "queued" for part in self.modules}
         self.thread = threading.Thread(target=self._compile_missing, name="sdxl-fast-aot", daemon=True)
@@ -134,18 +145,27 @@ class FastPackages:
             _marker(path).unlink(missing_ok=True)
 
     def _compile_missing(self) -> None:
-        for part, state in self.states.items():
-            if state == "queued":
-                self._compile(part)
+        process = compiler_process()  # one for every part, unless a compile stops it
+        try:
+            for part in [part for part, state in self.states.items() if state == "queued"]:
+                try:
+                    self._compile(part, process)
+                except BrokenProcessPool:
+                    process.shutdown()
+                    process = compiler_process()
+        finally:
+            process.shutdown()
 
-    def _compile(self, part: str) -> None:
+    def _compile(self, part: str, process: ProcessPoolExecutor) -> None:
+        """Compile `part` in `process` and swap its package in; a failure leaves it uncompiled, and one that
+        stopped the process is raised again (BrokenProcessPool) after being recorded."""
         use_package = getattr(aot, PARTS[part][1])
         module, path = self.modules[part], self.paths[part]
         self.states[part] = "compiling"
         started = time.perf_counter()
         try:
             with atomic_write(path) as tmp:  # whole or absent, for the next start
-                compile_elsewhere(part, module, tmp)
+                compile_elsewhere(part, module, tmp, process)
             _marker(path).unlink(missing_ok=True)  # a new package: the next start tries it
             with self.exclusive():
                 use_package(module, path)
@@ -156,3 +176,5 @@ class FastPackages:
         except Exception as exc:  # noqa: BLE001 - the module keeps running uncompiled; the server goes on
             self.states[part] = f"failed: {type(exc).__name__}: {exc}"
             log.warning("Fast %s: compiling ahead of time failed, it stays uncompiled: %s", part, exc)
+            if isinstance(exc, BrokenProcessPool):
+                raise
