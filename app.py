@@ -136,7 +136,7 @@ class Studio:
         # Modes whose models are read while the others serve (load_studio's `later`): mode -> their loading, a
         # thread not started yet or running. Their requests are told to come back in a moment.
         self.loading: dict[str, threading.Thread] = {}
-        # Calls whose CUDA graphs a thread records between requests (`record_later`), and their shapes.
+        # (shape, call) whose CUDA graphs a thread records between requests (`record_later`); the shapes queued.
         self._to_record: queue.Queue = queue.Queue()
         self._recording: set[tuple] = set()
         self._record_lock = threading.Lock()
@@ -473,7 +473,7 @@ class Studio:
                 shape = self._shape(params)
                 if shape not in self._recording:
                     self._recording.add(shape)
-                    self._to_record.put(params)
+                    self._to_record.put((shape, params))
             if self._recorder is None:
                 self._recorder = threading.Thread(target=self._record, name="sdxl-fast-warm-up", daemon=True)
                 self._recorder.start()
@@ -492,7 +492,7 @@ class Studio:
 
     def _record(self) -> None:
         while True:
-            params = self._to_record.get()
+            shape, params = self._to_record.get()
             self._idle_slot()
             started = time.perf_counter()
             try:
@@ -501,7 +501,7 @@ class Studio:
                 log.exception("recording %s at %d image(s) failed", params.mode, params.num_images)
             finally:
                 self.slots.release()
-            mode, _, steps, width, height, _, images = shape = self._shape(params)
+            mode, _, steps, width, height, _, images = shape
             with self._record_lock:
                 self._recording.discard(shape)
             log.info("Recorded the CUDA graphs of %s %dx%d x%d, %d step(s), between requests in %.2f s", mode, width,
